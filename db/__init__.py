@@ -1,0 +1,1 @@
+"""State of the service: schema (models), connections and migrations (session)."""

@@ -1,0 +1,185 @@
+"""The state schema: every table of the service in one module (migrations live in db/migrations).
+
+Uniqueness is in the schema, so that re-scanning, re-reading a replaced file or re-running a backfill is a
+no-op rather than a duplicate.
+"""
+from __future__ import annotations
+
+import datetime as dt
+import enum
+
+from sqlalchemy import (
+    BigInteger,
+    Boolean,
+    DateTime,
+    Enum,
+    ForeignKey,
+    Index,
+    Integer,
+    String,
+    Text,
+    UniqueConstraint,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+
+
+def utcnow() -> dt.datetime:
+    return dt.datetime.now(dt.timezone.utc)
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class SourceState(str, enum.Enum):
+    ACTIVE = "active"  # may still grow
+    FINISHED = "finished"  # a newer launch exists or the run ended: a trailing fragment has been taken
+    GONE = "gone"  # deleted from disk; kept as a tombstone
+    ERROR = "error"  # cannot be read now (permissions, I/O); retried on every scan
+
+
+class SegmentState(str, enum.Enum):
+    OPEN = "open"  # a wandb run object is (or was, before a crash) writing into it
+    CLOSED = "closed"  # finished, read back and verified; its rows are uploaded
+    DISCARDED = "discarded"  # never verified (crash, failed read-back): deleted and rebuilt from the DB
+
+
+class RunState(str, enum.Enum):
+    ACTIVE = "active"
+    FINISHED = "finished"
+
+
+def _enum(cls: type[enum.Enum]) -> Enum:
+    return Enum(cls, native_enum=False, length=16, values_callable=lambda e: [m.value for m in e])
+
+
+class WorkDir(Base):
+    __tablename__ = "work_dirs"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    path: Mapped[str] = mapped_column(String(4096), unique=True)
+    root: Mapped[str] = mapped_column(String(4096))
+    name: Mapped[str] = mapped_column(String(512))
+    discovered_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    gone: Mapped[bool] = mapped_column(Boolean, default=False)
+
+    sources: Mapped[list[Source]] = relationship(back_populates="work_dir")
+    runs: Mapped[list[Run]] = relationship(back_populates="work_dir")
+
+
+class Run(Base):
+    """One W&B run = one training lineage (a launch and the launches that resumed it)."""
+
+    __tablename__ = "runs"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    work_dir_id: Mapped[int] = mapped_column(ForeignKey("work_dirs.id"))
+    wandb_id: Mapped[str] = mapped_column(String(64), unique=True)
+    name: Mapped[str] = mapped_column(String(512))
+    group: Mapped[str] = mapped_column(String(512))
+    job_type: Mapped[str] = mapped_column(String(32), default="train")
+    launch: Mapped[str] = mapped_column(String(256))  # the launch (log timestamp) that started the lineage
+    by_epoch: Mapped[bool | None] = mapped_column(Boolean, nullable=True)
+    next_step: Mapped[int] = mapped_column(BigInteger, default=1)
+    first_iter: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    last_iter: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    summary_json: Mapped[str] = mapped_column(Text, default="{}")
+    config_json: Mapped[str | None] = mapped_column(Text, nullable=True)
+    config_name: Mapped[str | None] = mapped_column(String(512), nullable=True)
+    config_text: Mapped[str | None] = mapped_column(Text, nullable=True)
+    init_kwargs_json: Mapped[str] = mapped_column(Text, default="{}")
+    state: Mapped[RunState] = mapped_column(_enum(RunState), default=RunState.ACTIVE)
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    last_error: Mapped[str | None] = mapped_column(Text, nullable=True)
+
+    work_dir: Mapped[WorkDir] = relationship(back_populates="runs")
+    segments: Mapped[list[Segment]] = relationship(back_populates="run", order_by="Segment.seq")
+
+
+class Source(Base):
+    """A tailed log file: its identity, committed offset and parser state (see uploader/tail.py)."""
+
+    __tablename__ = "sources"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    work_dir_id: Mapped[int] = mapped_column(ForeignKey("work_dirs.id"))
+    path: Mapped[str] = mapped_column(String(4096), unique=True)
+    format: Mapped[str] = mapped_column(String(32))
+    launch: Mapped[str] = mapped_column(String(256))
+    dev: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    ino: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    generation: Mapped[int] = mapped_column(Integer, default=0)
+    head_len: Mapped[int] = mapped_column(Integer, default=0)
+    head_hash: Mapped[str] = mapped_column(String(64), default="")
+    offset: Mapped[int] = mapped_column(BigInteger, default=0)
+    tail_hash: Mapped[str] = mapped_column(String(64), default="")
+    size_seen: Mapped[int] = mapped_column(BigInteger, default=0)
+    mtime_ns: Mapped[int] = mapped_column(BigInteger, default=0)
+    parse_state_json: Mapped[str] = mapped_column(Text, default="{}")
+    state: Mapped[SourceState] = mapped_column(_enum(SourceState), default=SourceState.ACTIVE)
+    run_id: Mapped[int | None] = mapped_column(ForeignKey("runs.id"), nullable=True)
+    last_error: Mapped[str | None] = mapped_column(Text, nullable=True)
+    updated_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow, onupdate=utcnow)
+
+    work_dir: Mapped[WorkDir] = relationship(back_populates="sources")
+
+
+class OutboxRow(Base):
+    """A parsed data line waiting for (or done with) its W&B upload; `step` is the `_step` we own."""
+
+    __tablename__ = "outbox_rows"
+    __table_args__ = (
+        UniqueConstraint("source_id", "byte_offset", "line_hash", name="uq_outbox_line"),
+        UniqueConstraint("run_id", "step", name="uq_outbox_run_step"),
+        Index("ix_outbox_pending", "run_id", "uploaded", "step"),
+    )
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    run_id: Mapped[int] = mapped_column(ForeignKey("runs.id"))
+    step: Mapped[int] = mapped_column(BigInteger)
+    source_id: Mapped[int] = mapped_column(ForeignKey("sources.id"))
+    generation: Mapped[int] = mapped_column(Integer)
+    byte_offset: Mapped[int] = mapped_column(BigInteger)
+    line_hash: Mapped[str] = mapped_column(String(32))
+    kind: Mapped[str] = mapped_column(String(8))
+    payload_json: Mapped[str] = mapped_column(Text)
+    segment_id: Mapped[int | None] = mapped_column(ForeignKey("segments.id"), nullable=True)
+    uploaded: Mapped[bool] = mapped_column(Boolean, default=False)
+
+
+class Segment(Base):
+    """One offline `.wandb` file (or one online session) of a run; steps only ever grow across segments."""
+
+    __tablename__ = "segments"
+    __table_args__ = (UniqueConstraint("run_id", "seq", name="uq_segment_seq"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    run_id: Mapped[int] = mapped_column(ForeignKey("runs.id"))
+    seq: Mapped[int] = mapped_column(Integer)
+    dir: Mapped[str] = mapped_column(String(4096))
+    mode: Mapped[str] = mapped_column(String(16))
+    first_step: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    last_step: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    rows: Mapped[int] = mapped_column(Integer, default=0)
+    state: Mapped[SegmentState] = mapped_column(_enum(SegmentState), default=SegmentState.OPEN)
+    opened_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    closed_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+
+    run: Mapped[Run] = relationship(back_populates="segments")
+
+
+class Problem(Base):
+    """Bad input seen (a corrupt line, an unreadable file, a symlink out of the root): where and why."""
+
+    __tablename__ = "problems"
+    __table_args__ = (UniqueConstraint("path", "byte_offset", "kind", name="uq_problem"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    work_dir_id: Mapped[int | None] = mapped_column(ForeignKey("work_dirs.id"), nullable=True)
+    path: Mapped[str] = mapped_column(String(4096))
+    byte_offset: Mapped[int] = mapped_column(BigInteger, default=-1)  # -1: the file as a whole
+    kind: Mapped[str] = mapped_column(String(32))
+    message: Mapped[str] = mapped_column(Text)
+    count: Mapped[int] = mapped_column(Integer, default=1)
+    first_seen: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    last_seen: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)

@@ -1,0 +1,28 @@
+"""Bad input, recorded where and why (file + byte offset), counted instead of duplicated."""
+from __future__ import annotations
+
+import logging
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from db.models import Problem, utcnow
+
+log = logging.getLogger("mmdet_wandb.problems")
+
+
+def record_problem(
+    session: Session, path: str, kind: str, message: str, *, offset: int = -1, work_dir_id: int | None = None
+) -> None:
+    """Store (or count again) one problem and log it once, when it is new."""
+    existing = session.scalar(
+        select(Problem).where(Problem.path == path, Problem.byte_offset == offset, Problem.kind == kind)
+    )
+    if existing is not None:
+        existing.count += 1
+        existing.last_seen = utcnow()
+        existing.message = message
+        return
+    where = f"{path}" if offset < 0 else f"{path} at byte {offset}"
+    log.warning("%s: %s (%s)", where, message, kind)
+    session.add(Problem(path=path, byte_offset=offset, kind=kind, message=message, work_dir_id=work_dir_id))

@@ -1,0 +1,1 @@
+"""mmdet-wandb: the command line and the service's data directory."""

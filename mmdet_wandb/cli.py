@@ -1,0 +1,177 @@
+"""`mmdet-wandb`: watch work_dirs live, backfill finished ones, and show what the service knows."""
+from __future__ import annotations
+
+import json
+import os
+import logging
+import signal
+import sys
+import threading
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from db.session import Database
+from mmdet_wandb import paths, status
+from uploader.ingest import FreshLaunch, IngestOptions
+from uploader.service import ServiceOptions, Uploader
+from uploader.wandb_writer import WandbWriter, WriterOptions, resolve_mode
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__, pretty_exceptions_enable=False)
+err = Console(stderr=True)
+
+DataDirOpt = Annotated[
+    Optional[Path],
+    typer.Option("--data-dir", help="State DB and offline runs [env: MMDET_WANDB_HOME; default ~/.local/share/mmdet-wandb]"),
+]
+ProjectOpt = Annotated[Optional[str], typer.Option(help="W&B project (beats WANDB_PROJECT and the hook's init_kwargs)")]
+EntityOpt = Annotated[Optional[str], typer.Option(help="W&B entity (beats WANDB_ENTITY and the hook's init_kwargs)")]
+FreshOpt = Annotated[
+    FreshLaunch,
+    typer.Option(help="A fresh (not resumed) launch in a work_dir that already has a run: new-run or same-run"),
+]
+LogLevelOpt = Annotated[str, typer.Option(help="Log level: DEBUG, INFO, WARNING, ERROR")]
+
+
+def _setup(data_dir: Path | None, roots: list[Path], level: str) -> tuple[paths.DataDir, Database]:
+    logging.basicConfig(
+        level=getattr(logging, level.upper(), logging.INFO),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    home = paths.resolve(data_dir)
+    try:
+        home.prepare(roots)
+    except paths.DataDirError as exc:
+        err.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(2) from None
+    db = Database(home.db_url)
+    db.upgrade()
+    return home, db
+
+
+def _roots(given: list[Path]) -> list[Path]:
+    roots = []
+    for root in given:
+        if not root.is_dir():
+            err.print(f"[red]error:[/red] {root} is not a directory")
+            raise typer.Exit(2)
+        roots.append(root.resolve())
+    return roots
+
+
+def _writer(db: Database, home: paths.DataDir, project: str | None, entity: str | None, **extra: float) -> WandbWriter:
+    options = WriterOptions(runs_dir=home.runs_dir, mode=resolve_mode(), project=project, entity=entity, **extra)
+    return WandbWriter(db, options)
+
+
+@app.command()
+def watch(
+    roots: Annotated[list[Path], typer.Argument(help="Work_dirs, or folders of work_dirs, to follow")],
+    data_dir: DataDirOpt = None,
+    project: ProjectOpt = None,
+    entity: EntityOpt = None,
+    fresh_launch: FreshOpt = FreshLaunch.NEW_RUN,
+    poll: Annotated[bool, typer.Option("--poll", help="No filesystem events (NFS, FUSE): poll and scan only")] = False,
+    scan_interval: Annotated[float, typer.Option(help="Seconds between full scans of the roots")] = 10.0,
+    poll_interval: Annotated[float, typer.Option(help="Seconds between stat checks of known logs")] = 0.5,
+    finish_after: Annotated[float, typer.Option(help="Seconds idle after which a log counts as finished")] = 600.0,
+    segment_idle: Annotated[float, typer.Option(help="Seconds idle after which a W&B segment is closed")] = 30.0,
+    log_level: LogLevelOpt = "INFO",
+) -> None:
+    """Follow every work_dir under the roots, live, until SIGTERM or Ctrl-C."""
+    root_paths = _roots(roots)
+    home, db = _setup(data_dir, root_paths, log_level)
+    writer = _writer(db, home, project, entity, segment_idle_s=segment_idle)
+    options = ServiceOptions(
+        roots=tuple(root_paths),
+        ingest=IngestOptions(fresh_launch=fresh_launch, finish_idle_s=finish_after),
+        scan_interval_s=scan_interval,
+        poll_interval_s=poll_interval,
+        use_events=not poll,
+    )
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    logging.getLogger("mmdet_wandb").info("watching %s (W&B mode %s, data in %s)", ", ".join(map(str, root_paths)), writer.options.mode, home.path)
+    Uploader(db, writer, options).watch(stop)
+
+
+@app.command()
+def backfill(
+    roots: Annotated[list[Path], typer.Argument(help="Finished work_dirs, or folders of them")],
+    data_dir: DataDirOpt = None,
+    project: ProjectOpt = None,
+    entity: EntityOpt = None,
+    fresh_launch: FreshOpt = FreshLaunch.NEW_RUN,
+    progress: Annotated[bool, typer.Option(help="Show progress bars")] = True,
+    log_level: LogLevelOpt = "WARNING",
+) -> None:
+    """Upload finished work_dirs once and exit (running it again uploads nothing twice)."""
+    root_paths = _roots(roots)
+    home, db = _setup(data_dir, root_paths, log_level)
+    writer = _writer(db, home, project, entity)
+    options = ServiceOptions(roots=tuple(root_paths), ingest=IngestOptions(fresh_launch=fresh_launch, finish_idle_s=0.0))
+    uploader = Uploader(db, writer, options)
+    if not progress:
+        uploader.backfill()
+    else:
+        with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=err) as bar:
+            tasks: dict[str, int] = {}
+
+            def on_progress(stage: str, done: int, total: int) -> None:
+                if stage not in tasks:
+                    tasks[stage] = bar.add_task("reading logs" if stage == "read" else "uploading rows", total=total)
+                bar.update(tasks[stage], completed=done, total=max(total, done))
+
+            uploader.backfill(on_progress)
+    _print_status(db, as_json=False, console=err)
+    runs_dir = home.runs_dir
+    if writer.options.mode == "offline":
+        err.print(f"offline runs are in {runs_dir}; upload them with: wandb sync {runs_dir}/*/*/wandb/offline-run-*")
+
+
+@app.command("status")
+def status_command(
+    data_dir: DataDirOpt = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output")] = False,
+) -> None:
+    """Work_dirs, their W&B runs, rows pending/uploaded, and problems found."""
+    home = paths.resolve(data_dir)
+    if not (home.path / "state.db").exists() and "MMDET_WANDB_DB_URL" not in os.environ:
+        err.print(f"no state in {home.path} yet: run `mmdet-wandb watch` or `backfill` first")
+        raise typer.Exit(1)
+    db = Database(home.db_url)
+    db.upgrade()
+    _print_status(db, as_json=as_json, console=Console())
+
+
+def _print_status(db: Database, *, as_json: bool, console: Console) -> None:
+    statuses = status.collect(db)
+    if as_json:
+        print(json.dumps(status.as_json(statuses, status.problems(db)), indent=2))
+        return
+    table = Table(title="mmdet-wandb status")
+    for column in ("work_dir", "logs", "W&B run", "uploaded", "pending", "problems / last error"):
+        table.add_column(column, overflow="fold")
+    for s in statuses:
+        runs = s.runs or [None]
+        for index, run in enumerate(runs):
+            error = (run.last_error if run and run.last_error else None) or (s.last_problem if index == 0 else None)
+            table.add_row(
+                s.path if index == 0 else "",
+                str(s.logs) if index == 0 else "",
+                f"{run.wandb_id} {run.name}" if run else "-",
+                str(run.rows_uploaded) if run else "0",
+                str(run.rows_pending) if run else "0",
+                (f"{s.problems} problem(s); " if index == 0 and s.problems else "") + (error or ""),
+            )
+    console.print(table)
+
+
+if __name__ == "__main__":
+    app()

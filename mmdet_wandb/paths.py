@@ -1,0 +1,50 @@
+"""Where the service keeps its state: one data directory, never inside a watched work_dir."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from db.session import sqlite_url
+
+
+class DataDirError(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class DataDir:
+    path: Path
+
+    @property
+    def db_url(self) -> str:
+        return os.environ.get("MMDET_WANDB_DB_URL") or sqlite_url(self.path / "state.db")
+
+    @property
+    def runs_dir(self) -> Path:
+        """Offline W&B segments go here, or under WANDB_DIR when the user set it."""
+        wandb_dir = os.environ.get("WANDB_DIR")
+        return Path(wandb_dir) / "mmdet-wandb" if wandb_dir else self.path / "wandb"
+
+    def prepare(self, roots: list[Path]) -> None:
+        """Create the directory, refuse one inside a watched root, and keep wandb's own files in it too."""
+        for root in roots:
+            if self.path.resolve().is_relative_to(root.resolve()):
+                raise DataDirError(
+                    f"data directory {self.path} is inside the watched root {root}; "
+                    "nothing may be written there: choose another --data-dir"
+                )
+        self.path.mkdir(parents=True, exist_ok=True)
+        os.environ.setdefault("WANDB_DATA_DIR", str(self.path / "wandb-data"))
+        os.environ.setdefault("WANDB_CACHE_DIR", str(self.path / "wandb-cache"))
+        os.environ.setdefault("WANDB_CONFIG_DIR", str(self.path / "wandb-config"))
+
+
+def resolve(data_dir: Path | None) -> DataDir:
+    """--data-dir, else MMDET_WANDB_HOME, else the per-user data directory."""
+    if data_dir is not None:
+        return DataDir(data_dir.expanduser().absolute())
+    if os.environ.get("MMDET_WANDB_HOME"):
+        return DataDir(Path(os.environ["MMDET_WANDB_HOME"]).expanduser().absolute())
+    base = Path(os.environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share")
+    return DataDir(base / "mmdet-wandb")

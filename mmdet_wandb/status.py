@@ -1,0 +1,87 @@
+"""A read-only report of the state DB: per work_dir, its W&B runs, rows pending/uploaded and problems."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from sqlalchemy import case, func, select
+
+from db.models import OutboxRow, Problem, Run, Segment, SegmentState, Source, WorkDir
+from db.session import Database
+
+
+@dataclass
+class RunStatus:
+    wandb_id: str
+    name: str
+    job_type: str
+    rows_uploaded: int
+    rows_pending: int
+    segments_closed: int
+    last_error: str | None
+
+
+@dataclass
+class WorkDirStatus:
+    path: str
+    logs: int
+    runs: list[RunStatus] = field(default_factory=list)
+    problems: int = 0
+    last_problem: str | None = None
+
+
+def collect(db: Database) -> list[WorkDirStatus]:
+    with db.transaction() as session:
+        work_dirs = {
+            w.id: WorkDirStatus(path=w.path, logs=0) for w in session.scalars(select(WorkDir).order_by(WorkDir.path))
+        }
+        for work_dir_id, count in session.execute(select(Source.work_dir_id, func.count()).group_by(Source.work_dir_id)):
+            work_dirs[work_dir_id].logs = count
+        counts = {
+            run_id: (up or 0, pending or 0)
+            for run_id, up, pending in session.execute(
+                select(
+                    OutboxRow.run_id,
+                    func.sum(case((OutboxRow.uploaded.is_(True), 1), else_=0)),
+                    func.sum(case((OutboxRow.uploaded.is_(False), 1), else_=0)),
+                ).group_by(OutboxRow.run_id)
+            )
+        }
+        closed = dict(
+            session.execute(
+                select(Segment.run_id, func.count()).where(Segment.state == SegmentState.CLOSED).group_by(Segment.run_id)
+            ).all()
+        )
+        for run in session.scalars(select(Run).order_by(Run.launch)):
+            up, pending = counts.get(run.id, (0, 0))
+            work_dirs[run.work_dir_id].runs.append(
+                RunStatus(run.wandb_id, run.name, run.job_type, up, pending, closed.get(run.id, 0), run.last_error)
+            )
+        for problem in session.scalars(select(Problem).order_by(Problem.last_seen)):
+            target = work_dirs.get(problem.work_dir_id) if problem.work_dir_id is not None else None
+            target = target or _by_path(work_dirs.values(), problem.path)
+            if target is not None:
+                target.problems += 1
+                where = problem.path if problem.byte_offset < 0 else f"{problem.path}@{problem.byte_offset}"
+                target.last_problem = f"{problem.kind}: {where}: {problem.message}"
+        return list(work_dirs.values())
+
+
+def problems(db: Database) -> list[dict[str, Any]]:
+    with db.transaction() as session:
+        return [
+            {"path": p.path, "offset": p.byte_offset, "kind": p.kind, "message": p.message, "count": p.count}
+            for p in session.scalars(select(Problem).order_by(Problem.path, Problem.byte_offset))
+        ]
+
+
+def as_json(statuses: list[WorkDirStatus], problem_list: list[dict[str, Any]]) -> dict[str, Any]:
+    return {"work_dirs": [asdict(s) for s in statuses], "problems": problem_list}
+
+
+def _by_path(statuses: Any, path: str) -> WorkDirStatus | None:
+    best = None
+    for status in statuses:
+        if path.startswith(status.path.rstrip("/") + "/") and (best is None or len(status.path) > len(best.path)):
+            best = status
+    return best

@@ -1,0 +1,65 @@
+"""Shared fixtures: the real logs, an isolated environment for the CLI, and reading back offline runs."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from uploader import wandb_reader
+
+REPO = Path(__file__).resolve().parents[1]
+REAL_LOGS = Path(os.environ.get("MMDET_WANDB_REAL_LOGS", REPO.parent / "shared" / "real_logs")).resolve()
+
+
+def service_env(home: Path, **extra: str) -> dict[str, str]:
+    """The environment of a service process: offline W&B, everything under `home`, no credentials."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("WANDB_", "MMDET_WANDB_"))}
+    env.update(MMDET_WANDB_HOME=str(home), PYTHONUNBUFFERED="1")
+    env.update(extra)
+    return env
+
+
+def cli(home: Path, *args: str, check: bool = True, timeout: float = 600, **env: str) -> subprocess.CompletedProcess[str]:
+    """Run `mmdet-wandb` as a real subprocess."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "mmdet_wandb.cli", *args],
+        env=service_env(home, **env), capture_output=True, text=True, timeout=timeout, cwd=REPO,
+    )
+    if check and proc.returncode != 0:
+        raise AssertionError(f"mmdet-wandb {' '.join(args)} exited {proc.returncode}\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+def status(home: Path) -> dict:
+    return json.loads(cli(home, "status", "--json").stdout)
+
+
+@dataclass
+class RunFiles:
+    wandb_id: str
+    name: str
+    segments: list[wandb_reader.OfflineRun]
+
+    @property
+    def history(self) -> list[dict]:
+        return [row for seg in self.segments for row in seg.history]
+
+
+def offline_run(home: Path, wandb_id: str) -> RunFiles:
+    """Every segment of one run, in segment order (the order `wandb sync` replays them)."""
+    files = wandb_reader.find_run_files(home / "wandb" / wandb_id)
+    segments = [wandb_reader.read_run(f) for f in files]
+    name = segments[0].display_name if segments else ""
+    return RunFiles(wandb_id, name or "", segments)
+
+
+@pytest.fixture(scope="session")
+def real_logs() -> Path:
+    if not REAL_LOGS.is_dir():
+        pytest.fail(f"the real logs are missing: {REAL_LOGS} (set MMDET_WANDB_REAL_LOGS)")
+    return REAL_LOGS

@@ -1,0 +1,1 @@
+"""Uploader: work_dir files → parsed records → state DB → W&B (see DESIGN.md for the invariants)."""

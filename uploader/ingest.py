@@ -1,0 +1,328 @@
+"""Ingest: one log file → parsed rows in the outbox, committed together with the file offset (DESIGN 3–4).
+
+Reading and parsing happen outside the transaction; the transaction only decides the lineage (which W&B run
+a row belongs to), drops lines already stored (a replaced file re-read from 0), hands out the steps we own,
+and moves the offset.
+"""
+from __future__ import annotations
+
+import enum
+import hashlib
+import json
+import secrets
+import string
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from db.models import OutboxRow, Run, Source, SourceState, WorkDir
+from db.problems import record_problem
+from db.session import Database
+from uploader import runconfig, tail
+from uploader.discovery import FoundLog
+from uploader.parsers import LineError, decode_line, parse_line
+from uploader.records import LineageBreak, LogFormat, MetricRow, ParseState, RowKind
+from uploader.textlog import iters_per_epoch
+
+
+class FreshLaunch(str, enum.Enum):
+    """What a fresh (not resumed) launch in a work_dir that already has a run becomes."""
+
+    NEW_RUN = "new-run"
+    SAME_RUN = "same-run"
+
+
+@dataclass(frozen=True)
+class IngestOptions:
+    fresh_launch: FreshLaunch = FreshLaunch.NEW_RUN
+    finish_idle_s: float = 600.0  # a log untouched this long is finished: its last unterminated line is taken
+    max_bytes: int = 8 << 20
+
+
+@dataclass(frozen=True)
+class _ParsedLine:
+    offset: int
+    line_hash: str
+    records: list[Any]
+
+
+def ingest(db: Database, found: FoundLog, root: Path, *, newer_launch: bool, options: IngestOptions) -> int:
+    """Read everything new in one log; returns the number of rows added to the outbox."""
+    added = 0
+    while True:
+        with db.transaction() as session:
+            source = _source_for(session, found, root)
+            position, state, source_id = _position(source), ParseState.from_json(json.loads(source.parse_state_json)), source.id
+        finished = newer_launch or _idle_for(found.path) >= options.finish_idle_s
+        try:
+            read = tail.read_lines(found.path, position, finished=finished, max_bytes=options.max_bytes)
+        except FileNotFoundError:
+            _mark(db, source_id, SourceState.GONE, "file deleted")
+            return added
+        except OSError as exc:
+            _mark(db, source_id, SourceState.ERROR, f"cannot read: {exc.strerror or exc}", problem=True)
+            return added
+        if read.reset_reason is not None:
+            state = initial_state(found)
+        lineage = state.lineage_in_file
+        parsed, problems = _parse(found.format, state, read)
+        with db.transaction() as session:
+            added += _commit(session, found, source_id, read, state, lineage, parsed, problems, finished, options)
+        if read.at_eof:
+            return added
+
+
+def initial_state(found: FoundLog) -> ParseState:
+    """What the work_dir tells about a log before its first line: iterations per epoch, runner, momentum."""
+    state = ParseState()
+    if found.text_log is not None:
+        state.iters_per_epoch = iters_per_epoch(found.text_log)
+        state.iters_per_epoch_from = "text_log" if state.iters_per_epoch else None
+    if found.config is not None:
+        config = runconfig.load_file(found.config)
+        if config is not None:
+            state.by_epoch = config.by_epoch
+            state.momentum = config.momentum
+            state.log_interval = config.log_interval
+    return state
+
+
+def _idle_for(path: Path) -> float:
+    try:
+        return time.time() - path.stat(follow_symlinks=False).st_mtime
+    except OSError:
+        return 0.0
+
+
+def _source_for(session: Session, found: FoundLog, root: Path) -> Source:
+    source = session.scalar(select(Source).where(Source.path == str(found.path)))
+    if source is not None:
+        return source
+    work_dir = session.scalar(select(WorkDir).where(WorkDir.path == str(found.work_dir)))
+    if work_dir is None:
+        work_dir = WorkDir(path=str(found.work_dir), root=str(root), name=found.work_dir.name or str(found.work_dir))
+        session.add(work_dir)
+        session.flush()
+    source = Source(
+        work_dir_id=work_dir.id,
+        path=str(found.path),
+        format=found.format.value,
+        launch=found.launch,
+        parse_state_json=json.dumps(initial_state(found).to_json()),
+    )
+    session.add(source)
+    session.flush()
+    return source
+
+
+def _position(source: Source) -> tail.TailPosition | None:
+    if source.dev is None or source.ino is None:
+        return None
+    return tail.TailPosition(
+        dev=source.dev, ino=source.ino, generation=source.generation, head_len=source.head_len,
+        head_hash=source.head_hash, offset=source.offset, tail_hash=source.tail_hash,
+    )
+
+
+def _parse(fmt: LogFormat, state: ParseState, read: tail.TailRead) -> tuple[list[_ParsedLine], list[tuple[int, str, str]]]:
+    parsed: list[_ParsedLine] = []
+    problems: list[tuple[int, str, str]] = []
+    for big in read.oversized:
+        problems.append((big.offset, "oversized_line", f"line of {big.length} bytes is longer than the limit; skipped"))
+    for line in read.lines:
+        try:
+            records = parse_line(fmt, state, decode_line(line.data))
+        except LineError as exc:
+            problems.append((line.offset, "bad_line", f"{exc}; skipped"))
+            continue
+        digest = hashlib.blake2b(line.data, digest_size=16).hexdigest()
+        parsed.append(_ParsedLine(line.offset, digest, records))
+    return parsed, problems
+
+
+def _commit(
+    session: Session,
+    found: FoundLog,
+    source_id: int,
+    read: tail.TailRead,
+    state: ParseState,
+    lineage: int,
+    parsed: list[_ParsedLine],
+    problems: list[tuple[int, str, str]],
+    finished: bool,
+    options: IngestOptions,
+) -> int:
+    source = session.get_one(Source, source_id)
+    if read.reset_reason is not None:
+        record_problem(session, source.path, "reset", f"read again from the start: {read.reset_reason}",
+                       offset=read.position.generation, work_dir_id=source.work_dir_id)
+    for offset, kind, message in problems:
+        record_problem(session, source.path, kind, message, offset=offset, work_dir_id=source.work_dir_id)
+    stored = _stored_lines(session, source_id, parsed)
+    run = session.get(Run, source.run_id) if source.run_id is not None else None
+    summary: dict[str, Any] | None = None
+    added = 0
+    for line in parsed:
+        for record in line.records:
+            if isinstance(record, LineageBreak):
+                run = _flush_summary(run, summary)
+                summary = None
+                lineage = record.lineage
+                run = _new_run(session, source, found, state, lineage)
+            elif isinstance(record, MetricRow):
+                if (line.offset, line.line_hash) in stored:
+                    continue
+                if run is None:
+                    run = _choose_run(session, source, found, state, lineage, record, options)
+                if summary is None:
+                    summary = json.loads(run.summary_json)
+                _append(session, run, source, read.position.generation, line, record, summary)
+                added += 1
+    _flush_summary(run, summary)
+    if run is not None:
+        source.run_id = run.id
+        run.by_epoch = state.by_epoch if state.by_epoch is not None else run.by_epoch
+    _store_position(source, read, state)
+    source.state = SourceState.FINISHED if finished and read.at_eof else SourceState.ACTIVE
+    source.last_error = None
+    return added
+
+
+def _stored_lines(session: Session, source_id: int, parsed: list[_ParsedLine]) -> set[tuple[int, str]]:
+    """Lines of this batch that are already in the outbox (the file was replaced and is being re-read)."""
+    if not parsed:
+        return set()
+    rows = session.execute(
+        select(OutboxRow.byte_offset, OutboxRow.line_hash).where(
+            OutboxRow.source_id == source_id,
+            OutboxRow.byte_offset >= parsed[0].offset,
+            OutboxRow.byte_offset <= parsed[-1].offset,
+        )
+    )
+    return {(offset, digest) for offset, digest in rows}
+
+
+def _append(
+    session: Session, run: Run, source: Source, generation: int, line: _ParsedLine, row: MetricRow, summary: dict[str, Any]
+) -> None:
+    payload = row.wandb_payload()
+    session.add(
+        OutboxRow(
+            run_id=run.id, step=run.next_step, source_id=source.id, generation=generation, byte_offset=line.offset,
+            line_hash=line.line_hash, kind=row.kind.value, payload_json=json.dumps(payload), uploaded=False,
+        )
+    )
+    run.next_step += 1
+    summary.update(payload)
+    if row.iter is not None and row.kind is RowKind.TRAIN:
+        run.last_iter = row.iter
+        if run.first_iter is None:
+            run.first_iter = row.iter
+
+
+def _flush_summary(run: Run | None, summary: dict[str, Any] | None) -> Run | None:
+    if run is not None and summary is not None:
+        run.summary_json = json.dumps(summary)
+    return run
+
+
+def _choose_run(
+    session: Session,
+    source: Source,
+    found: FoundLog,
+    state: ParseState,
+    lineage: int,
+    first: MetricRow,
+    options: IngestOptions,
+) -> Run:
+    """The lineage of a launch: a resumed launch continues the run before it, a fresh one starts a new run."""
+    if found.format is not LogFormat.MMENGINE_TEST:
+        previous = session.scalar(
+            select(Run)
+            .where(Run.work_dir_id == source.work_dir_id, Run.job_type == "train", Run.launch < source.launch)
+            .order_by(Run.launch.desc(), Run.id.desc())
+            .limit(1)
+        )
+        if previous is not None and (options.fresh_launch is FreshLaunch.SAME_RUN or _continues(previous, state, first)):
+            return previous
+    return _new_run(session, source, found, state, lineage)
+
+
+def _continues(previous: Run, state: ParseState, first: MetricRow) -> bool:
+    """Resumed: the log header is a checkpoint's meta (mmdet 2.x), or training starts past its first log interval."""
+    if state.resumed:
+        return True
+    if first.epoch is not None:
+        return first.epoch > 1
+    first_log = state.log_interval or previous.first_iter
+    return first.iter is not None and first_log is not None and first.iter > first_log
+
+
+def _new_run(session: Session, source: Source, found: FoundLog, state: ParseState, lineage: int) -> Run:
+    work_dir = session.get_one(WorkDir, source.work_dir_id)
+    launch = source.launch if lineage == 0 else f"{source.launch}#{lineage + 1}"
+    is_test = found.format is LogFormat.MMENGINE_TEST
+    run = Run(
+        work_dir_id=work_dir.id,
+        wandb_id=_new_wandb_id(),
+        name=f"{work_dir.name}-{launch}" + ("-test" if is_test else ""),
+        group=work_dir.name,
+        job_type="test" if is_test else "train",
+        launch=launch,
+        by_epoch=state.by_epoch,
+        next_step=1,
+        summary_json="{}",
+        init_kwargs_json="{}",
+    )
+    _attach_config(run, found)
+    session.add(run)
+    session.flush()
+    return run
+
+
+def _attach_config(run: Run, found: FoundLog) -> None:
+    config = runconfig.for_log(found)
+    if config is None:
+        return
+    run.config_json = json.dumps(config.values, default=str)
+    run.config_name = config.name
+    run.config_text = config.text
+    run.init_kwargs_json = json.dumps(config.hook_options.get("init_kwargs") or {}, default=str)
+
+
+def _new_wandb_id() -> str:
+    alphabet = string.ascii_lowercase + string.digits
+    return "".join(secrets.choice(alphabet) for _ in range(8))
+
+
+def _store_position(source: Source, read: tail.TailRead, state: ParseState) -> None:
+    position = read.position
+    source.dev, source.ino, source.generation = position.dev, position.ino, position.generation
+    source.head_len, source.head_hash = position.head_len, position.head_hash
+    source.offset, source.tail_hash = position.offset, position.tail_hash
+    source.size_seen = read.size
+    source.parse_state_json = json.dumps(state.to_json())
+
+
+def _mark(db: Database, source_id: int, state: SourceState, message: str, *, problem: bool = False) -> None:
+    with db.transaction() as session:
+        source = session.get_one(Source, source_id)
+        source.state = state
+        source.last_error = message
+        if problem:
+            record_problem(session, source.path, "unreadable", message, work_dir_id=source.work_dir_id)
+
+
+def mark_gone(db: Database, path: str) -> None:
+    """A log that disappeared between scans stays as a tombstone with its rows."""
+    with db.transaction() as session:
+        source = session.scalar(select(Source).where(Source.path == path))
+        if source is not None and source.state is not SourceState.GONE:
+            source.state = SourceState.GONE
+            source.last_error = "file deleted"
+
+

@@ -1,0 +1,181 @@
+"""The loop that ties the uploader together: scan → ingest → drain → close segments.
+
+One process serves every work_dir under its roots. The periodic scan is the truth; watchdog events and a
+cheap stat poll of known logs only make it react sooner. A failure in one work_dir is recorded and the loop
+goes on with the others.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from sqlalchemy import func, select
+
+from db.models import OutboxRow
+from db.problems import record_problem
+from db.session import Database
+from uploader import discovery
+from uploader.discovery import FoundLog
+from uploader.ingest import IngestOptions, ingest, mark_gone
+from uploader.wandb_writer import WandbWriter
+
+log = logging.getLogger("mmdet_wandb.service")
+
+
+@dataclass(frozen=True)
+class ServiceOptions:
+    roots: tuple[Path, ...]
+    ingest: IngestOptions = field(default_factory=IngestOptions)
+    scan_interval_s: float = 10.0
+    poll_interval_s: float = 0.5
+    use_events: bool = True
+
+
+class Uploader:
+    def __init__(self, db: Database, writer: WandbWriter, options: ServiceOptions) -> None:
+        self.db = db
+        self.writer = writer
+        self.options = options
+        self._logs: dict[Path, FoundLog] = {}
+        self._newer: dict[Path, bool] = {}
+        self._seen_stat: dict[Path, tuple[int, int, int]] = {}
+        self._finished: set[Path] = set()
+
+    def scan(self) -> list[FoundLog]:
+        """Discover every log under the roots, record what is wrong, and tombstone logs that disappeared."""
+        found: list[FoundLog] = []
+        with self.db.transaction() as session:
+            for root in self.options.roots:
+                result = discovery.scan(root)
+                found.extend(result.logs)
+                for problem in result.problems:
+                    record_problem(session, str(problem.path), problem.kind, problem.message)
+        current = {f.path: f for f in found}
+        for path in set(self._logs) - set(current):
+            mark_gone(self.db, str(path))
+            self._seen_stat.pop(path, None)
+        self._logs = current
+        self._newer = _newer_launch_flags(found)
+        return found
+
+    def ingest_changed(self, only: set[Path] | None = None) -> int:
+        """Ingest each log whose size, mtime or inode moved since we last read it (or that just went idle)."""
+        added = 0
+        for path, found in self._logs.items():
+            if only is not None and path not in only:
+                continue
+            stat = _stat(path)
+            if stat is None:
+                continue
+            idle = time.time() - stat[2] / 1e9 >= self.options.ingest.finish_idle_s
+            finishing = (self._newer.get(path, False) or idle) and path not in self._finished
+            if self._seen_stat.get(path) == stat and not finishing:
+                continue
+            added += self._ingest_one(found)
+            self._seen_stat[path] = stat
+            if finishing:
+                self._finished.add(path)
+        return added
+
+    def _ingest_one(self, found: FoundLog) -> int:
+        root = next((r for r in self.options.roots if found.path.is_relative_to(r)), found.work_dir)
+        try:
+            return ingest(self.db, found, root, newer_launch=self._newer.get(found.path, False), options=self.options.ingest)
+        except Exception as exc:  # a bug or bad input in one work_dir must not stop the others
+            log.exception("%s: ingest failed", found.path)
+            with self.db.transaction() as session:
+                record_problem(session, str(found.path), "ingest_error", f"{type(exc).__name__}: {exc}")
+            return 0
+
+    def backfill(self, on_progress: Callable[[str, int, int], None] | None = None) -> None:
+        """One pass over everything: ingest every log to its end, upload every row, close every segment."""
+        self.writer.recover()
+        logs = self.scan()
+        for index, found in enumerate(logs, 1):
+            self._ingest_one(found)
+            if on_progress:
+                on_progress("read", index, len(logs))
+        total = _pending_rows(self.db)
+        done = 0
+        while True:
+            logged = self.writer.drain()
+            if not logged:
+                break
+            done += logged
+            if on_progress:
+                on_progress("upload", done, total)
+        self.writer.close_all()
+
+    def watch(self, stop: threading.Event) -> None:
+        """Follow the roots until `stop` is set; then close every open segment."""
+        self.writer.recover()
+        wake = threading.Event()
+        touched: set[Path] = set()
+        observer = self._start_observer(wake, touched) if self.options.use_events else None
+        last_scan = 0.0
+        try:
+            while not stop.is_set():
+                hinted = set(touched)
+                touched.clear()
+                if time.monotonic() - last_scan >= self.options.scan_interval_s or (hinted - set(self._logs)):
+                    self.scan()
+                    last_scan = time.monotonic()
+                self.ingest_changed()
+                self.writer.drain()
+                self.writer.close_idle()
+                wake.wait(self.options.poll_interval_s)
+                wake.clear()
+        finally:
+            if observer is not None:
+                observer.stop()
+            self.writer.close_all()
+
+    def _start_observer(self, wake: threading.Event, touched: set[Path]):  # type: ignore[no-untyped-def]
+        """watchdog as a wake-up call only; without inotify (limits, NFS) the poll and the scan still work."""
+        from watchdog.events import FileSystemEvent, FileSystemEventHandler
+        from watchdog.observers import Observer
+
+        class _Wake(FileSystemEventHandler):
+            def on_any_event(self, event: FileSystemEvent) -> None:
+                if event.event_type in {"opened", "closed_no_write"}:
+                    return
+                touched.add(Path(os.fsdecode(event.src_path)))
+                wake.set()
+
+        observer = Observer()
+        try:
+            for root in self.options.roots:
+                observer.schedule(_Wake(), str(root), recursive=True)
+            observer.start()
+        except OSError as exc:
+            log.warning("filesystem events unavailable (%s); relying on polling", exc)
+            return None
+        return observer
+
+
+def _newer_launch_flags(found: list[FoundLog]) -> dict[Path, bool]:
+    """A log with a later launch in the same work_dir is finished: its training process moved on."""
+    latest: dict[Path, str] = {}
+    for f in found:
+        if f.launch > latest.get(f.work_dir, ""):
+            latest[f.work_dir] = f.launch
+    return {f.path: f.launch < latest[f.work_dir] for f in found}
+
+
+def _stat(path: Path) -> tuple[int, int, int] | None:
+    try:
+        st = path.stat(follow_symlinks=False)
+    except OSError:
+        return None
+    return (st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+def _pending_rows(db: Database) -> int:
+    with db.transaction() as session:
+        return session.scalar(select(func.count()).select_from(OutboxRow).where(OutboxRow.uploaded.is_(False))) or 0
+

@@ -1,0 +1,307 @@
+"""W&B writer: drains the outbox into W&B runs, one segment at a time (DESIGN 5–6).
+
+The service is the only writer of each run it owns. `_step` is the per-run counter handed out at ingest,
+so a segment only ever holds steps above every earlier one. A row counts as uploaded only once W&B has it:
+offline, when its segment is finished, read back from the `.wandb` file and found complete; online, once
+`finish()` returned, or when a resumed run reports a starting step past it.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import wandb
+from sqlalchemy import func, select, update
+
+from db.models import OutboxRow, Run, Segment, SegmentState, utcnow
+from db.session import Database
+from uploader import wandb_reader
+
+log = logging.getLogger("mmdet_wandb.writer")
+
+DEFAULT_PROJECT = "mmdet-wandb"
+# init_kwargs keys the service must own: one run id per lineage, our own segment directories and settings.
+RESERVED_INIT_KWARGS = frozenset({"id", "resume", "dir", "reinit", "settings", "mode", "config", "resume_from", "fork_from"})
+
+
+def resolve_mode() -> str:
+    """Offline is the embedded default; an API key (or WANDB_MODE) turns on online uploads unchanged."""
+    mode = os.environ.get("WANDB_MODE", "").strip().lower()
+    if mode in {"online", "offline", "disabled"}:
+        return mode
+    if mode == "dryrun":
+        return "offline"
+    return "online" if os.environ.get("WANDB_API_KEY") else "offline"
+
+
+@dataclass(frozen=True)
+class WriterOptions:
+    runs_dir: Path  # segment directories: <runs_dir>/<wandb id>/<seq>/wandb/...
+    mode: str = "offline"
+    project: str | None = None
+    entity: str | None = None
+    flush_interval_s: float = 0.5  # how long a logged row may sit in wandb-core before reaching the file
+    segment_idle_s: float = 30.0  # an idle segment is closed so that its rows count as uploaded
+    segment_max_rows: int = 200_000
+    batch_rows: int = 5_000  # rows per run per drain call, so that one big backfill does not starve live runs
+    exit_timeout_s: float = 120.0
+
+
+@dataclass
+class _OpenSegment:
+    segment_id: int
+    run_id: int
+    handle: Any  # wandb.Run
+    sync_file: Path | None
+    steps: list[int] = field(default_factory=list)
+    last_activity: float = field(default_factory=time.monotonic)
+
+
+class SegmentVerificationError(RuntimeError):
+    """The `.wandb` file read back does not hold exactly the rows that were logged into it."""
+
+
+class WandbWriter:
+    def __init__(self, db: Database, options: WriterOptions) -> None:
+        self.db = db
+        self.options = options
+        self._open: dict[int, _OpenSegment] = {}
+
+    def recover(self) -> None:
+        """Settle segments a previous process left open: keep one that is complete, else rebuild it from the DB."""
+        with self.db.transaction() as session:
+            stale = session.scalars(select(Segment).where(Segment.state == SegmentState.OPEN)).all()
+            leftovers = [(s.id, s.run_id, Path(s.dir), s.mode) for s in stale]
+        for segment_id, run_id, directory, mode in leftovers:
+            if run_id in self._open:
+                continue
+            try:
+                if mode == "offline":
+                    self._verify_and_close(segment_id, self._sync_file_in(directory))
+                    log.info("segment %s of run %s was complete; kept", segment_id, run_id)
+                    continue
+            except (SegmentVerificationError, FileNotFoundError, TimeoutError, wandb_reader.WandbFileError) as exc:
+                log.info("segment %s of run %s not complete (%s); rebuilding it from the DB", segment_id, run_id, exc)
+            self._discard(segment_id, directory)
+
+    def pending_runs(self) -> list[int]:
+        with self.db.transaction() as session:
+            return list(
+                session.scalars(
+                    select(OutboxRow.run_id).where(OutboxRow.uploaded.is_(False), OutboxRow.segment_id.is_(None)).distinct()
+                )
+            )
+
+    def drain(self) -> int:
+        """Log one batch of pending rows of every run that has some; returns how many were logged."""
+        logged = 0
+        for run_id in self.pending_runs():
+            try:
+                logged += self._drain_run(run_id)
+            except Exception as exc:  # one broken run must not stop the others
+                log.exception("run %s: upload failed", run_id)
+                self._fail_run(run_id, exc)
+        return logged
+
+    def close_idle(self) -> None:
+        now = time.monotonic()
+        for run_id, seg in list(self._open.items()):
+            if now - seg.last_activity >= self.options.segment_idle_s or len(seg.steps) >= self.options.segment_max_rows:
+                self.close(run_id)
+
+    def close_all(self) -> None:
+        for run_id in list(self._open):
+            self.close(run_id)
+
+    def close(self, run_id: int) -> None:
+        seg = self._open.pop(run_id)
+        try:
+            with self.db.transaction() as session:
+                summary = json.loads(session.get_one(Run, run_id).summary_json)
+            seg.handle.summary.update(summary)
+            seg.handle.finish()
+            self._verify_and_close(seg.segment_id, seg.sync_file)
+        except Exception as exc:
+            log.exception("run %s: closing segment %s failed; it will be rebuilt", run_id, seg.segment_id)
+            self._discard(seg.segment_id, None)
+            self._fail_run(run_id, exc)
+
+    def _drain_run(self, run_id: int) -> int:
+        with self.db.transaction() as session:
+            rows = session.execute(
+                select(OutboxRow.id, OutboxRow.step, OutboxRow.payload_json)
+                .where(OutboxRow.run_id == run_id, OutboxRow.uploaded.is_(False), OutboxRow.segment_id.is_(None))
+                .order_by(OutboxRow.step)
+                .limit(self.options.batch_rows)
+            ).all()
+        if not rows:
+            return 0
+        seg = self._open.get(run_id) or self._open_segment(run_id, rows[0].step)
+        if seg.steps and rows[0].step <= seg.steps[-1]:
+            raise RuntimeError(f"run {run_id}: step {rows[0].step} is not above {seg.steps[-1]}")
+        for row in rows:
+            seg.handle.log(json.loads(row.payload_json), step=row.step, commit=True)
+            seg.steps.append(row.step)
+        with self.db.transaction() as session:
+            session.execute(
+                update(OutboxRow).where(OutboxRow.id.in_([r.id for r in rows])).values(segment_id=seg.segment_id)
+            )
+        seg.last_activity = time.monotonic()
+        return len(rows)
+
+    def _open_segment(self, run_id: int, first_step: int) -> _OpenSegment:
+        with self.db.transaction() as session:
+            run = session.get_one(Run, run_id)
+            done = session.scalar(
+                select(func.max(Segment.last_step)).where(Segment.run_id == run_id, Segment.state == SegmentState.CLOSED)
+            )
+            if done is not None and first_step <= done:
+                raise RuntimeError(f"run {run.wandb_id}: pending step {first_step} is not above uploaded step {done}")
+            seq = (session.scalar(select(func.max(Segment.seq)).where(Segment.run_id == run_id)) or 0) + 1
+            directory = self.options.runs_dir / run.wandb_id / f"{seq:04d}"
+            segment = Segment(run_id=run_id, seq=seq, dir=str(directory), mode=self.options.mode)
+            session.add(segment)
+            session.flush()
+            segment_id = segment.id
+            init = self._init_kwargs(run, directory)
+            config = json.loads(run.config_json) if run.config_json else {}
+            config_file = (run.config_name, run.config_text) if seq == 1 and run.config_text else None
+            by_epoch = run.by_epoch
+        directory.mkdir(parents=True, exist_ok=True)
+        handle = wandb.init(**init)
+        _define_metrics(handle, by_epoch)
+        if config:
+            handle.config.update(config, allow_val_change=True)
+        if config_file is not None:
+            _save_config_file(handle, directory, *config_file)
+        if self.options.mode == "online":
+            self._mark_already_on_server(run_id, handle.step)
+        sync_file = Path(handle.settings.sync_file) if self.options.mode == "offline" else None
+        seg = _OpenSegment(segment_id=segment_id, run_id=run_id, handle=handle, sync_file=sync_file)
+        self._open[run_id] = seg
+        log.info("run %s: opened segment %s in %s", init["id"], seq, directory)
+        return seg
+
+    def _init_kwargs(self, run: Run, directory: Path) -> dict[str, Any]:
+        """Precedence: CLI option > WANDB_* environment > the hook's init_kwargs > our defaults."""
+        hook = {k: v for k, v in json.loads(run.init_kwargs_json).items() if k not in RESERVED_INIT_KWARGS}
+        kwargs: dict[str, Any] = {"name": run.name, "group": run.group, "job_type": run.job_type, **hook}
+        for key, env, cli in (("project", "WANDB_PROJECT", self.options.project), ("entity", "WANDB_ENTITY", self.options.entity)):
+            if cli:
+                kwargs[key] = cli
+            elif os.environ.get(env):
+                kwargs[key] = os.environ[env]
+        kwargs.setdefault("project", DEFAULT_PROJECT)
+        kwargs.update(
+            id=run.wandb_id,
+            resume="allow",
+            dir=str(directory),
+            settings=wandb.Settings(
+                mode=self.options.mode,
+                console="off",
+                silent=True,
+                reinit="create_new",
+                x_disable_stats=True,
+                x_save_requirements=False,
+                disable_git=True,
+                disable_code=True,
+                x_transaction_log_flush_interval=self.options.flush_interval_s,
+            ),
+        )
+        return kwargs
+
+    def _mark_already_on_server(self, run_id: int, server_step: int) -> None:
+        """Online resume: rows below the server's next step reached W&B before a crash."""
+        with self.db.transaction() as session:
+            session.execute(
+                update(OutboxRow)
+                .where(OutboxRow.run_id == run_id, OutboxRow.step < server_step, OutboxRow.uploaded.is_(False))
+                .values(uploaded=True)
+            )
+
+    def _verify_and_close(self, segment_id: int, sync_file: Path | None) -> None:
+        with self.db.transaction() as session:
+            expected = list(
+                session.scalars(select(OutboxRow.step).where(OutboxRow.segment_id == segment_id).order_by(OutboxRow.step))
+            )
+        if sync_file is not None:
+            wandb_reader.wait_for_exit(sync_file, self.options.exit_timeout_s)
+            written, _ = wandb_reader.history_steps(sync_file)
+            if written != expected:
+                raise SegmentVerificationError(
+                    f"{sync_file}: {len(written)} rows read back, {len(expected)} logged"
+                    + (f"; first difference at row {_first_difference(written, expected)}" if written else "")
+                )
+        with self.db.transaction() as session:
+            segment = session.get_one(Segment, segment_id)
+            segment.state = SegmentState.CLOSED
+            segment.closed_at = utcnow()
+            segment.rows = len(expected)
+            segment.first_step = expected[0] if expected else None
+            segment.last_step = expected[-1] if expected else None
+            session.execute(update(OutboxRow).where(OutboxRow.segment_id == segment_id).values(uploaded=True))
+            session.get_one(Run, segment.run_id).last_error = None
+
+    def _discard(self, segment_id: int, directory: Path | None) -> None:
+        """An unverified segment is never synced: delete its files and give its rows back to the outbox."""
+        with self.db.transaction() as session:
+            segment = session.get_one(Segment, segment_id)
+            segment.state = SegmentState.DISCARDED
+            segment.closed_at = utcnow()
+            directory = directory or Path(segment.dir)
+            session.execute(
+                update(OutboxRow)
+                .where(OutboxRow.segment_id == segment_id, OutboxRow.uploaded.is_(False))
+                .values(segment_id=None)
+            )
+        if segment.mode == "offline":
+            shutil.rmtree(directory, ignore_errors=True)
+
+    def _fail_run(self, run_id: int, exc: BaseException) -> None:
+        seg = self._open.pop(run_id, None)
+        if seg is not None:
+            try:
+                seg.handle.finish(exit_code=1)
+            except Exception:  # the run object is already broken; its segment is discarded below
+                log.debug("finish after failure raised", exc_info=True)
+            self._discard(seg.segment_id, None)
+        with self.db.transaction() as session:
+            session.get_one(Run, run_id).last_error = f"{type(exc).__name__}: {exc}"
+
+    @staticmethod
+    def _sync_file_in(directory: Path) -> Path:
+        files = wandb_reader.find_run_files(directory)
+        if len(files) != 1:
+            raise FileNotFoundError(f"{directory}: expected one .wandb file, found {len(files)}")
+        return files[0]
+
+
+def _define_metrics(handle: Any, by_epoch: bool | None) -> None:
+    """x-axes: train curves over the global iteration, val curves over the epoch (or iteration, iter-based)."""
+    handle.define_metric("iter")
+    handle.define_metric("epoch")
+    handle.define_metric("train/*", step_metric="iter")
+    handle.define_metric("learning_rate*", step_metric="iter")
+    handle.define_metric("momentum", step_metric="iter")
+    handle.define_metric("val/*", step_metric="iter" if by_epoch is False else "epoch")
+
+
+def _save_config_file(handle: Any, directory: Path, name: str | None, text: str) -> None:
+    """Upload the training config as a run file, from our own copy (nothing is written in the work_dir)."""
+    copy = directory / "config" / (name or "config.py")
+    copy.parent.mkdir(parents=True, exist_ok=True)
+    copy.write_text(text, encoding="utf-8")
+    handle.save(str(copy), base_path=str(copy.parent), policy="now")
+
+
+def _first_difference(written: list[Any], expected: list[int]) -> int:
+    for index, (a, b) in enumerate(zip(written, expected)):
+        if a != b:
+            return index
+    return min(len(written), len(expected))
