@@ -6,14 +6,12 @@ into the offline `.wandb` files.
 """
 from __future__ import annotations
 
-import json
-import math
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 from tests.conftest import cli, offline_run, status
+from tests.oracle import assert_history_matches, expected_rows, logs_of
 
 # work_dir (relative to real_logs) → number of W&B runs (training lineages + test-only runs) expected
 EXPECTED_RUNS = {
@@ -48,59 +46,6 @@ ITER_BASED = {
     "chg0901__openmmlab2-hong/Assignment4/mmsegmentation/work_dirs/tutorial",
     "lyc686__OpenMMlab_AI_2023.2/code/Task_03/VOC2012语义分割/log",
 }
-AXIS_KEYS = {"_step", "_runtime", "_timestamp", "iter", "epoch", "momentum"}
-
-
-def _numbers(line: dict[str, Any], prefix: str, skip: set[str]) -> dict[str, Any]:
-    return {
-        f"{prefix}/{k}": v
-        for k, v in line.items()
-        if k not in skip and isinstance(v, (int, float)) and not isinstance(v, bool)
-    }
-
-
-def expected_rows(log: Path) -> list[tuple[dict[str, Any], dict[str, Any]]]:
-    """(raw line, expected W&B values) for every data line of one log file."""
-    rows = []
-    for raw in log.read_bytes().splitlines():
-        if not raw.strip():
-            continue
-        line = json.loads(raw)  # stdlib json: bare NaN stays NaN
-        if log.name.endswith(".log.json"):
-            if "mode" not in line:
-                continue
-            values = _numbers(line, line["mode"], {"mode", "epoch", "iter", "lr"})
-        elif log.parent.name == "vis_data":
-            is_train = "lr" in line
-            values = _numbers(line, "train" if is_train else "val", {"step", "epoch", "iter", "lr"})
-        else:
-            values = _numbers(line, "test", set())
-        if isinstance(line.get("lr"), (int, float)):
-            values["learning_rate"] = line["lr"]
-        rows.append((line, values))
-    return rows
-
-
-def logs_of(work_dir: Path) -> list[Path]:
-    """The logs of a work_dir in launch order; mmengine's <ts>.json copy of scalars.json is read once."""
-    found = []
-    for path in work_dir.rglob("*.json"):
-        relative = path.relative_to(work_dir)
-        if path.name.endswith(".log.json") and len(relative.parts) == 1:
-            found.append((path.name[:15], path))
-        elif path.parent.name == "vis_data":
-            if path.name == "scalars.json" or not (path.parent / "scalars.json").exists():
-                stamps = sorted(p.name[:15] for p in path.parent.glob("2*.json"))
-                found.append((stamps[0] if stamps else path.parent.parent.name, path))
-        elif len(relative.parts) == 2:
-            found.append((path.name[:15], path))
-    return [p for _, p in sorted(found)]
-
-
-def same(a: Any, b: Any) -> bool:
-    if isinstance(a, float) and isinstance(b, float) and math.isnan(a) and math.isnan(b):
-        return True
-    return a == b
 
 
 @pytest.fixture(scope="module")
@@ -127,12 +72,7 @@ def test_history_matches_the_log_lines(backfilled, real_logs, relative):
     runs = [offline_run(home, r["wandb_id"]) for r in entry["runs"]]
     history = [row for run in runs for row in run.history]
     expected = [row for log in logs_of(work_dir) for row in expected_rows(log)]
-    assert len(history) == len(expected), "one history row per data line"
-    for index, (row, (line, values)) in enumerate(zip(history, expected)):
-        for key, value in values.items():
-            assert same(row.get(key), value), f"row {index}: {key} = {row.get(key)!r}, log line has {value!r}: {line}"
-        extra = set(row) - set(values) - AXIS_KEYS
-        assert not extra, f"row {index} has keys that are not in the log line: {extra}"
+    assert_history_matches(history, expected)
 
     for run in runs:
         steps = [row["_step"] for row in run.history]

@@ -438,7 +438,7 @@ line_body = st.binary(max_size=MAX_LINE).map(lambda b: b.replace(b"\n", b"."))
 line_end = st.sampled_from([b"\n", b"\r\n"])
 whole_lines = st.lists(st.tuples(line_body, line_end).map(b"".join), max_size=5).map(b"".join)
 fragment = st.binary(min_size=1, max_size=10).map(lambda b: b.replace(b"\n", b"."))
-budget = st.one_of(st.integers(1, 64), st.just(8 << 20))
+budget = st.one_of(st.integers(1, 256), st.just(8 << 20))
 
 
 def model_events(content: bytes, start: int, finished: bool) -> tuple[list[tuple], int]:
@@ -528,11 +528,37 @@ class TailMachine(RuleBasedStateMachine):
     @precondition(lambda self: self.content)
     @rule(data=st.data(), max_bytes=budget)
     def rewrite_in_place(self, data: st.DataObject, max_bytes: int) -> None:
-        alphabet = st.sampled_from(b"ab \r\n{")
-        new = bytes(data.draw(st.lists(alphabet, min_size=len(self.content), max_size=len(self.content))))
+        pattern = bytes(data.draw(st.lists(st.sampled_from(b"ab \r\n{"), min_size=1, max_size=64)))
+        new = (pattern * (len(self.content) // len(pattern) + 1))[: len(self.content)]
         with open(self.path, "r+b") as f:
             f.write(new)
         self.content = new
+        self._read(max_bytes, finished=False)
+
+    @precondition(lambda self: len(self.content) <= HEAD_MAX)
+    @rule(max_bytes=budget)
+    def append_past_head(self, max_bytes: int) -> None:
+        """Grow the file beyond HEAD_MAX so that only the offset checks can see later rewrites."""
+        self._append(b"".join(b"pad %015d\n" % i for i in range(HEAD_MAX // 20 + 1)))
+        self._read(max_bytes, finished=False)
+
+    @precondition(lambda self: self.content)
+    @rule(data=st.data(), max_bytes=budget)
+    def rewrite_end_in_place(self, data: st.DataObject, max_bytes: int) -> None:
+        n = data.draw(st.integers(1, min(100, len(self.content))))
+        new = bytes(data.draw(st.lists(st.sampled_from(b"ab \r\n{"), min_size=n, max_size=n)))
+        with open(self.path, "r+b") as f:
+            f.seek(len(self.content) - n)
+            f.write(new)
+        self.content = self.content[:-n] + new
+        self._read(max_bytes, finished=False)
+
+    @precondition(lambda self: self.content)
+    @rule(data=st.data(), max_bytes=budget)
+    def truncate_shorter(self, data: st.DataObject, max_bytes: int) -> None:
+        size = data.draw(st.integers(0, len(self.content) - 1))
+        os.truncate(self.path, size)
+        self.content = self.content[:size]
         self._read(max_bytes, finished=False)
 
     @rule(max_bytes=budget)

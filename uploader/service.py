@@ -44,7 +44,7 @@ class Uploader:
         self._logs: dict[Path, FoundLog] = {}
         self._newer: dict[Path, bool] = {}
         self._seen_stat: dict[Path, tuple[int, int, int]] = {}
-        self._finished: set[Path] = set()
+        self._finished: dict[Path, tuple[int, int, int]] = {}  # stat of a log when it was read as finished
 
     def scan(self) -> list[FoundLog]:
         """Discover every log under the roots, record what is wrong, and tombstone logs that disappeared."""
@@ -73,13 +73,13 @@ class Uploader:
             if stat is None:
                 continue
             idle = time.time() - stat[2] / 1e9 >= self.options.ingest.finish_idle_s
-            finishing = (self._newer.get(path, False) or idle) and path not in self._finished
+            finishing = (self._newer.get(path, False) or idle) and self._finished.get(path) != stat
             if self._seen_stat.get(path) == stat and not finishing:
                 continue
             added += self._ingest_one(found)
             self._seen_stat[path] = stat
             if finishing:
-                self._finished.add(path)
+                self._finished[path] = stat
         return added
 
     def _ingest_one(self, found: FoundLog) -> int:

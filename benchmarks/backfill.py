@@ -1,0 +1,692 @@
+"""Benchmark: backfill throughput against the W&B client's own ceiling, and live-tail latency.
+
+What is measured (one run of this script prints both, side by side with their baseline and target):
+
+1. Backfill throughput. Each log (default: the three largest real logs under ../shared/real_logs; choose
+   others with ``--logs PATH...``) is copied into a temporary root (the read-only source is never written;
+   a ``<YYYYmmdd_HHMMSS>`` launch folder is copied alone into a temporary work_dir, so it is one run).
+   Two sides run alternately, ``--repeat`` times each, every measurement in a fresh Python process
+   (this script re-run with a hidden ``--_child`` flag) with its environment isolated in a temp dir
+   (MMDET_WANDB_HOME and WANDB_DATA_DIR/CACHE_DIR/CONFIG_DIR there, WANDB_DIR and credentials unset,
+   WANDB_MODE=offline), so both pay the same interpreter, import and wandb-core start-up costs; imports
+   happen before the clock starts on both sides.
+
+   - "ours": the real backfill in-process, set up like ``mmdet-wandb backfill`` (mmdet_wandb/cli.py:
+     data dir, Database + migrations, WandbWriter, Uploader with finish_idle_s=0), timed from before the
+     Database is built until ``Uploader.backfill()`` returns, i.e. until every segment is finished, read
+     back from its ``.wandb`` file and verified. A fresh data dir every repetition.
+   - "ceiling" (the BASELINE): the W&B client alone over the SAME rows. The rows the backfill put in
+     the outbox (``outbox_rows.payload_json`` ordered by step, per run), dumped by an untimed warm-up
+     backfill and parsed before the clock starts, are logged with a plain loop: ``wandb.init`` (offline,
+     the writer's own settings: console off, reinit create_new, x_disable_stats, its transaction-log
+     flush interval, ...) + ``run.log(row, step=step, commit=True)`` per row + ``run.finish()`` + waiting
+     for the exit record in the ``.wandb`` file (``uploader.wandb_reader.wait_for_exit``, as the writer
+     does). One W&B run per run of the backfill, one after the other.
+
+   Reported: median seconds and rows/s of each side, and ratio = ceiling_time / ours_time (1.0 means the
+   service costs nothing on top of wandb itself). Target: ratio >= 0.9 per log and in total (sum of the
+   medians). ``--profile auto`` (default) profiles one extra "ours" run with cProfile for every log below
+   the target and prints where the time goes.
+
+2. Live tail latency. The real ``python -m mmdet_wandb.cli watch ROOT`` runs as a subprocess (default
+   options unless ``--poll-interval`` is given) on an empty temp root. The benchmark creates a work_dir
+   with ``<ts>.log.json`` whose first line is a real mmdet header (line 1 of the yolov3 log), waits
+   2 s (in a real training the first train line comes much later than the header), then appends the
+   first ``--live-lines`` real train lines of that log, one write each, at ``--live-rate`` lines/s,
+   recording when each append returned. A thread polls the run's ``.wandb`` file(s) under
+   ``<home>/wandb`` (``find_run_files`` + ``iter_records``) every 20 ms and records when each history row
+   first appears, matched to its line by its ``train/*`` values. Latency = row visible in the .wandb
+   file - append. Reported: p50 / p99 (linear interpolation) / max and the first row's latency
+   (it includes opening the W&B run). Target: p99 <= 2 s; a row that never appears within
+   ``--live-timeout`` s counts as a failure. At the end watch gets SIGTERM and must exit (SIGKILL after
+   ``--stop-timeout`` s, which is reported as a failure).
+
+How to run (from the repository root):
+
+    .venv/bin/python benchmarks/backfill.py                  # table
+    .venv/bin/python benchmarks/backfill.py --json           # machine-readable results on stdout
+    .venv/bin/python benchmarks/backfill.py --repeat 5 --logs ../shared/real_logs/masati91__ELTD/work_dirs/yolov3_d53_320_273e_coco
+    .venv/bin/python benchmarks/backfill.py --skip-live      # throughput only (or --skip-backfill)
+
+Progress goes to stderr. Exit status: 0 when every measured target passes, 1 when one fails, 2 on error.
+Everything is written under one temp dir (``--keep`` keeps it for inspection), removed at the end.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import re
+import secrets
+import shutil
+import signal
+import statistics
+import string
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+REAL_LOGS = Path(os.environ.get("MMDET_WANDB_REAL_LOGS", REPO.parent / "shared" / "real_logs")).resolve()
+DEFAULT_LOGS = (
+    "masati91__ELTD/work_dirs/yolov3_d53_320_273e_coco",
+    "superegg-M__OpenMMLabCamp/task1_MMPose/mmdetection/work_dirs/rtmdet_tiny_ear/20230605_131231",
+    "masati91__ELTD/work_dirs/cornernet_hourglass104_mstest_10x5_210e_coco",
+)
+LIVE_SOURCE = "masati91__ELTD/work_dirs/yolov3_d53_320_273e_coco/20210422_141751.log.json"
+TARGET_RATIO = 0.9
+TARGET_P99_S = 2.0
+HEADER_LEAD_S = 2.0
+LIVE_POLL_S = 0.02
+LAUNCH = re.compile(r"^\d{8}_\d{6}$")
+
+
+def log(message: str) -> None:
+    print(f"[bench {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Child processes: one measurement each, in a fresh interpreter.
+# --------------------------------------------------------------------------------------------------------
+
+
+def _child_ours(spec: dict[str, Any]) -> dict[str, Any]:
+    import logging
+
+    import wandb  # noqa: F401  (imported before the clock, as on the ceiling side)
+    from sqlalchemy import func, select
+
+    from db.models import OutboxRow, Run, Segment, SegmentState
+    from db.session import Database
+    from mmdet_wandb import paths
+    from uploader.ingest import IngestOptions
+    from uploader.service import ServiceOptions, Uploader
+    from uploader.wandb_writer import WandbWriter, WriterOptions, resolve_mode
+
+    try:  # exactly what `mmdet-wandb backfill` does; a fallback if those private helpers change
+        from mmdet_wandb.cli import _setup, _writer
+    except ImportError:
+        _setup = _writer = None
+
+    root = Path(spec["root"])
+    profiler = None
+    if spec.get("profile_out"):
+        import cProfile
+
+        profiler = cProfile.Profile()
+        profiler.enable()
+    t0 = time.perf_counter()
+    if _setup is not None:
+        home, db = _setup(None, [root], "WARNING")
+        writer = _writer(db, home, None, None)
+    else:
+        logging.basicConfig(level=logging.WARNING)
+        home = paths.resolve(None)
+        home.prepare([root])
+        db = Database(home.db_url)
+        db.upgrade()
+        writer = WandbWriter(db, WriterOptions(runs_dir=home.runs_dir, mode=resolve_mode()))
+    t_setup = time.perf_counter()
+    uploader = Uploader(db, writer, ServiceOptions(roots=(root,), ingest=IngestOptions(finish_idle_s=0.0)))
+    uploader.backfill()
+    t1 = time.perf_counter()
+    if profiler is not None:
+        profiler.disable()
+        profiler.dump_stats(spec["profile_out"])
+
+    with db.transaction() as session:
+        total = session.scalar(select(func.count()).select_from(OutboxRow)) or 0
+        uploaded = session.scalar(select(func.count()).select_from(OutboxRow).where(OutboxRow.uploaded.is_(True))) or 0
+        runs = session.scalars(select(Run).order_by(Run.id)).all()
+        errors = [f"{r.wandb_id}: {r.last_error}" for r in runs if r.last_error]
+        closed = session.scalar(
+            select(func.count()).select_from(Segment).where(Segment.state == SegmentState.CLOSED)
+        ) or 0
+        dump = None
+        if spec.get("rows_out"):
+            dump = []
+            for run in runs:
+                rows = session.execute(
+                    select(OutboxRow.step, OutboxRow.payload_json).where(OutboxRow.run_id == run.id).order_by(OutboxRow.step)
+                ).all()
+                dump.append({"wandb_id": run.wandb_id, "name": run.name, "group": run.group, "job_type": run.job_type,
+                             "rows": [[step, payload] for step, payload in rows]})
+    if dump is not None:
+        Path(spec["rows_out"]).write_text(json.dumps(dump), encoding="utf-8")
+    return {
+        "seconds": t1 - t0, "setup_seconds": t_setup - t0, "backfill_seconds": t1 - t_setup,
+        "rows": total, "uploaded": uploaded, "runs": len(runs), "segments_closed": closed, "errors": errors,
+        "mode": writer.options.mode, "flush_interval_s": writer.options.flush_interval_s,
+    }
+
+
+def _ceiling_init_kwargs(meta: dict[str, Any], directory: Path) -> dict[str, Any]:
+    """The writer's own wandb.init arguments (settings included), for a run like `meta`, in `directory`."""
+    import wandb
+
+    from db.models import Run
+    from uploader.wandb_writer import WandbWriter, WriterOptions
+
+    options = WriterOptions(runs_dir=directory.parent, mode="offline")
+    try:
+        run = Run(wandb_id=meta["wandb_id"], name=meta["name"], group=meta["group"], job_type=meta["job_type"],
+                  init_kwargs_json="{}")
+        kwargs = WandbWriter(None, options)._init_kwargs(run, directory)  # type: ignore[arg-type]
+    except Exception as exc:  # the private helper changed: the same settings, spelled out
+        log(f"ceiling: writer._init_kwargs unavailable ({exc!r}); using a copy of its settings")
+        kwargs = {
+            "name": meta["name"], "group": meta["group"], "job_type": meta["job_type"], "project": "mmdet-wandb",
+            "resume": "allow", "dir": str(directory),
+            "settings": wandb.Settings(
+                mode="offline", console="off", silent=True, reinit="create_new", x_disable_stats=True,
+                x_save_requirements=False, disable_git=True, disable_code=True,
+                x_transaction_log_flush_interval=options.flush_interval_s,
+            ),
+        }
+    kwargs["id"] = "".join(secrets.choice(string.ascii_lowercase + string.digits) for _ in range(8))
+    kwargs["dir"] = str(directory)
+    return kwargs
+
+
+def _child_ceiling(spec: dict[str, Any]) -> dict[str, Any]:
+    import wandb
+
+    from uploader import wandb_reader
+
+    base = Path(spec["home"]) / "ceiling"
+    runs = json.loads(Path(spec["rows_in"]).read_text(encoding="utf-8"))
+    prepared = []
+    for index, meta in enumerate(runs, 1):
+        directory = base / f"{index:04d}"
+        directory.mkdir(parents=True, exist_ok=True)
+        rows = [(step, json.loads(payload)) for step, payload in meta["rows"]]
+        prepared.append((_ceiling_init_kwargs(meta, directory), rows))
+    sync_files = []
+    t0 = time.perf_counter()
+    for kwargs, rows in prepared:
+        run = wandb.init(**kwargs)
+        for step, row in rows:
+            run.log(row, step=step, commit=True)
+        sync_file = Path(run.settings.sync_file)
+        run.finish()
+        wandb_reader.wait_for_exit(sync_file, spec["exit_timeout_s"])
+        sync_files.append(sync_file)
+    t1 = time.perf_counter()
+    errors = []
+    for (_, rows), sync_file in zip(prepared, sync_files):
+        written, _ = wandb_reader.history_steps(sync_file)
+        if written != [step for step, _ in rows]:
+            errors.append(f"{sync_file}: {len(written)} rows read back, {len(rows)} logged")
+    settings = prepared[0][0]["settings"] if prepared else None
+    return {
+        "seconds": t1 - t0, "rows": sum(len(rows) for _, rows in prepared), "runs": len(prepared), "errors": errors,
+        "flush_interval_s": getattr(settings, "x_transaction_log_flush_interval", None),
+    }
+
+
+def child_main(kind: str, spec_path: str) -> int:
+    spec = json.loads(Path(spec_path).read_text(encoding="utf-8"))
+    result = _child_ours(spec) if kind == "ours" else _child_ceiling(spec)
+    Path(spec["result_out"]).write_text(json.dumps(result), encoding="utf-8")
+    return 0
+
+
+# --------------------------------------------------------------------------------------------------------
+# Parent: preparation, orchestration, live test, report.
+# --------------------------------------------------------------------------------------------------------
+
+
+def isolated_env(home: Path) -> dict[str, str]:
+    """A service/child environment with everything under `home`: offline, no credentials, no WANDB_DIR."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("WANDB_", "MMDET_WANDB_"))}
+    env.update(
+        MMDET_WANDB_HOME=str(home),
+        WANDB_DATA_DIR=str(home / "wandb-data"),
+        WANDB_CACHE_DIR=str(home / "wandb-cache"),
+        WANDB_CONFIG_DIR=str(home / "wandb-config"),
+        WANDB_MODE="offline",
+        PYTHONUNBUFFERED="1",
+    )
+    return env
+
+
+def _make_writable(path: Path) -> None:
+    for directory, _dirs, files in os.walk(path):
+        os.chmod(directory, 0o755)
+        for name in files:
+            os.chmod(os.path.join(directory, name), 0o644)
+
+
+def copy_log(source: Path, dest_root: Path) -> tuple[str, Path]:
+    """Copy one log (a work_dir, a launch folder or a file) into `dest_root`; returns (label, root)."""
+    source = source.resolve()
+    if not source.exists():
+        raise FileNotFoundError(f"{source}: no such log")
+    if source.is_file():
+        label = f"{source.parent.name}/{source.name}"
+        target = dest_root / source.parent.name / source.name
+        target.parent.mkdir(parents=True)
+        shutil.copyfile(source, target)
+    elif LAUNCH.match(source.name):  # one launch of a work_dir: alone in a work_dir of the same name
+        label = f"{source.parent.name}/{source.name}"
+        target = dest_root / source.parent.name / source.name
+        target.parent.mkdir(parents=True)
+        shutil.copytree(source, target, copy_function=shutil.copyfile)
+    else:
+        label = source.name
+        target = dest_root / source.name
+        shutil.copytree(source, target, copy_function=shutil.copyfile)
+    _make_writable(dest_root)
+    return label, dest_root
+
+
+class ChildError(RuntimeError):
+    pass
+
+
+def run_child(kind: str, spec: dict[str, Any], work: Path, timeout: float) -> dict[str, Any]:
+    """One measurement in a fresh interpreter; its environment isolated in spec['home']."""
+    home = Path(spec["home"])
+    home.mkdir(parents=True, exist_ok=True)
+    spec = {**spec, "result_out": str(work / "result.json")}
+    spec_path = work / "spec.json"
+    spec_path.write_text(json.dumps(spec), encoding="utf-8")
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--_child", kind, "--_spec", str(spec_path)]
+    try:  # subprocess.run kills the child on timeout or on any exception (Ctrl-C included)
+        proc = subprocess.run(cmd, env=isolated_env(home), cwd=REPO, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired as exc:
+        raise ChildError(f"{kind} child timed out after {timeout:.0f} s") from exc
+    if proc.returncode != 0:
+        raise ChildError(f"{kind} child exited {proc.returncode}:\n{proc.stderr[-4000:]}")
+    result = json.loads((work / "result.json").read_text(encoding="utf-8"))
+    if result.get("errors"):
+        raise ChildError(f"{kind} child reported errors: {result['errors'][:5]}")
+    return result
+
+
+def bench_backfill(args: argparse.Namespace, tmp: Path) -> list[dict[str, Any]]:
+    results = []
+    for index, source in enumerate(args.logs):
+        base = tmp / f"log{index}"
+        label, root = copy_log(Path(source), base / "root")
+        rows_file = base / "rows.json"
+        log(f"{label}: warm-up backfill (dumps the outbox rows for the ceiling)")
+        warm = run_child("ours", {"root": str(root), "home": str(base / "warmup"), "rows_out": str(rows_file)},
+                         base, args.timeout)
+        if warm["uploaded"] != warm["rows"] or warm["rows"] == 0:
+            raise ChildError(f"{label}: warm-up uploaded {warm['uploaded']} of {warm['rows']} rows")
+        ours: list[dict[str, Any]] = []
+        ceiling: list[dict[str, Any]] = []
+        for rep in range(args.repeat):
+            order = ("ours", "ceiling") if rep % 2 == 0 else ("ceiling", "ours")
+            for kind in order:
+                home = base / f"{kind}-{rep}"
+                spec = {"root": str(root), "home": str(home), "rows_in": str(rows_file),
+                        "exit_timeout_s": min(args.timeout, 300.0)}
+                result = run_child(kind, spec, base, args.timeout)
+                if result["rows"] != warm["rows"] or (kind == "ours" and result["uploaded"] != result["rows"]):
+                    raise ChildError(f"{label}: {kind} handled {result['rows']} rows, expected {warm['rows']}")
+                (ours if kind == "ours" else ceiling).append(result)
+                log(f"{label}: rep {rep + 1}/{args.repeat} {kind:7s} {result['seconds']:.3f} s")
+                shutil.rmtree(home, ignore_errors=True)
+        ours_s = statistics.median(r["seconds"] for r in ours)
+        ceil_s = statistics.median(r["seconds"] for r in ceiling)
+        entry = {
+            "log": label, "source": str(Path(source).resolve()), "rows": warm["rows"], "runs": warm["runs"],
+            "ours_seconds": ours_s, "ours_setup_seconds": statistics.median(r["setup_seconds"] for r in ours),
+            "ours_rows_per_s": warm["rows"] / ours_s,
+            "ceiling_seconds": ceil_s, "ceiling_rows_per_s": warm["rows"] / ceil_s,
+            "ratio": ceil_s / ours_s, "pass": ceil_s / ours_s >= TARGET_RATIO,
+            "ours_all_seconds": [r["seconds"] for r in ours], "ceiling_all_seconds": [r["seconds"] for r in ceiling],
+            "flush_interval_s": ceiling[0]["flush_interval_s"], "writer_flush_interval_s": ours[0]["flush_interval_s"],
+            "root": str(root),
+        }
+        results.append(entry)
+    return results
+
+
+def profile_ours(args: argparse.Namespace, tmp: Path, entry: dict[str, Any], top: int = 25) -> str:
+    """One extra "ours" run under cProfile (main thread only; wandb-core is a separate Go process)."""
+    import io
+    import pstats
+
+    work = tmp / f"profile-{abs(hash(entry['log']))}"
+    work.mkdir()
+    out = work / "ours.prof"
+    result = run_child("ours", {"root": entry["root"], "home": str(work / "home"), "profile_out": str(out)},
+                       work, args.timeout)
+    buf = io.StringIO()
+    buf.write(f"cProfile of ours on {entry['log']}: {result['seconds']:.3f} s under the profiler\n")
+    stats = pstats.Stats(str(out), stream=buf)
+    stats.strip_dirs().sort_stats("tottime").print_stats(top)
+    stats.sort_stats("cumulative").print_stats(top)
+    return buf.getvalue()
+
+
+# ----- live tail latency ------------------------------------------------------------------------------------
+
+_SKIP_TRAIN_KEYS = {"mode", "epoch", "iter", "lr"}
+
+
+def _line_signature(line: dict[str, Any]) -> tuple:
+    return tuple(sorted(
+        (f"train/{k}", v) for k, v in line.items()
+        if k not in _SKIP_TRAIN_KEYS and isinstance(v, (int, float)) and not isinstance(v, bool)
+    ))
+
+
+class WandbPoller(threading.Thread):
+    """Polls every .wandb file under `directory`; records when each history row is first seen."""
+
+    def __init__(self, directory: Path, signatures: list[tuple], interval: float) -> None:
+        super().__init__(daemon=True)
+        self.directory = directory
+        self.interval = interval
+        self.pending: dict[tuple, list[int]] = {}
+        for index, signature in enumerate(signatures):
+            self.pending.setdefault(signature, []).append(index)
+        self.seen: dict[int, float] = {}
+        self.unmatched = 0
+        self.read_errors = 0
+        self._done: dict[Path, int] = {}  # history records already matched, per file
+        self.stop = threading.Event()
+
+    def run(self) -> None:
+        while not self.stop.is_set():
+            self.poll()
+            self.stop.wait(self.interval)
+
+    def poll(self) -> None:
+        from uploader import wandb_reader
+
+        now = time.monotonic()
+        try:
+            files = wandb_reader.find_run_files(self.directory)
+        except NotADirectoryError:
+            return
+        for path in files:
+            count = 0
+            skip = self._done.get(path, 0)
+            try:
+                for record in wandb_reader.iter_records(path):
+                    if not record.HasField("history"):
+                        continue
+                    count += 1
+                    if count <= skip:
+                        continue
+                    row: dict[str, Any] = {}
+                    for item in record.history.item:
+                        key = "/".join(item.nested_key) if item.nested_key else item.key
+                        if key.startswith("train/"):
+                            row[key] = json.loads(item.value_json)
+                    indexes = self.pending.get(tuple(sorted(row.items())))
+                    if indexes:
+                        self.seen[indexes.pop(0)] = now
+                    else:
+                        self.unmatched += 1
+                    self._done[path] = count
+            except (wandb_reader.WandbFileError, OSError):  # caught mid-write; the next poll reads it again
+                self.read_errors += 1
+
+
+def _percentile(values: list[float], p: float) -> float:
+    """Linear interpolation between closest ranks (numpy's default)."""
+    ordered = sorted(values)
+    if len(ordered) == 1:
+        return ordered[0]
+    pos = (len(ordered) - 1) * p
+    low = math.floor(pos)
+    high = min(low + 1, len(ordered) - 1)
+    return ordered[low] + (ordered[high] - ordered[low]) * (pos - low)
+
+
+def _stop(proc: subprocess.Popen, timeout: float) -> tuple[int | None, float, bool]:
+    """SIGTERM, wait; SIGKILL if it does not exit. Returns (exit code, seconds to exit, killed)."""
+    t0 = time.monotonic()
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(30)
+            return proc.returncode, time.monotonic() - t0, True
+    return proc.returncode, time.monotonic() - t0, False
+
+
+def bench_live(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
+    source = Path(args.live_log).resolve()
+    raw = source.read_bytes().splitlines()
+    header = raw[0]
+    train = [line for line in raw[1:] if line.strip() and json.loads(line).get("mode") == "train"][: args.live_lines]
+    if len(train) < args.live_lines:
+        raise ChildError(f"{source}: only {len(train)} train lines, {args.live_lines} asked")
+    signatures = [_line_signature(json.loads(line)) for line in train]
+
+    home, root = tmp / "live-home", tmp / "live-root"
+    home.mkdir()
+    root.mkdir()
+    service_log = tmp / "live-watch.log"
+    cmd = [sys.executable, "-m", "mmdet_wandb.cli", "watch", str(root)]
+    if args.poll_interval is not None:
+        cmd += ["--poll-interval", str(args.poll_interval)]
+    poller = WandbPoller(home / "wandb", signatures, LIVE_POLL_S)
+    appended: list[float] = []
+    result: dict[str, Any] = {"lines": len(train), "rate_lines_per_s": args.live_rate, "command": " ".join(cmd[1:])}
+    with open(service_log, "wb") as out:
+        proc = subprocess.Popen(cmd, env=isolated_env(home), cwd=REPO, stdout=out, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+        try:
+            deadline = time.monotonic() + 120
+            while b"watching" not in service_log.read_bytes():
+                if proc.poll() is not None:
+                    raise ChildError(f"watch exited {proc.returncode} at start:\n{service_log.read_text()[-4000:]}")
+                if time.monotonic() > deadline:
+                    raise ChildError("watch did not start within 120 s")
+                time.sleep(0.05)
+            log(f"live: watch is up (pid {proc.pid}); appending {len(train)} lines at {args.live_rate}/s")
+            poller.start()
+            work_dir = root / "live_yolov3"
+            work_dir.mkdir()
+            fd = os.open(work_dir / f"{time.strftime('%Y%m%d_%H%M%S')}.log.json",
+                         os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+            try:
+                os.write(fd, header + b"\n")
+                start = time.monotonic() + HEADER_LEAD_S
+                for index, line in enumerate(train):
+                    delay = start + index / args.live_rate - time.monotonic()
+                    if delay > 0:
+                        time.sleep(delay)
+                    os.write(fd, line + b"\n")
+                    appended.append(time.monotonic())
+                    if proc.poll() is not None:
+                        raise ChildError(f"watch died (exit {proc.returncode}):\n{service_log.read_text()[-4000:]}")
+            finally:
+                os.close(fd)
+            deadline = time.monotonic() + args.live_timeout
+            while len(poller.seen) < len(train) and time.monotonic() < deadline:
+                time.sleep(0.1)
+            poller.stop.set()
+            poller.join(10)
+        finally:
+            poller.stop.set()
+            code, stop_s, killed = _stop(proc, args.stop_timeout)
+    latencies = [poller.seen[i] - appended[i] for i in range(len(train)) if i in poller.seen]
+    missing = len(train) - len(latencies)
+    result.update(
+        seen=len(latencies), missing=missing, unmatched_rows=poller.unmatched,
+        p50_s=_percentile(latencies, 0.50) if latencies else None,
+        p99_s=_percentile(latencies, 0.99) if latencies and not missing else math.inf,
+        max_s=max(latencies) if latencies and not missing else math.inf,
+        first_row_s=(poller.seen[0] - appended[0]) if 0 in poller.seen else None,
+        p99_without_first_s=_percentile(latencies[1:], 0.99) if len(latencies) > 1 and not missing else None,
+        latencies_s=[round(poller.seen[i] - appended[i], 4) if i in poller.seen else None for i in range(len(train))],
+        poll_resolution_s=LIVE_POLL_S, watch_exit_code=code, watch_stop_seconds=stop_s, watch_killed=killed,
+    )
+    result["pass"] = bool(latencies) and not missing and result["p99_s"] <= TARGET_P99_S and not killed and code == 0
+    if not result["pass"] or args.verbose:
+        result["watch_log_tail"] = service_log.read_text(errors="replace")[-3000:]
+    return result
+
+
+# ----- report -------------------------------------------------------------------------------------------------
+
+
+def render(report: dict[str, Any]) -> str:
+    lines = []
+    backfill = report.get("backfill")
+    if backfill:
+        lines.append(f"Backfill throughput: median of {report['repeat']} alternating runs, each in a fresh process")
+        lines.append("baseline 'ceiling' = plain wandb offline init + run.log loop + finish + exit record, same rows")
+        head = f"{'log':44s} {'rows':>6s} {'runs':>4s} {'ours s':>7s} {'(setup)':>7s} {'rows/s':>7s} " \
+               f"{'ceil s':>7s} {'rows/s':>7s} {'ratio':>6s}  target>={TARGET_RATIO}"
+        lines += [head, "-" * len(head)]
+        for e in backfill["logs"]:
+            lines.append(
+                f"{e['log'][:44]:44s} {e['rows']:6d} {e['runs']:4d} {e['ours_seconds']:7.2f} "
+                f"{e['ours_setup_seconds']:7.2f} {e['ours_rows_per_s']:7.0f} {e['ceiling_seconds']:7.2f} "
+                f"{e['ceiling_rows_per_s']:7.0f} {e['ratio']:6.3f}  {'PASS' if e['pass'] else 'FAIL'}"
+            )
+        t = backfill["total"]
+        lines.append("-" * len(head))
+        lines.append(
+            f"{'TOTAL':44s} {t['rows']:6d} {t['runs']:4d} {t['ours_seconds']:7.2f} {'':7s} "
+            f"{t['ours_rows_per_s']:7.0f} {t['ceiling_seconds']:7.2f} {t['ceiling_rows_per_s']:7.0f} "
+            f"{t['ratio']:6.3f}  {'PASS' if t['pass'] else 'FAIL'}"
+        )
+        lines.append(f"flush interval: writer {backfill['logs'][0]['writer_flush_interval_s']} s, "
+                     f"ceiling {backfill['logs'][0]['flush_interval_s']} s")
+        for e in backfill["logs"]:
+            lines.append(f"  {e['log'][:44]:44s} ours {' '.join(f'{s:.2f}' for s in e['ours_all_seconds'])} | "
+                         f"ceiling {' '.join(f'{s:.2f}' for s in e['ceiling_all_seconds'])}")
+        for text in backfill.get("profiles", {}).values():
+            lines += ["", text.rstrip()]
+    live = report.get("live")
+    if live:
+        lines.append("")
+        lines.append(f"Live tail latency: `{live['command']}`, {live['lines']} lines at {live['rate_lines_per_s']}/s, "
+                     f"append -> history row in the .wandb file (poll {live['poll_resolution_s'] * 1000:.0f} ms)")
+
+        def fmt(v: float | None) -> str:
+            return "  n/a" if v is None else ("  inf" if math.isinf(v) else f"{v:5.2f}")
+
+        lines.append(f"  rows seen {live['seen']}/{live['lines']}  p50 {fmt(live['p50_s'])} s  p99 {fmt(live['p99_s'])} s"
+                     f"  max {fmt(live['max_s'])} s  first row {fmt(live['first_row_s'])} s  "
+                     f"p99 w/o first {fmt(live['p99_without_first_s'])} s   target p99<={TARGET_P99_S} s  "
+                     f"{'PASS' if live['pass'] else 'FAIL'}")
+        lines.append(f"  watch stopped by SIGTERM in {live['watch_stop_seconds']:.2f} s, exit code "
+                     f"{live['watch_exit_code']}{' (SIGKILLed)' if live['watch_killed'] else ''}"
+                     f"{'; unmatched rows: ' + str(live['unmatched_rows']) if live['unmatched_rows'] else ''}")
+        if live.get("watch_log_tail"):
+            lines += ["  watch log tail:", *("    " + x for x in live["watch_log_tail"].splitlines()[-20:])]
+    return "\n".join(lines)
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--logs", nargs="+", default=[str(REAL_LOGS / x) for x in DEFAULT_LOGS],
+                   help="work_dirs, launch folders or log files to backfill (default: the three largest real logs)")
+    p.add_argument("--repeat", type=int, default=3, help="repetitions of each side (default 3)")
+    p.add_argument("--timeout", type=float, default=600.0, help="seconds allowed to one measurement process")
+    p.add_argument("--profile", choices=("auto", "always", "never"), default="auto",
+                   help="cProfile an extra 'ours' run: for logs below the target (auto), every log, or none")
+    p.add_argument("--live-log", default=str(REAL_LOGS / LIVE_SOURCE), help="log.json whose header and train lines are replayed")
+    p.add_argument("--live-lines", type=int, default=60, help="train lines appended in the live test (default 60)")
+    p.add_argument("--live-rate", type=float, default=5.0, help="lines appended per second (default 5)")
+    p.add_argument("--live-timeout", type=float, default=30.0, help="seconds after the last append to wait for rows")
+    p.add_argument("--stop-timeout", type=float, default=120.0, help="seconds watch has to exit after SIGTERM")
+    p.add_argument("--poll-interval", type=float, default=None, help="passed to watch (default: watch's own)")
+    p.add_argument("--skip-backfill", action="store_true")
+    p.add_argument("--skip-live", action="store_true")
+    p.add_argument("--json", action="store_true", help="print machine-readable results instead of the table")
+    p.add_argument("--keep", action="store_true", help="keep the temp dir")
+    p.add_argument("--verbose", action="store_true", help="include the watch log tail even on success")
+    p.add_argument("--_child", choices=("ours", "ceiling"), help=argparse.SUPPRESS)
+    p.add_argument("--_spec", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.repeat < 1 or args.live_lines < 1 or args.live_rate <= 0:
+        p.error("--repeat, --live-lines and --live-rate must be positive")
+    return args
+
+
+def _remove(path: Path) -> None:
+    def retry(func: Any, failed: str, _exc: Any) -> None:
+        try:
+            os.chmod(os.path.dirname(failed), 0o755)
+            func(failed)
+        except OSError as exc:
+            log(f"cannot remove {failed}: {exc}")
+
+    shutil.rmtree(path, onerror=retry)
+
+
+def _finite(value: Any) -> Any:
+    """JSON has no Infinity/NaN: they become null."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_finite(v) for v in value]
+    return value
+
+
+def _on_sigterm(signum: int, _frame: Any) -> None:
+    raise SystemExit(128 + signum)  # run the finally blocks: kill children, remove the temp dir
+
+
+def main(argv: list[str]) -> int:
+    args = parse_args(argv)
+    if args._child:
+        return child_main(args._child, args._spec)
+    signal.signal(signal.SIGTERM, _on_sigterm)
+    tmp = Path(tempfile.mkdtemp(prefix="mmdet-wandb-bench-"))
+    report: dict[str, Any] = {"repeat": args.repeat, "python": sys.version.split()[0]}
+    try:
+        import wandb
+
+        report["wandb"] = wandb.__version__
+        if not args.skip_backfill:
+            logs = bench_backfill(args, tmp)
+            rows = sum(e["rows"] for e in logs)
+            ours_s = sum(e["ours_seconds"] for e in logs)
+            ceil_s = sum(e["ceiling_seconds"] for e in logs)
+            total = {"rows": rows, "runs": sum(e["runs"] for e in logs), "ours_seconds": ours_s,
+                     "ceiling_seconds": ceil_s, "ours_rows_per_s": rows / ours_s, "ceiling_rows_per_s": rows / ceil_s,
+                     "ratio": ceil_s / ours_s, "pass": ceil_s / ours_s >= TARGET_RATIO}
+            report["backfill"] = {"target_ratio": TARGET_RATIO, "logs": logs, "total": total, "profiles": {}}
+            for e in logs:
+                if args.profile == "always" or (args.profile == "auto" and not e["pass"]):
+                    log(f"{e['log']}: profiling ours")
+                    report["backfill"]["profiles"][e["log"]] = profile_ours(args, tmp, e)
+        if not args.skip_live:
+            report["live"] = bench_live(args, tmp)
+            report["live"]["target_p99_s"] = TARGET_P99_S
+    except (ChildError, FileNotFoundError) as exc:
+        log(f"error: {exc}")
+        report["error"] = str(exc)
+        if args.json:
+            print(json.dumps(_finite(report), indent=2, default=str))
+        return 2
+    finally:
+        if args.keep:
+            log(f"kept {tmp}")
+        else:
+            _remove(tmp)
+    if args.json:
+        print(json.dumps(_finite(report), indent=2, default=str))
+    else:
+        print(render(report))
+    passed = [e["pass"] for e in report.get("backfill", {}).get("logs", [])]
+    passed += [report["backfill"]["total"]["pass"]] if "backfill" in report else []
+    passed += [report["live"]["pass"]] if "live" in report else []
+    return 0 if all(passed) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,160 @@
+"""`mmdet-wandb watch` as a real long-running process: live tailing, graceful stop, and a SIGKILL crash."""
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import REPO, offline_run, service_env, status
+from tests.oracle import assert_history_matches, expected_rows
+from uploader import wandb_reader
+
+ELTD = "masati91__ELTD/work_dirs/eltd_r101_fpn_1x_coco/20210427_101754.log.json"
+YOLO = "masati91__ELTD/work_dirs/yolov3_d53_320_273e_coco/20210422_141751.log.json"
+CORNERNET = "masati91__ELTD/work_dirs/cornernet_hourglass104_mstest_10x5_210e_coco/20210427_235944.log.json"
+
+
+def start_watch(home: Path, root: Path, *args: str) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "mmdet_wandb.cli", "watch", str(root), "--poll-interval", "0.2",
+         "--scan-interval", "1", "--log-level", "INFO", *args],
+        env=service_env(home), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        start_new_session=True,
+    )
+
+
+def wait_until(predicate: Callable[[], bool], timeout: float, what: str, proc: subprocess.Popen[str] | None = None) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        if proc is not None and proc.poll() is not None:
+            raise AssertionError(f"watch exited ({proc.returncode}) while waiting for {what}:\n{proc.stdout.read()}")
+        time.sleep(0.1)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+
+
+def live_rows(home: Path) -> list[dict]:
+    """History rows already flushed into any .wandb file (open segments included), by step."""
+    rows = []
+    runs_dir = home / "wandb"
+    if not runs_dir.is_dir():
+        return rows
+    for path in wandb_reader.find_run_files(runs_dir):
+        for record in wandb_reader.iter_records(path):
+            if record.WhichOneof("record_type") == "history":
+                rows.append({item.nested_key[0] if item.nested_key else item.key: item.value_json for item in record.history.item})
+    return rows
+
+
+@pytest.fixture
+def watcher(tmp_path: Path) -> Iterator[Callable[..., subprocess.Popen[str]]]:
+    procs: list[subprocess.Popen[str]] = []
+
+    def start(home: Path, root: Path, *args: str) -> subprocess.Popen[str]:
+        proc = start_watch(home, root, *args)
+        procs.append(proc)
+        return proc
+
+    yield start
+    for proc in procs:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=30)
+
+
+def stop(proc: subprocess.Popen[str]) -> str:
+    proc.send_signal(signal.SIGTERM)
+    output, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0, output
+    return output
+
+
+def test_lines_appended_while_watching_arrive(real_logs, tmp_path, watcher):
+    source = real_logs / ELTD
+    lines = source.read_bytes().splitlines(keepends=True)
+    root, home = tmp_path / "work_dirs", tmp_path / "home"
+    log = root / "eltd" / source.name
+    log.parent.mkdir(parents=True)
+    log.write_bytes(b"".join(lines[:11]))  # header + 10 data lines
+    proc = watcher(home, root, "--segment-idle", "3", "--finish-after", "3")
+
+    wait_until(lambda: len(live_rows(home)) == 10, 60, "the first 10 rows", proc)
+    written = 11
+    for batch in (1, 5, 50, 200):
+        with open(log, "ab") as handle:
+            handle.writelines(lines[written : written + batch])
+        written += batch
+        wait_until(lambda: len(live_rows(home)) == written - 1, 30, f"{written - 1} rows", proc)
+
+    second = root / "eltd_copy" / source.name  # a new work_dir appears while watching
+    second.parent.mkdir()
+    shutil.copyfile(source, second)
+    with open(log, "ab") as handle:
+        handle.writelines(lines[written:])
+    total = 2 * (len(lines) - 1)
+    wait_until(lambda: len(live_rows(home)) == total, 60, "the new work_dir and the rest of the log", proc)
+    stop(proc)
+
+    state = status(home)
+    for work_dir in state["work_dirs"]:
+        (run,) = work_dir["runs"]
+        assert run["rows_pending"] == 0 and run["rows_uploaded"] == len(lines) - 1
+        assert_history_matches(offline_run(home, run["wandb_id"]).history, expected_rows(source))
+
+
+def test_a_fragment_waits_for_its_newline(real_logs, tmp_path, watcher):
+    lines = (real_logs / ELTD).read_bytes().splitlines(keepends=True)
+    root, home = tmp_path / "work_dirs", tmp_path / "home"
+    log = root / "eltd" / "20210427_101754.log.json"
+    log.parent.mkdir(parents=True)
+    log.write_bytes(b"".join(lines[:3]) + lines[3][:40])  # the 3rd data line is half written
+    proc = watcher(home, root)
+    wait_until(lambda: len(live_rows(home)) == 2, 60, "the 2 whole rows", proc)
+    time.sleep(2)
+    assert len(live_rows(home)) == 2, "a line without its newline is not read"
+    with open(log, "ab") as handle:
+        handle.write(lines[3][40:])
+    wait_until(lambda: len(live_rows(home)) == 3, 30, "the completed row", proc)
+    stop(proc)
+    (work_dir,) = status(home)["work_dirs"]
+    assert work_dir["problems"] == 0
+
+
+def test_sigkill_mid_backfill_then_restart_uploads_every_row_once(real_logs, tmp_path, watcher):
+    root, home = tmp_path / "work_dirs", tmp_path / "home"
+    sources = [real_logs / YOLO, real_logs / CORNERNET]
+    for source in sources:
+        (root / source.parent.name).mkdir(parents=True)
+        shutil.copyfile(source, root / source.parent.name / source.name)
+    expected_total = sum(len(expected_rows(s)) for s in sources)
+
+    proc = watcher(home, root)
+    wait_until(lambda: len(live_rows(home)) >= 1500, 120, "the upload to be under way", proc)
+    os.killpg(proc.pid, signal.SIGKILL)  # the service and its wandb-core die without a chance to flush
+    proc.wait(timeout=30)
+    assert len(live_rows(home)) < expected_total, "killed mid-way"
+
+    proc = watcher(home, root, "--segment-idle", "1")
+    wait_until(
+        lambda: sum(r["rows_uploaded"] for w in status(home)["work_dirs"] for r in w["runs"]) == expected_total,
+        240, "every row to be uploaded after the restart", proc,
+    )
+    stop(proc)
+
+    state = status(home)
+    for source in sources:
+        entry = next(w for w in state["work_dirs"] if w["path"] == str(root / source.parent.name))
+        (run,) = entry["runs"]
+        files = offline_run(home, run["wandb_id"])
+        assert_history_matches(files.history, expected_rows(source))
+        steps = [row["_step"] for row in files.history]
+        assert steps == list(range(1, len(steps) + 1)), "every step exactly once, in order, across segments"
+        assert all(seg.has_exit for seg in files.segments), "the killed segment was dropped, not kept half-written"
