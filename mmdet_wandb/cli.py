@@ -173,5 +173,15 @@ def _print_status(db: Database, *, as_json: bool, console: Console) -> None:
     console.print(table)
 
 
+def main() -> None:
+    """Console entry point: an unexpected failure is one clear line (the traceback with --log-level DEBUG)."""
+    try:
+        app()
+    except Exception as exc:  # typer.Exit and SystemExit pass through
+        logging.getLogger("mmdet_wandb").debug("unhandled error", exc_info=True)
+        err.print(f"[red]error:[/red] {type(exc).__name__}: {exc}")
+        sys.exit(1)
+
+
 if __name__ == "__main__":
-    app()
+    main()
