@@ -21,12 +21,18 @@ What is measured (one run of this script prints both, side by side with their ba
      the writer's own settings: console off, reinit create_new, x_disable_stats, its transaction-log
      flush interval, ...) + ``run.log(row, step=step, commit=True)`` per row + ``run.finish()`` + waiting
      for the exit record in the ``.wandb`` file (``uploader.wandb_reader.wait_for_exit``, as the writer
-     does). One W&B run per run of the backfill, one after the other.
+     does). One W&B run per run of the backfill, one after the other. The ``wandb.Settings`` object is
+     built inside the clock, as the writer does (its first construction in a process costs pydantic
+     set-up time); its arguments are captured from the writer's own ``_init_kwargs``.
 
    Reported: median seconds and rows/s of each side, and ratio = ceiling_time / ours_time (1.0 means the
    service costs nothing on top of wandb itself). Target: ratio >= 0.9 per log and in total (sum of the
-   medians). ``--profile auto`` (default) profiles one extra "ours" run with cProfile for every log below
-   the target and prints where the time goes.
+   medians). Also printed: every repetition, the Python CPU seconds of the measuring process (less
+   sensitive than wall time to other load on the machine), and a per-phase breakdown of both sides
+   (ours: setup, ingest, segment open incl. wandb.init, log, finish, wait for the exit record, verify;
+   timed by wrappers set around those functions in the measuring child only). ``--profile auto``
+   (default) profiles one extra "ours" run with cProfile for every log below the target and prints
+   where the time goes (``--profile always|never``).
 
 2. Live tail latency. The real ``python -m mmdet_wandb.cli watch ROOT`` runs as a subprocess (default
    options unless ``--poll-interval`` is given) on an empty temp root. The benchmark creates a work_dir
@@ -95,15 +101,38 @@ def log(message: str) -> None:
 # --------------------------------------------------------------------------------------------------------
 
 
+class _Phases:
+    """Wall time per phase, from wrappers put around product and wandb functions in this child only."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+
+    def add(self, phase: str, seconds: float) -> None:
+        self.seconds[phase] = self.seconds.get(phase, 0.0) + seconds
+
+    def wrap(self, owner: Any, name: str, phase: str) -> None:
+        original = getattr(owner, name)
+
+        def timed(*args: Any, **kwargs: Any) -> Any:
+            t = time.perf_counter()
+            try:
+                return original(*args, **kwargs)
+            finally:
+                self.add(phase, time.perf_counter() - t)
+
+        setattr(owner, name, timed)
+
+
 def _child_ours(spec: dict[str, Any]) -> dict[str, Any]:
     import logging
 
-    import wandb  # noqa: F401  (imported before the clock, as on the ceiling side)
+    import wandb  # imported before the clock, as on the ceiling side
     from sqlalchemy import func, select
 
     from db.models import OutboxRow, Run, Segment, SegmentState
     from db.session import Database
     from mmdet_wandb import paths
+    from uploader import wandb_reader
     from uploader.ingest import IngestOptions
     from uploader.service import ServiceOptions, Uploader
     from uploader.wandb_writer import WandbWriter, WriterOptions, resolve_mode
@@ -113,6 +142,15 @@ def _child_ours(spec: dict[str, Any]) -> dict[str, Any]:
     except ImportError:
         _setup = _writer = None
 
+    phases = _Phases()
+    if not spec.get("profile_out"):  # nested phases are subtracted in the parent (see _phase_table)
+        phases.wrap(Uploader, "_ingest_one", "ingest")
+        phases.wrap(WandbWriter, "drain", "drain")
+        phases.wrap(WandbWriter, "_open_segment", "init")
+        phases.wrap(wandb, "init", "wandb.init")  # inside "init"; the rest of it: define_metric, config, save
+        phases.wrap(WandbWriter, "close_all", "close")
+        phases.wrap(wandb_reader, "wait_for_exit", "wait_exit")
+        phases.wrap(wandb_reader, "history_steps", "verify")
     root = Path(spec["root"])
     profiler = None
     if spec.get("profile_out"):
@@ -120,7 +158,7 @@ def _child_ours(spec: dict[str, Any]) -> dict[str, Any]:
 
         profiler = cProfile.Profile()
         profiler.enable()
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     if _setup is not None:
         home, db = _setup(None, [root], "WARNING")
         writer = _writer(db, home, None, None)
@@ -134,7 +172,7 @@ def _child_ours(spec: dict[str, Any]) -> dict[str, Any]:
     t_setup = time.perf_counter()
     uploader = Uploader(db, writer, ServiceOptions(roots=(root,), ingest=IngestOptions(finish_idle_s=0.0)))
     uploader.backfill()
-    t1 = time.perf_counter()
+    t1, c1 = time.perf_counter(), time.process_time()
     if profiler is not None:
         profiler.disable()
         profiler.dump_stats(spec["profile_out"])
@@ -158,39 +196,40 @@ def _child_ours(spec: dict[str, Any]) -> dict[str, Any]:
                              "rows": [[step, payload] for step, payload in rows]})
     if dump is not None:
         Path(spec["rows_out"]).write_text(json.dumps(dump), encoding="utf-8")
+    phases.add("setup", t_setup - t0)
     return {
-        "seconds": t1 - t0, "setup_seconds": t_setup - t0, "backfill_seconds": t1 - t_setup,
+        "seconds": t1 - t0, "cpu_seconds": c1 - c0, "setup_seconds": t_setup - t0, "phases": phases.seconds,
         "rows": total, "uploaded": uploaded, "runs": len(runs), "segments_closed": closed, "errors": errors,
         "mode": writer.options.mode, "flush_interval_s": writer.options.flush_interval_s,
     }
 
 
-def _ceiling_init_kwargs(meta: dict[str, Any], directory: Path) -> dict[str, Any]:
-    """The writer's own wandb.init arguments (settings included), for a run like `meta`, in `directory`."""
+def _writer_settings() -> dict[str, Any]:
+    """The keyword arguments the writer gives wandb.Settings, captured without building a Settings object
+    (its first construction costs pydantic set-up time, which the ceiling must pay inside its clock, as the
+    writer does)."""
+    from unittest import mock
+
     import wandb
 
     from db.models import Run
     from uploader.wandb_writer import WandbWriter, WriterOptions
 
-    options = WriterOptions(runs_dir=directory.parent, mode="offline")
+    options = WriterOptions(runs_dir=Path(tempfile.gettempdir()), mode="offline")
     try:
-        run = Run(wandb_id=meta["wandb_id"], name=meta["name"], group=meta["group"], job_type=meta["job_type"],
-                  init_kwargs_json="{}")
-        kwargs = WandbWriter(None, options)._init_kwargs(run, directory)  # type: ignore[arg-type]
+        run = Run(wandb_id="x", name="x", group="x", job_type="train", init_kwargs_json="{}")
+        with mock.patch.object(wandb, "Settings", lambda **kw: kw):
+            settings = WandbWriter(None, options)._init_kwargs(run, options.runs_dir)["settings"]  # type: ignore[arg-type]
+        if not isinstance(settings, dict):
+            raise TypeError(f"settings is a {type(settings).__name__}")
+        return settings
     except Exception as exc:  # the private helper changed: the same settings, spelled out
-        log(f"ceiling: writer._init_kwargs unavailable ({exc!r}); using a copy of its settings")
-        kwargs = {
-            "name": meta["name"], "group": meta["group"], "job_type": meta["job_type"], "project": "mmdet-wandb",
-            "resume": "allow", "dir": str(directory),
-            "settings": wandb.Settings(
-                mode="offline", console="off", silent=True, reinit="create_new", x_disable_stats=True,
-                x_save_requirements=False, disable_git=True, disable_code=True,
-                x_transaction_log_flush_interval=options.flush_interval_s,
-            ),
-        }
-    kwargs["id"] = "".join(secrets.choice(string.ascii_lowercase + string.digits) for _ in range(8))
-    kwargs["dir"] = str(directory)
-    return kwargs
+        log(f"ceiling: writer._init_kwargs unusable ({exc!r}); using a copy of its settings")
+        return dict(
+            mode="offline", console="off", silent=True, reinit="create_new", x_disable_stats=True,
+            x_save_requirements=False, disable_git=True, disable_code=True,
+            x_transaction_log_flush_interval=options.flush_interval_s,
+        )
 
 
 def _child_ceiling(spec: dict[str, Any]) -> dict[str, Any]:
@@ -198,6 +237,7 @@ def _child_ceiling(spec: dict[str, Any]) -> dict[str, Any]:
 
     from uploader import wandb_reader
 
+    settings = _writer_settings()
     base = Path(spec["home"]) / "ceiling"
     runs = json.loads(Path(spec["rows_in"]).read_text(encoding="utf-8"))
     prepared = []
@@ -205,27 +245,38 @@ def _child_ceiling(spec: dict[str, Any]) -> dict[str, Any]:
         directory = base / f"{index:04d}"
         directory.mkdir(parents=True, exist_ok=True)
         rows = [(step, json.loads(payload)) for step, payload in meta["rows"]]
-        prepared.append((_ceiling_init_kwargs(meta, directory), rows))
+        run_id = "".join(secrets.choice(string.ascii_lowercase + string.digits) for _ in range(8))
+        kwargs = {"id": run_id, "name": meta["name"], "group": meta["group"], "job_type": meta["job_type"],
+                  "project": "mmdet-wandb", "resume": "allow", "dir": str(directory)}
+        prepared.append((kwargs, rows))
+    phases = _Phases()
     sync_files = []
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     for kwargs, rows in prepared:
-        run = wandb.init(**kwargs)
+        t = time.perf_counter()
+        run = wandb.init(**kwargs, settings=wandb.Settings(**settings))
+        phases.add("init", time.perf_counter() - t)
+        t = time.perf_counter()
         for step, row in rows:
             run.log(row, step=step, commit=True)
+        phases.add("log", time.perf_counter() - t)
+        t = time.perf_counter()
         sync_file = Path(run.settings.sync_file)
         run.finish()
+        phases.add("finish", time.perf_counter() - t)
+        t = time.perf_counter()
         wandb_reader.wait_for_exit(sync_file, spec["exit_timeout_s"])
+        phases.add("wait_exit", time.perf_counter() - t)
         sync_files.append(sync_file)
-    t1 = time.perf_counter()
+    t1, c1 = time.perf_counter(), time.process_time()
     errors = []
     for (_, rows), sync_file in zip(prepared, sync_files):
         written, _ = wandb_reader.history_steps(sync_file)
         if written != [step for step, _ in rows]:
             errors.append(f"{sync_file}: {len(written)} rows read back, {len(rows)} logged")
-    settings = prepared[0][0]["settings"] if prepared else None
     return {
-        "seconds": t1 - t0, "rows": sum(len(rows) for _, rows in prepared), "runs": len(prepared), "errors": errors,
-        "flush_interval_s": getattr(settings, "x_transaction_log_flush_interval", None),
+        "seconds": t1 - t0, "cpu_seconds": c1 - c0, "phases": phases.seconds, "rows": sum(len(r) for _, r in prepared),
+        "runs": len(prepared), "errors": errors, "flush_interval_s": settings.get("x_transaction_log_flush_interval"),
     }
 
 
@@ -335,6 +386,8 @@ def bench_backfill(args: argparse.Namespace, tmp: Path) -> list[dict[str, Any]]:
                 log(f"{label}: rep {rep + 1}/{args.repeat} {kind:7s} {result['seconds']:.3f} s")
                 shutil.rmtree(home, ignore_errors=True)
         ours_s = statistics.median(r["seconds"] for r in ours)
+        ours_phases = _phase_medians(ours, ours_side=True)
+        ceil_phases = _phase_medians(ceiling, ours_side=False)
         ceil_s = statistics.median(r["seconds"] for r in ceiling)
         entry = {
             "log": label, "source": str(Path(source).resolve()), "rows": warm["rows"], "runs": warm["runs"],
@@ -342,6 +395,9 @@ def bench_backfill(args: argparse.Namespace, tmp: Path) -> list[dict[str, Any]]:
             "ours_rows_per_s": warm["rows"] / ours_s,
             "ceiling_seconds": ceil_s, "ceiling_rows_per_s": warm["rows"] / ceil_s,
             "ratio": ceil_s / ours_s, "pass": ceil_s / ours_s >= TARGET_RATIO,
+            "ours_cpu_seconds": statistics.median(r["cpu_seconds"] for r in ours),
+            "ceiling_cpu_seconds": statistics.median(r["cpu_seconds"] for r in ceiling),
+            "ours_phases_s": ours_phases, "ceiling_phases_s": ceil_phases,
             "ours_all_seconds": [r["seconds"] for r in ours], "ceiling_all_seconds": [r["seconds"] for r in ceiling],
             "flush_interval_s": ceiling[0]["flush_interval_s"], "writer_flush_interval_s": ours[0]["flush_interval_s"],
             "root": str(root),
@@ -350,7 +406,26 @@ def bench_backfill(args: argparse.Namespace, tmp: Path) -> list[dict[str, Any]]:
     return results
 
 
-def profile_ours(args: argparse.Namespace, tmp: Path, entry: dict[str, Any], top: int = 25) -> str:
+OURS_PHASES = ("setup", "ingest", "init", "wandb.init", "log", "finish", "wait_exit", "verify", "other")
+CEILING_PHASES = ("init", "log", "finish", "wait_exit")
+
+
+def _phase_medians(results: list[dict[str, Any]], *, ours_side: bool) -> dict[str, float]:
+    """Median seconds per phase. Ours: drain = init + log, close = finish + wait_exit + verify; "init" is
+    WandbWriter._open_segment, of which "wandb.init" is the wandb call (the rest: DB, define_metric, config)."""
+    per_rep = []
+    for r in results:
+        p = dict(r["phases"])
+        if ours_side:
+            p["log"] = p.get("drain", 0.0) - p.get("init", 0.0)
+            p["finish"] = p.get("close", 0.0) - p.get("wait_exit", 0.0) - p.get("verify", 0.0)
+            p["other"] = r["seconds"] - sum(p.get(k, 0.0) for k in ("setup", "ingest", "drain", "close"))
+        per_rep.append(p)
+    names = OURS_PHASES if ours_side else CEILING_PHASES
+    return {name: statistics.median(p.get(name, 0.0) for p in per_rep) for name in names}
+
+
+def profile_ours(args: argparse.Namespace, tmp: Path, entry: dict[str, Any], top: int = 20) -> str:
     """One extra "ours" run under cProfile (main thread only; wandb-core is a separate Go process)."""
     import io
     import pstats
@@ -561,9 +636,17 @@ def render(report: dict[str, Any]) -> str:
         )
         lines.append(f"flush interval: writer {backfill['logs'][0]['writer_flush_interval_s']} s, "
                      f"ceiling {backfill['logs'][0]['flush_interval_s']} s")
+        lines.append("each repetition (s), and Python CPU seconds of the measuring process (median):")
         for e in backfill["logs"]:
-            lines.append(f"  {e['log'][:44]:44s} ours {' '.join(f'{s:.2f}' for s in e['ours_all_seconds'])} | "
-                         f"ceiling {' '.join(f'{s:.2f}' for s in e['ceiling_all_seconds'])}")
+            lines.append(f"  {e['log'][:44]:44s} ours {' '.join(f'{s:.2f}' for s in e['ours_all_seconds'])} "
+                         f"cpu {e['ours_cpu_seconds']:.2f} | ceiling {' '.join(f'{s:.2f}' for s in e['ceiling_all_seconds'])}"
+                         f" cpu {e['ceiling_cpu_seconds']:.2f}")
+        lines.append("where the time goes (median s per phase):")
+        lines.append(f"  {'':44s} ours: " + " ".join(f"{n:>10s}" for n in OURS_PHASES)
+                     + " | ceiling: " + " ".join(f"{n:>10s}" for n in CEILING_PHASES))
+        for e in backfill["logs"]:
+            lines.append(f"  {e['log'][:44]:44s}       " + " ".join(f"{e['ours_phases_s'][n]:10.2f}" for n in OURS_PHASES)
+                         + " |          " + " ".join(f"{e['ceiling_phases_s'][n]:10.2f}" for n in CEILING_PHASES))
         for text in backfill.get("profiles", {}).values():
             lines += ["", text.rstrip()]
     live = report.get("live")

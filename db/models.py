@@ -44,6 +44,14 @@ class SegmentState(str, enum.Enum):
     DISCARDED = "discarded"  # never verified (crash, failed read-back): deleted and rebuilt from the DB
 
 
+class CheckpointState(str, enum.Enum):
+    SEEN = "seen"  # found and pinned; not yet known to be complete
+    READY = "ready"  # complete and still: waiting for its evaluation line or for the writer
+    UPLOADED = "uploaded"  # in W&B (offline: in a verified segment)
+    INCOMPLETE = "incomplete"  # stayed still but never became a valid checkpoint; checked again only if it changes
+    MISSED = "missed"  # gone before it could be pinned, or could not be pinned (see reason)
+
+
 class RunState(str, enum.Enum):
     ACTIVE = "active"
     FINISHED = "finished"
@@ -183,3 +191,36 @@ class Problem(Base):
     count: Mapped[int] = mapped_column(Integer, default=1)
     first_seen: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     last_seen: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class Checkpoint(Base):
+    """One content of one checkpoint file: found, pinned into the store, checked, then logged as a model artifact.
+
+    A file rewritten after its upload gets a new row; the row before it keeps its state.
+    """
+
+    __tablename__ = "checkpoints"
+    __table_args__ = (Index("ix_checkpoints_path", "path"), Index("ix_checkpoints_state", "state"))
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    work_dir_id: Mapped[int] = mapped_column(ForeignKey("work_dirs.id"))
+    run_id: Mapped[int | None] = mapped_column(ForeignKey("runs.id"), nullable=True)
+    path: Mapped[str] = mapped_column(String(4096))
+    name: Mapped[str] = mapped_column(String(512))
+    kind: Mapped[str] = mapped_column(String(16))  # epoch | iter | best_epoch | best_iter | other
+    number: Mapped[int | None] = mapped_column(BigInteger, nullable=True)  # N of epoch_N / iter_N
+    ino: Mapped[int] = mapped_column(BigInteger)
+    size: Mapped[int] = mapped_column(BigInteger)
+    mtime_ns: Mapped[int] = mapped_column(BigInteger)
+    still_since: Mapped[float] = mapped_column()  # epoch seconds since (ino, size, mtime) last changed
+    pin_path: Mapped[str | None] = mapped_column(String(4096), nullable=True)
+    state: Mapped[CheckpointState] = mapped_column(_enum(CheckpointState), default=CheckpointState.SEEN)
+    reason: Mapped[str | None] = mapped_column(Text, nullable=True)
+    md5_b64: Mapped[str | None] = mapped_column(String(32), nullable=True)
+    sha256: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    meta_json: Mapped[str | None] = mapped_column(Text, nullable=True)  # summary of the checkpoint's own meta
+    metadata_json: Mapped[str | None] = mapped_column(Text, nullable=True)  # the artifact metadata, once decided
+    aliases_json: Mapped[str | None] = mapped_column(Text, nullable=True)
+    segment_id: Mapped[int | None] = mapped_column(ForeignKey("segments.id"), nullable=True)
+    first_seen: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    updated_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow, onupdate=utcnow)

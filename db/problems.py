@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import os
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
@@ -15,6 +16,7 @@ def record_problem(
     session: Session, path: str, kind: str, message: str, *, offset: int = -1, work_dir_id: int | None = None
 ) -> None:
     """Store (or count again) one problem and log it once, when it is new."""
+    path = os.fsencode(path).decode("utf-8", "backslashreplace")  # names that are not UTF-8 stay readable
     existing = session.scalar(
         select(Problem).where(Problem.path == path, Problem.byte_offset == offset, Problem.kind == kind)
     )

@@ -593,7 +593,9 @@ class TailMachine(RuleBasedStateMachine):
         self.replaced = False
 
         delivered: list[tuple] = []
-        reads, self.position = drain(self.path, self.position, finished=finished, max_bytes=max_bytes, max_line=MAX_LINE)
+        reads, self.position = drain(
+            self.path, self.position, finished=finished, max_bytes=max_bytes, max_line=MAX_LINE
+        )
         for r in reads:
             assert r.size == len(self.content)
             gen = r.position.generation

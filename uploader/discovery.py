@@ -54,16 +54,18 @@ def scan(root: Path) -> ScanResult:
         except OSError as exc:
             result.problems.append(FoundProblem(directory, "unreadable", f"cannot list directory: {exc.strerror}"))
             continue
-        names = {e.name for e in entries}
+        regular_files = {e.name for e in entries if e.is_file(follow_symlinks=False)}
         for entry in entries:
             path = Path(entry.path)
-            if entry.is_symlink():
+            if not _encodable(entry.name):
+                result.problems.append(FoundProblem(path, "undecodable_name", "file name is not valid UTF-8; skipped"))
+            elif entry.is_symlink():
                 _check_symlink(root, path, result)
             elif entry.is_dir(follow_symlinks=False):
                 if entry.name not in SKIPPED_DIRS:
                     stack.append(path)
             elif entry.is_file(follow_symlinks=False):
-                found = classify(path, names)
+                found = classify(path, regular_files)
                 if found is not None:
                     result.logs.append(found)
     result.logs.sort(key=lambda f: (str(f.work_dir), f.launch, str(f.path)))
@@ -71,7 +73,7 @@ def scan(root: Path) -> ScanResult:
 
 
 def classify(path: Path, siblings: set[str]) -> FoundLog | None:
-    """Recognise a log file from its name and place; `siblings` are the names in its folder."""
+    """Recognise a log file from its name and place; `siblings` are the regular files in its folder (no links)."""
     name, parent = path.name, path.parent
     if name.endswith(".log.json"):
         stem = name[: -len(".log.json")]
@@ -93,6 +95,14 @@ def classify(path: Path, siblings: set[str]) -> FoundLog | None:
     if TIMESTAMP.match(stem) and parent.parent != parent:
         return FoundLog(path, parent.parent, LogFormat.MMENGINE_TEST, stem, None, None)
     return None
+
+
+def _encodable(name: str) -> bool:
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:  # undecodable bytes surface as surrogates: no DB or log line can hold them
+        return False
+    return True
 
 
 def _existing(path: Path, siblings: set[str]) -> Path | None:

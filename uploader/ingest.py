@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from db.models import OutboxRow, Run, Source, SourceState, WorkDir
@@ -61,10 +61,11 @@ def ingest(db: Database, found: FoundLog, root: Path, *, newer_launch: bool, opt
         try:
             read = tail.read_lines(found.path, position, finished=finished, max_bytes=options.max_bytes)
         except FileNotFoundError:
-            _mark(db, source_id, SourceState.GONE, "file deleted")
+            with db.transaction() as session:
+                _gone(session, session.get_one(Source, source_id))
             return added
         except OSError as exc:
-            _mark(db, source_id, SourceState.ERROR, f"cannot read: {exc.strerror or exc}", problem=True)
+            _unreadable(db, source_id, f"cannot read: {exc.strerror or exc}")
             return added
         if read.reset_reason is not None:
             state = initial_state(found)
@@ -308,21 +309,27 @@ def _store_position(source: Source, read: tail.TailRead, state: ParseState) -> N
     source.parse_state_json = json.dumps(state.to_json())
 
 
-def _mark(db: Database, source_id: int, state: SourceState, message: str, *, problem: bool = False) -> None:
+def _unreadable(db: Database, source_id: int, message: str) -> None:
     with db.transaction() as session:
         source = session.get_one(Source, source_id)
-        source.state = state
+        source.state = SourceState.ERROR
         source.last_error = message
-        if problem:
-            record_problem(session, source.path, "unreadable", message, work_dir_id=source.work_dir_id)
+        record_problem(session, source.path, "unreadable", message, work_dir_id=source.work_dir_id)
 
 
 def mark_gone(db: Database, path: str) -> None:
-    """A log that disappeared between scans stays as a tombstone with its rows."""
+    """A log that disappeared between scans stays as a tombstone with its rows, and is reported."""
     with db.transaction() as session:
         source = session.scalar(select(Source).where(Source.path == path))
         if source is not None and source.state is not SourceState.GONE:
-            source.state = SourceState.GONE
-            source.last_error = "file deleted"
+            _gone(session, source)
+
+
+def _gone(session: Session, source: Source) -> None:
+    rows = session.scalar(select(func.count()).select_from(OutboxRow).where(OutboxRow.source_id == source.id))
+    source.state = SourceState.GONE
+    source.last_error = "file deleted"
+    record_problem(session, source.path, "gone", f"log deleted while watched; its {rows} rows are kept",
+                   work_dir_id=source.work_dir_id)
 
 

@@ -20,6 +20,7 @@ from uploader.mmcv_config import (
     wandb_hook_options,
 )
 from uploader.records import LogFormat
+from uploader.tail import read_head
 
 MAX_CONFIG_BYTES = 16 << 20
 # What torch puts into param_groups when a config leaves momentum/betas out; the hook logged these values.
@@ -61,11 +62,8 @@ def _momentum(values: dict[str, Any]) -> float | None:
 
 
 def load_file(path: Path) -> RunConfig | None:
-    if path.is_symlink():
-        return None
     try:
-        with open(path, "rb") as handle:
-            text = handle.read(MAX_CONFIG_BYTES).decode("utf-8", errors="replace")
+        text = read_head(path, MAX_CONFIG_BYTES).decode("utf-8", errors="replace")
     except OSError:
         return None
     return load_text(text, path.name)
@@ -80,11 +78,9 @@ def for_log(found: FoundLog) -> RunConfig | None:
     header = _first_line(found.path)
     exp_name = header.get("exp_name")
     if isinstance(exp_name, str) and exp_name and "/" not in exp_name:
-        dumped = found.work_dir / exp_name
-        if dumped.is_file():
-            config = load_file(dumped)
-            if config is not None:
-                return config
+        config = load_file(found.work_dir / exp_name)
+        if config is not None:
+            return config
     text = header.get("config")
     if isinstance(text, str):
         return load_text(text, exp_name if isinstance(exp_name, str) and exp_name else "config.py")
@@ -93,8 +89,7 @@ def for_log(found: FoundLog) -> RunConfig | None:
 
 def _first_line(path: Path) -> dict[str, Any]:
     try:
-        with open(path, "rb") as handle:
-            line = handle.readline(MAX_CONFIG_BYTES)
+        line = read_head(path, MAX_CONFIG_BYTES).split(b"\n", 1)[0]
         header = json.loads(line)
     except (OSError, ValueError):
         return {}

@@ -92,6 +92,12 @@ class Uploader:
                 record_problem(session, str(found.path), "ingest_error", f"{type(exc).__name__}: {exc}")
             return 0
 
+    def step(self) -> None:
+        """Everything after a scan: read what changed, upload what is pending, close idle segments."""
+        self.ingest_changed()
+        self.writer.drain()
+        self.writer.close_idle()
+
     def backfill(self, on_progress: Callable[[str, int, int], None] | None = None) -> None:
         """One pass over everything: ingest every log to its end, upload every row, close every segment."""
         self.writer.recover()
@@ -122,12 +128,14 @@ class Uploader:
             while not stop.is_set():
                 hinted = set(touched)
                 touched.clear()
-                if time.monotonic() - last_scan >= self.options.scan_interval_s or (hinted - set(self._logs)):
-                    self.scan()
-                    last_scan = time.monotonic()
-                self.ingest_changed()
-                self.writer.drain()
-                self.writer.close_idle()
+                try:
+                    if time.monotonic() - last_scan >= self.options.scan_interval_s or (hinted - set(self._logs)):
+                        self.scan()
+                        last_scan = time.monotonic()
+                    self.step()
+                except Exception:  # e.g. the DB briefly unavailable: log, wait, try again; never exit
+                    log.exception("watch loop iteration failed; retrying")
+                    stop.wait(self.options.scan_interval_s)
                 wake.wait(self.options.poll_interval_s)
                 wake.clear()
         finally:

@@ -67,7 +67,7 @@ class TailRead:
     oversized: list[OversizedLine]
     reset_reason: str | None  # why a new generation started; None when continuing
     size: int  # file size seen by fstat of the open fd
-    at_eof: bool  # nothing whole is left to read; False means "call again"
+    at_eof: bool  # nothing whole is left to read; False: call again (that call may find only a fragment)
 
 
 def _sha256(data: bytes) -> str:
@@ -122,13 +122,29 @@ def read_lines(
     """
     if max_bytes < 1 or max_line < 0:
         raise ValueError("max_bytes must be >= 1 and max_line >= 0")
+    fd, st = open_regular(path)
+    try:
+        return _read(fd, st, position, finished, max_bytes, max_line)
+    finally:
+        os.close(fd)
+
+
+def open_regular(path: str | os.PathLike[str]) -> tuple[int, os.stat_result]:
+    """Open a file of a watched tree read-only: never through a symlink, never hanging on a FIFO."""
     # O_NONBLOCK: opening a FIFO must not hang the tailer; regular files ignore it.
     fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode):
+        os.close(fd)
+        raise OSError(errno.EINVAL, "not a regular file", os.fspath(path))
+    return fd, st
+
+
+def read_head(path: str | os.PathLike[str], max_bytes: int) -> bytes:
+    """The first `max_bytes` of a side file (text log, config) with the same care as a tailed log."""
+    fd, _ = open_regular(path)
     try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            raise OSError(errno.EINVAL, "not a regular file", os.fspath(path))
-        return _read(fd, st, position, finished, max_bytes, max_line)
+        return os.pread(fd, max_bytes, 0)
     finally:
         os.close(fd)
 
@@ -165,7 +181,7 @@ def _read(
     skipping = False  # the current line is already longer than max_line
     read_to = start
     shrunk = False  # the file got shorter than fstat said while we read it
-    more = False  # whole lines may remain after the budget stopped us
+    more = False  # the budget stopped us while something consumable may remain
 
     while read_to < size and not more:
         chunk = os.pread(fd, min(chunk_size, size - read_to), read_to)

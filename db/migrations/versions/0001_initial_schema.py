@@ -2,7 +2,7 @@
 
 Revision ID: 0001
 Revises: 
-Create Date: 2026-11-25 22:06:34.801292
+Create Date: 2026-11-25 22:27:01.980959
 
 """
 from typing import Sequence, Union
@@ -110,6 +110,38 @@ def upgrade() -> None:
     sa.PrimaryKeyConstraint('id'),
     sa.UniqueConstraint('path')
     )
+    op.create_table('checkpoints',
+    sa.Column('id', sa.Integer(), nullable=False),
+    sa.Column('work_dir_id', sa.Integer(), nullable=False),
+    sa.Column('run_id', sa.Integer(), nullable=True),
+    sa.Column('path', sa.String(length=4096), nullable=False),
+    sa.Column('name', sa.String(length=512), nullable=False),
+    sa.Column('kind', sa.String(length=16), nullable=False),
+    sa.Column('number', sa.BigInteger(), nullable=True),
+    sa.Column('ino', sa.BigInteger(), nullable=False),
+    sa.Column('size', sa.BigInteger(), nullable=False),
+    sa.Column('mtime_ns', sa.BigInteger(), nullable=False),
+    sa.Column('still_since', sa.Double(), nullable=False),
+    sa.Column('pin_path', sa.String(length=4096), nullable=True),
+    sa.Column('state', sa.Enum('seen', 'ready', 'uploaded', 'incomplete', 'missed', name='checkpointstate', native_enum=False, length=16), nullable=False),
+    sa.Column('reason', sa.Text(), nullable=True),
+    sa.Column('md5_b64', sa.String(length=32), nullable=True),
+    sa.Column('sha256', sa.String(length=64), nullable=True),
+    sa.Column('meta_json', sa.Text(), nullable=True),
+    sa.Column('metadata_json', sa.Text(), nullable=True),
+    sa.Column('aliases_json', sa.Text(), nullable=True),
+    sa.Column('segment_id', sa.Integer(), nullable=True),
+    sa.Column('first_seen', sa.DateTime(timezone=True), nullable=False),
+    sa.Column('updated_at', sa.DateTime(timezone=True), nullable=False),
+    sa.ForeignKeyConstraint(['run_id'], ['runs.id'], ),
+    sa.ForeignKeyConstraint(['segment_id'], ['segments.id'], ),
+    sa.ForeignKeyConstraint(['work_dir_id'], ['work_dirs.id'], ),
+    sa.PrimaryKeyConstraint('id')
+    )
+    with op.batch_alter_table('checkpoints', schema=None) as batch_op:
+        batch_op.create_index('ix_checkpoints_path', ['path'], unique=False)
+        batch_op.create_index('ix_checkpoints_state', ['state'], unique=False)
+
     op.create_table('outbox_rows',
     sa.Column('id', sa.Integer(), nullable=False),
     sa.Column('run_id', sa.Integer(), nullable=False),
@@ -142,6 +174,11 @@ def downgrade() -> None:
         batch_op.drop_index('ix_outbox_pending')
 
     op.drop_table('outbox_rows')
+    with op.batch_alter_table('checkpoints', schema=None) as batch_op:
+        batch_op.drop_index('ix_checkpoints_state')
+        batch_op.drop_index('ix_checkpoints_path')
+
+    op.drop_table('checkpoints')
     op.drop_table('sources')
     op.drop_table('segments')
     op.drop_table('runs')

@@ -1,0 +1,307 @@
+"""Checkpoints: pin each one as soon as it appears, decide when it is complete (DESIGN 7), and choose what the
+writer logs as a version of `run_<id>_model`.
+
+MMDetection writes checkpoints in place, without temp file or rename, and `max_keep_ckpts` deletes old ones;
+so a checkpoint is hard-linked into the service's store at first sight, and only a file whose zip end record
+and central directory are valid and whose (inode, size, mtime) held still is ever uploaded.
+"""
+from __future__ import annotations
+
+import errno
+import json
+import logging
+import os
+import re
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from db.models import Checkpoint, CheckpointState, OutboxRow, Run, Source, SourceState, WorkDir
+from db.session import Database
+from uploader import ckpt_file, runconfig
+
+log = logging.getLogger("mmdet_wandb.checkpoints")
+
+CHECKPOINT_NAME = re.compile(r"^(?P<best>best_.*?)?(?P<unit>epoch|iter)_(?P<n>\d+)\.pth$")
+OPEN_STATES = (CheckpointState.SEEN, CheckpointState.READY)
+
+
+@dataclass(frozen=True)
+class CheckpointOptions:
+    store_dir: Path
+    log_checkpoint: bool = False
+    log_checkpoint_metadata: bool = False
+    settle_s: float = 2.0  # nothing may change between two looks this far apart
+    incomplete_after_s: float = 600.0  # still this long but never a valid checkpoint: incomplete
+
+
+@dataclass(frozen=True)
+class FoundCheckpoint:
+    path: Path
+    work_dir: Path
+
+
+@dataclass(frozen=True)
+class Upload:
+    """What the writer logs for one checkpoint."""
+
+    checkpoint_id: int
+    run_id: int
+    path: Path  # the pinned file
+    name: str
+    aliases: list[str]
+    metadata: dict[str, Any]
+
+
+def classify(name: str) -> tuple[str, int | None]:
+    """`epoch_12.pth` → ("epoch", 12); `best_bbox_mAP_epoch_12.pth` → ("best_epoch", 12); else ("other", None)."""
+    match = CHECKPOINT_NAME.match(name)
+    if match is None:
+        return "other", None
+    unit = match.group("unit")
+    return (f"best_{unit}" if match.group("best") else unit), int(match.group("n"))
+
+
+def find(work_dirs: set[Path]) -> list[FoundCheckpoint]:
+    """Regular `.pth` files directly in each work_dir (symlinks such as latest.pth are signals, not files)."""
+    found = []
+    for work_dir in sorted(work_dirs):
+        try:
+            entries = list(os.scandir(work_dir))
+        except OSError:
+            continue
+        for entry in entries:
+            if entry.name.endswith(".pth") and entry.is_file(follow_symlinks=False):
+                found.append(FoundCheckpoint(Path(entry.path), work_dir))
+    return found
+
+
+def advance(db: Database, found: list[FoundCheckpoint], options: CheckpointOptions, now: float | None = None) -> None:
+    """One look at every checkpoint: pin new ones, follow changes, and settle complete or broken ones."""
+    now = time.time() if now is None else now
+    seen_paths = set()
+    for item in found:
+        seen_paths.add(str(item.path))
+        try:
+            _look(db, item, options, now)
+        except Exception:  # one odd file must not stop the others
+            log.exception("%s: checkpoint look failed", item.path)
+    with db.transaction() as session:
+        vanished = session.scalars(
+            select(Checkpoint).where(Checkpoint.state.in_(OPEN_STATES), Checkpoint.path.not_in(seen_paths))
+        ).all()
+        for row in vanished:
+            if not (row.pin_path and Path(row.pin_path).exists()):
+                _set(row, CheckpointState.MISSED, "deleted before it could be pinned")
+            elif row.state is CheckpointState.SEEN:
+                _settle(row, Path(row.pin_path), options, now)
+
+
+def _look(db: Database, item: FoundCheckpoint, options: CheckpointOptions, now: float) -> None:
+    try:
+        st = item.path.stat(follow_symlinks=False)
+    except FileNotFoundError:
+        return  # handled as vanished on the next look
+    identity = (st.st_ino, st.st_size, st.st_mtime_ns)
+    with db.transaction() as session:
+        row = session.scalar(
+            select(Checkpoint).where(Checkpoint.path == str(item.path)).order_by(Checkpoint.id.desc()).limit(1)
+        )
+        if row is None or (row.state not in OPEN_STATES and (row.ino, row.size, row.mtime_ns) != identity):
+            before = row
+            row = _new_row(session, item, identity, min(now, st.st_mtime_ns / 1e9))
+            if before is not None:
+                row.reason = f"rewritten after it was {before.state.value} (checkpoint #{before.id})"
+            _pin(row, item.path, options)
+        elif row.state in OPEN_STATES and (row.ino, row.size, row.mtime_ns) != identity:
+            if row.ino != st.st_ino:
+                _unpin(row)
+            row.ino, row.size, row.mtime_ns = identity
+            row.still_since = now
+            row.state = CheckpointState.SEEN
+            row.reason = "changed while being checked"
+            if row.pin_path is None:
+                _pin(row, item.path, options)
+        if row.state is CheckpointState.SEEN and row.pin_path is not None:
+            _settle(row, Path(row.pin_path), options, now)
+
+
+def _new_row(session: Session, item: FoundCheckpoint, identity: tuple[int, int, int], still_since: float) -> Checkpoint:
+    work_dir = session.scalar(select(WorkDir).where(WorkDir.path == str(item.work_dir)))
+    if work_dir is None:
+        work_dir = WorkDir(path=str(item.work_dir), root=str(item.work_dir), name=item.work_dir.name)
+        session.add(work_dir)
+        session.flush()
+    kind, number = classify(item.path.name)
+    row = Checkpoint(
+        work_dir_id=work_dir.id, path=str(item.path), name=item.path.name, kind=kind, number=number,
+        ino=identity[0], size=identity[1], mtime_ns=identity[2], still_since=still_since, state=CheckpointState.SEEN,
+    )
+    session.add(row)
+    session.flush()
+    return row
+
+
+def _pin(row: Checkpoint, path: Path, options: CheckpointOptions) -> None:
+    """Hard-link the file into the store, so that max_keep_ckpts deleting it loses nothing and costs no bytes."""
+    pin = options.store_dir / str(row.work_dir_id) / f"{row.id}-{row.name}"
+    pin.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.link(path, pin, follow_symlinks=False)
+    except FileNotFoundError:
+        _set(row, CheckpointState.MISSED, "deleted before it could be pinned")
+        return
+    except OSError as exc:
+        if exc.errno == errno.EXDEV:
+            reason = f"the store {options.store_dir} is on another filesystem than the work_dir; put --data-dir on the work_dirs' filesystem"
+        else:
+            reason = f"cannot hard-link into the store: {exc.strerror}"
+        _set(row, CheckpointState.MISSED, reason)
+        return
+    if pin.stat().st_ino != row.ino:  # replaced between our stat and the link: follow what we pinned
+        st = pin.stat()
+        row.ino, row.size, row.mtime_ns, row.still_since = st.st_ino, st.st_size, st.st_mtime_ns, time.time()
+    row.pin_path = str(pin)
+
+
+def _unpin(row: Checkpoint) -> None:
+    if row.pin_path:
+        Path(row.pin_path).unlink(missing_ok=True)
+        row.pin_path = None
+
+
+def _settle(row: Checkpoint, pin: Path, options: CheckpointOptions, now: float) -> None:
+    """Still long enough → check the zip: valid → ready; still invalid after incomplete_after → incomplete."""
+    if now - row.still_since < options.settle_s:
+        return
+    try:
+        with open(pin, "rb") as handle:
+            st = os.fstat(handle.fileno())
+            if (st.st_size, st.st_mtime_ns) != (row.size, row.mtime_ns):
+                row.size, row.mtime_ns, row.still_since = st.st_size, st.st_mtime_ns, now
+                return
+            check = ckpt_file.check_torch_zip(handle, st.st_size)
+            meta = ckpt_file.read_checkpoint_meta(handle) if check.ok else None
+    except OSError as exc:
+        row.reason = f"cannot read: {exc.strerror}"
+        return
+    if check.ok:
+        row.state = CheckpointState.READY
+        row.reason = None
+        row.meta_json = json.dumps(ckpt_file.summarize_meta(meta) if meta else {}, default=str)
+    elif now - row.still_since >= options.incomplete_after_s:
+        _set(row, CheckpointState.INCOMPLETE, f"{check.reason} (unchanged for {now - row.still_since:.0f} s)")
+    else:
+        row.reason = check.reason
+
+
+def _set(row: Checkpoint, state: CheckpointState, reason: str) -> None:
+    if row.state is not state:
+        log.warning("%s: checkpoint %s: %s", row.path, state.value, reason)
+    row.state = state
+    row.reason = reason
+    if state in (CheckpointState.MISSED, CheckpointState.INCOMPLETE):
+        _unpin(row)
+
+
+def due_uploads(db: Database, options: CheckpointOptions) -> list[Upload]:
+    """Ready checkpoints whose run is known and whose evaluation line is in (or will never come).
+
+    Waiting for the val line of the checkpoint's own epoch gives metadata from that evaluation, never an
+    older one, and lets mmengine finish its second write of `epoch_N.pth` after validation.
+    """
+    if not options.log_checkpoint:
+        return []
+    uploads = []
+    with db.transaction() as session:
+        ready = session.scalars(
+            select(Checkpoint).where(Checkpoint.state == CheckpointState.READY, Checkpoint.segment_id.is_(None))
+        ).all()
+        for row in sorted(ready, key=lambda r: (r.work_dir_id, r.number or 0, not r.kind.startswith("best"), r.id)):
+            run = _run_of(session, row)
+            if run is None:
+                continue
+            row.run_id = run.id
+            evaluation = _evaluation(session, run, row)
+            if evaluation is _WAIT:
+                continue
+            uploads.append(
+                Upload(row.id, run.id, Path(row.pin_path or row.path), row.name, _aliases(row), _metadata(row, evaluation, options))
+            )
+    return uploads
+
+
+_WAIT = object()
+
+
+def _run_of(session: Session, row: Checkpoint) -> Run | None:
+    """The training lineage that reached this checkpoint's epoch/iteration (the newest one when unsure)."""
+    runs = session.scalars(
+        select(Run).where(Run.work_dir_id == row.work_dir_id, Run.job_type == "train").order_by(Run.launch.desc())
+    ).all()
+    if not runs or row.number is None:
+        return runs[0] if runs else None
+    for run in runs:
+        column = OutboxRow.payload_json  # axis values live in the payload; match on the row's epoch/iter
+        unit = "epoch" if row.kind.endswith("epoch") else "iter"
+        hit = session.scalar(
+            select(OutboxRow.id).where(OutboxRow.run_id == run.id, column.like(f'%"{unit}": {row.number},%')).limit(1)
+        )
+        if hit is not None:
+            return run
+    return runs[0]
+
+
+def _evaluation(session: Session, run: Run, row: Checkpoint) -> Any:
+    """The val row of the checkpoint's own epoch/iteration, None when none belongs to it, or _WAIT."""
+    if row.number is None:
+        return None
+    unit = "epoch" if row.kind.endswith("epoch") else "iter"
+    candidates = session.scalars(
+        select(OutboxRow.payload_json).where(
+            OutboxRow.run_id == run.id, OutboxRow.kind == "val", OutboxRow.payload_json.like(f'%"{unit}": {row.number}%')
+        )
+    ).all()
+    for payload_json in candidates:
+        payload = json.loads(payload_json)
+        if payload.get(unit) == row.number:
+            return payload
+    config = runconfig.load_text(run.config_text, run.config_name or "config.py") if run.config_text else None
+    interval = config.eval_interval if config is not None else None
+    if interval is None or row.number % interval != 0:
+        return None
+    if _lineage_over(session, run):
+        return None
+    return _WAIT
+
+
+def _lineage_over(session: Session, run: Run) -> bool:
+    sources = session.scalars(select(Source.state).where(Source.run_id == run.id)).all()
+    return bool(sources) and all(s in (SourceState.FINISHED, SourceState.GONE) for s in sources)
+
+
+def _aliases(row: Checkpoint) -> list[str]:
+    if row.kind.startswith("best"):
+        return ["best"]
+    if row.number is None:
+        return [Path(row.name).stem, "latest"]
+    return [f"{row.kind}_{row.number}", "latest"]
+
+
+def _metadata(row: Checkpoint, evaluation: dict[str, Any] | None, options: CheckpointOptions) -> dict[str, Any]:
+    meta = json.loads(row.meta_json or "{}")
+    unit = "iter" if row.kind.endswith("iter") else "epoch"
+    metadata: dict[str, Any] = {}
+    if row.number is not None:
+        metadata[unit] = row.number
+    if options.log_checkpoint_metadata:
+        if evaluation is None:
+            metadata["eval"] = None
+        else:
+            metadata.update({k[len("val/"):]: v for k, v in evaluation.items() if k.startswith("val/")})
+    metadata["checkpoint"] = {"file": row.name, "size": row.size, "sha256": row.sha256, **meta}
+    return metadata

@@ -1,0 +1,424 @@
+"""Checkpoint files without torch: completeness check, safe metadata read, one-pass hashing.
+
+MMDetection writes ``epoch_N.pth`` in place (``torch.save`` into memory, then one
+``write`` to the final path opened with ``wb``), so a watcher can see a partial file.
+A torch zip checkpoint is complete only once its end-of-central-directory record
+is written, which happens last (DESIGN.md invariant 7). The uploader installs
+without torch, so everything here reads the zip container and pickle by hand.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import itertools
+import math
+import os
+import pickle
+import stat
+import struct
+import zipfile
+from collections import OrderedDict
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any, BinaryIO
+
+__all__ = [
+    "ChangedWhileReading",
+    "Digests",
+    "ZipCheck",
+    "check_torch_zip",
+    "hash_file",
+    "read_checkpoint_meta",
+    "summarize_meta",
+]
+
+# --- zip container ---------------------------------------------------------------
+
+_EOCD = struct.Struct("<4s4H2LH")  # end of central directory record, 22 bytes
+_EOCD_SIG = b"PK\x05\x06"
+_ZIP64_LOCATOR = struct.Struct("<4sLQL")  # 20 bytes, right before the EOCD
+_ZIP64_LOCATOR_SIG = b"PK\x06\x07"
+_ZIP64_EOCD = struct.Struct("<4sQ2H2L4Q")  # 56 bytes without extensible data
+_ZIP64_EOCD_SIG = b"PK\x06\x06"
+_CDIR = struct.Struct("<4s4B4HL2L5H2L")  # central directory file header, 46 bytes
+_CDIR_SIG = b"PK\x01\x02"
+_LOCAL_SIG = b"PK\x03\x04"
+_MAX_COMMENT = 0xFFFF
+_UTF8_FLAG = 0x800
+# torch < 1.6 (and `_use_new_zipfile_serialization=False`) starts with a pickled magic number.
+_LEGACY_TORCH_HEAD = b"\x80\x02\x8a\x0a\x6c\xfc\x9c\x46\xf9\x20\x6a\xa8\x50\x19"
+
+
+@dataclass(frozen=True)
+class ZipCheck:
+    """Whether a file is a complete torch zip checkpoint; ``reason`` says why not."""
+
+    ok: bool
+    reason: str | None = None
+
+
+def _fail(reason: str) -> ZipCheck:
+    return ZipCheck(False, reason)
+
+
+def _read_at(f: BinaryIO, offset: int, n: int) -> bytes:
+    f.seek(offset)
+    return f.read(n)
+
+
+def _find_eocd(tail: bytes) -> int | None:
+    """Index of the EOCD in ``tail`` (the file's last bytes), or None.
+
+    torch writes no archive comment, so the record is normally the last 22 bytes;
+    otherwise search backwards as ``zipfile`` does and accept a signature only if
+    its comment length reaches exactly the end of the file.
+    """
+    if tail[-_EOCD.size : -_EOCD.size + 4] == _EOCD_SIG and tail[-2:] == b"\x00\x00":
+        return len(tail) - _EOCD.size
+    pos = tail.rfind(_EOCD_SIG, 0, len(tail) - _EOCD.size)
+    while pos >= 0:
+        (comment_len,) = struct.unpack_from("<H", tail, pos + 20)
+        if pos + _EOCD.size + comment_len == len(tail):
+            return pos
+        pos = tail.rfind(_EOCD_SIG, 0, pos)
+    return None
+
+
+def _central_directory_names(cdir: bytes, expected: int) -> list[str] | ZipCheck:
+    """Entry names of a central directory, or the reason it does not parse."""
+    names: list[str] = []
+    pos = 0
+    while pos < len(cdir):
+        index = len(names) + 1
+        if pos + _CDIR.size > len(cdir):
+            return _fail(f"central directory entry {index} is cut short")
+        fields = _CDIR.unpack_from(cdir, pos)
+        if fields[0] != _CDIR_SIG:
+            return _fail(f"central directory entry {index} has a bad signature")
+        flags, name_len, extra_len, comment_len = fields[5], fields[12], fields[13], fields[14]
+        end = pos + _CDIR.size + name_len + extra_len + comment_len
+        if end > len(cdir):
+            return _fail(f"central directory entry {index} runs past the end of the directory")
+        raw = cdir[pos + _CDIR.size : pos + _CDIR.size + name_len]
+        try:
+            names.append(raw.decode("utf-8" if flags & _UTF8_FLAG else "cp437"))
+        except UnicodeDecodeError:
+            return _fail(f"central directory entry {index} has an undecodable name")
+        pos = end
+    if len(names) != expected:
+        return _fail(f"central directory holds {len(names)} entries, end record says {expected}")
+    return names
+
+
+def check_torch_zip(f: BinaryIO, size: int) -> ZipCheck:
+    """Check that ``f`` (``size`` bytes) is a complete torch zip checkpoint.
+
+    Reads only the first 4 bytes, the tail and the central directory, never the
+    tensor data, so it is cheap enough to run on every poll. ``size`` comes from
+    the caller's ``fstat`` so the check and the later hash see the same file.
+    """
+    if size == 0:
+        return _fail("empty file")
+    head = _read_at(f, 0, 4)
+    if not _LOCAL_SIG.startswith(head):  # a 1-3 byte prefix of "PK\3\4" is a zip being written
+        if _read_at(f, 0, len(_LEGACY_TORCH_HEAD)) == _LEGACY_TORCH_HEAD:
+            return _fail("not a zip file: legacy (pre-1.6) torch format, cannot be checked for completeness")
+        return _fail("not a zip file (legacy torch format or not a checkpoint)")
+    if size < _EOCD.size:
+        return _fail(f"only {size} bytes: file truncated or still being written")
+
+    tail_len = min(size, _EOCD.size + _MAX_COMMENT + _ZIP64_LOCATOR.size)
+    tail_start = size - tail_len
+    tail = _read_at(f, tail_start, tail_len)
+    if len(tail) != tail_len:
+        return _fail("file is shorter than its size: truncated while being checked")
+    at = _find_eocd(tail)
+    if at is None:
+        return _fail("no end-of-central-directory record: file truncated or still being written")
+    eocd_offset = tail_start + at
+    _, disk, cd_disk, _, count, cd_size, cd_offset, _ = _EOCD.unpack_from(tail, at)
+    if disk != 0 or cd_disk != 0:
+        return _fail("multi-disk zip archive: not a torch checkpoint")
+    cd_end = eocd_offset
+
+    if at >= _ZIP64_LOCATOR.size and tail[at - _ZIP64_LOCATOR.size : at - _ZIP64_LOCATOR.size + 4] == _ZIP64_LOCATOR_SIG:
+        locator_offset = eocd_offset - _ZIP64_LOCATOR.size
+        _, z64_disk, z64_offset, _ = _ZIP64_LOCATOR.unpack_from(tail, at - _ZIP64_LOCATOR.size)
+        if z64_disk != 0 or z64_offset + _ZIP64_EOCD.size > locator_offset:
+            return _fail("zip64 locator points outside the file")
+        record = _read_at(f, z64_offset, _ZIP64_EOCD.size)
+        if len(record) != _ZIP64_EOCD.size or record[:4] != _ZIP64_EOCD_SIG:
+            return _fail("zip64 locator points at no zip64 end record")
+        _, record_size, _, _, disk, cd_disk, _, count, cd_size, cd_offset = _ZIP64_EOCD.unpack(record)
+        if disk != 0 or cd_disk != 0:
+            return _fail("multi-disk zip archive: not a torch checkpoint")
+        if z64_offset + 12 + record_size != locator_offset:
+            return _fail("zip64 end record does not end at its locator")
+        cd_end = z64_offset
+
+    if cd_offset + cd_size != cd_end:
+        return _fail(
+            f"central directory ({cd_offset}+{cd_size}) does not end at the end record ({cd_end}): "
+            "file corrupt or rewritten"
+        )
+    cdir = _read_at(f, cd_offset, cd_size)
+    if len(cdir) != cd_size:
+        return _fail("central directory is cut short")
+    names = _central_directory_names(cdir, count)
+    if isinstance(names, ZipCheck):
+        return names
+    if not names or "/" not in names[0]:
+        return _fail("not a torch checkpoint: entries are not inside an archive folder")
+    archive = names[0].split("/", 1)[0]
+    present = set(names)
+    if f"{archive}/data.pkl" not in present:
+        return _fail(f"not a torch checkpoint: no {archive}/data.pkl")
+    if f"{archive}/.data/version" not in present and f"{archive}/version" not in present:
+        return _fail(f"not a torch checkpoint: no {archive}/version record")
+    return ZipCheck(True)
+
+
+# --- metadata without torch ------------------------------------------------------
+
+# A data.pkl larger than this is not worth unpickling for a few metadata keys.
+_MAX_PICKLE_BYTES = 256 * 1024 * 1024
+
+
+class _Opaque:
+    """Stands in for anything the unpickler will not build: tensors, storages, refused globals.
+
+    Its subclasses are returned by ``find_class`` in place of the real callable,
+    so REDUCE, NEWOBJ and BUILD on them run no foreign code.
+    """
+
+    label = "object"
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> _Opaque:
+        return super().__new__(cls)
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def __setstate__(self, state: Any) -> None:
+        pass
+
+
+_placeholders: dict[str, type[_Opaque]] = {}
+
+
+def _placeholder(label: str) -> type[_Opaque]:
+    if label not in _placeholders:
+        _placeholders[label] = type("Placeholder", (_Opaque,), {"label": label})
+    return _placeholders[label]
+
+
+class _NumpyDtype:
+    """Just enough of ``numpy.dtype`` pickling (REDUCE args + BUILD state) to decode scalars."""
+
+    def __init__(self, code: str, align: bool = False, copy: bool = True) -> None:
+        self.code = code
+        self.byteorder = "="
+
+    def __setstate__(self, state: tuple[Any, ...]) -> None:
+        if len(state) > 1 and isinstance(state[1], str):
+            self.byteorder = state[1]
+
+
+_NUMPY_STRUCT_CODES = {
+    "f2": "e", "f4": "f", "f8": "d",
+    "i1": "b", "i2": "h", "i4": "i", "i8": "q",
+    "u1": "B", "u2": "H", "u4": "I", "u8": "Q",
+    "b1": "?",
+}  # fmt: skip
+
+
+def _numpy_scalar(dtype: Any, data: Any = None) -> Any:
+    """A numpy scalar (e.g. ``best_score`` from an evaluation) as a Python number."""
+    if isinstance(dtype, _NumpyDtype) and isinstance(data, bytes) and dtype.code in _NUMPY_STRUCT_CODES:
+        order = {"<": "<", ">": ">", "|": "<", "=": "="}.get(dtype.byteorder, "=")
+        fmt = order + _NUMPY_STRUCT_CODES[dtype.code]
+        if struct.calcsize(fmt) == len(data):
+            return struct.unpack(fmt, data)[0]
+    return _placeholder("numpy scalar")()
+
+
+def _codecs_encode(text: Any, encoding: str = "utf-8") -> Any:
+    """Protocol-2 pickles (torch's default) store ``bytes`` as ``_codecs.encode(str, 'latin1')``."""
+    if isinstance(text, str) and encoding in ("latin1", "latin-1"):
+        return text.encode("latin-1")
+    return _placeholder("refused _codecs.encode")()
+
+
+def _plain_dict(*args: Any) -> dict[Any, Any]:
+    """``defaultdict(factory)`` without its factory; SETITEMS fills it afterwards."""
+    return {}
+
+
+_ALLOWED: dict[tuple[str, str], Callable[..., Any]] = {
+    ("collections", "OrderedDict"): OrderedDict,
+    ("collections", "defaultdict"): _plain_dict,
+    ("builtins", "set"): set,
+    ("builtins", "frozenset"): frozenset,
+    ("builtins", "complex"): complex,
+    ("_codecs", "encode"): _codecs_encode,
+    ("numpy", "dtype"): _NumpyDtype,
+    ("numpy.core.multiarray", "scalar"): _numpy_scalar,
+    ("numpy._core.multiarray", "scalar"): _numpy_scalar,
+}
+
+
+class _MetaUnpickler(pickle.Unpickler):
+    """Unpickles torch's data.pkl without importing or calling anything outside ``_ALLOWED``.
+
+    torch and numpy globals become inert placeholders (tensor data is never read:
+    ``persistent_load`` returns a placeholder too); any other global is refused
+    the same way, so a malicious pickle loads as data with holes instead of running.
+    """
+
+    def find_class(self, module: str, name: str) -> Any:
+        allowed = _ALLOWED.get((module, name))
+        if allowed is not None:
+            return allowed
+        if module.split(".", 1)[0] in ("torch", "numpy"):
+            return _placeholder(f"{module}.{name}")
+        return _placeholder(f"refused {module}.{name}")
+
+    def persistent_load(self, pid: Any) -> Any:
+        return _placeholder("tensor data")()
+
+
+def _json_safe(value: Any, active: set[int]) -> Any:
+    """Plain JSON types only: placeholders become ``"<label>"``, tuples lists, keys strings."""
+    if value is None or isinstance(value, (bool, int, str)):
+        return value
+    if isinstance(value, float):
+        return value if math.isfinite(value) else str(value)
+    if isinstance(value, _Opaque) or (isinstance(value, type) and issubclass(value, _Opaque)):
+        return f"<{value.label}>"
+    if isinstance(value, bytes):
+        return f"<{len(value)} bytes>"
+    if isinstance(value, complex):
+        return str(value)
+    if not isinstance(value, (dict, list, tuple, set, frozenset)):
+        return f"<{type(value).__name__}>"
+    if id(value) in active:
+        return "<recursive>"
+    active.add(id(value))
+    try:
+        if isinstance(value, dict):
+            return {str(k): _json_safe(v, active) for k, v in value.items()}
+        items = sorted(value, key=repr) if isinstance(value, (set, frozenset)) else value
+        return [_json_safe(v, active) for v in items]
+    finally:
+        active.discard(id(value))
+
+
+def read_checkpoint_meta(f: BinaryIO) -> dict[str, Any] | None:
+    """The ``meta`` dict of an mmcv/mmengine checkpoint, JSON-safe, read without torch.
+
+    Returns None when the file is not a readable torch zip, the pickle does not
+    load, or there is no ``meta`` dict. Call it only after ``check_torch_zip``
+    passed: it reads ``data.pkl`` (the object structure, not the tensor bytes).
+    """
+    try:
+        with zipfile.ZipFile(f) as zf:
+            names = zf.namelist()
+            if not names or "/" not in names[0]:
+                return None
+            info = zf.getinfo(f"{names[0].split('/', 1)[0]}/data.pkl")
+            if info.file_size > _MAX_PICKLE_BYTES:
+                return None
+            with zf.open(info) as pkl:
+                checkpoint = _MetaUnpickler(pkl).load()
+    except Exception:  # any malformed zip or pickle is "no metadata", never a crash
+        return None
+    if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("meta"), dict):
+        return None
+    result: dict[str, Any] = _json_safe(checkpoint["meta"], set())
+    return result
+
+
+def summarize_meta(meta: dict[str, Any]) -> dict[str, Any]:
+    """The few meta keys worth putting in artifact metadata (the config string is not one)."""
+    summary = {
+        key: meta[key]
+        for key in ("epoch", "iter", "mmdet_version", "mmcv_version", "mmengine_version")
+        if key in meta
+    }
+    classes = meta.get("CLASSES")
+    dataset_meta = meta.get("dataset_meta")
+    if classes is None and isinstance(dataset_meta, dict):
+        classes = dataset_meta.get("classes")
+    if isinstance(classes, (list, tuple)):
+        summary["CLASSES"] = list(classes)
+    return summary
+
+
+# --- hashing ---------------------------------------------------------------------
+
+
+class ChangedWhileReading(OSError):
+    """The file's size or mtime changed while it was hashed, so the digests are not of one version."""
+
+
+@dataclass(frozen=True)
+class Digests:
+    """``md5_b64`` is what W&B manifests store; ``sha256_hex`` is our own dedup key."""
+
+    size: int
+    md5_b64: str
+    md5_hex: str
+    sha256_hex: str
+
+
+def _unchanged(before: os.stat_result, after: os.stat_result) -> bool:
+    return (before.st_size, before.st_mtime_ns, before.st_ino) == (after.st_size, after.st_mtime_ns, after.st_ino)
+
+
+def hash_file(f: BinaryIO, chunk: int = 8 * 1024 * 1024) -> Digests:
+    """MD5 and SHA-256 of the whole file in one read, the two hashes running in parallel.
+
+    Reads by offset (``preadv``) from the caller's open descriptor, so the file
+    position does not matter and a pinned, since-unlinked file still works.
+    hashlib drops the GIL on large buffers; each hash gets its own single-thread
+    executor (updates stay in order) and a ring of buffers lets the next read
+    overlap both, so wall time is about the slower hash (MD5) alone.
+    Raises ``ChangedWhileReading`` if the file's size or mtime moved meanwhile.
+    """
+    fd = f.fileno()
+    before = os.fstat(fd)
+    if not stat.S_ISREG(before.st_mode):
+        raise ValueError("hash_file needs a regular file")
+    md5, sha256 = hashlib.md5(), hashlib.sha256()
+    buffers = [bytearray(chunk) for _ in range(3)]
+    in_use: list[list[Future[None]]] = [[] for _ in buffers]
+    offset = 0
+    with ThreadPoolExecutor(1, "md5") as md5_pool, ThreadPoolExecutor(1, "sha256") as sha_pool:
+        for i in itertools.count():
+            slot = i % len(buffers)
+            for job in in_use[slot]:
+                job.result()
+            n = os.preadv(fd, [buffers[slot]], offset)
+            if n == 0:
+                break
+            view = memoryview(buffers[slot])[:n]
+            in_use[slot] = [md5_pool.submit(md5.update, view), sha_pool.submit(sha256.update, view)]
+            offset += n
+        for jobs in in_use:
+            for job in jobs:
+                job.result()
+    after = os.fstat(fd)
+    if offset != before.st_size or not _unchanged(before, after):
+        raise ChangedWhileReading(
+            f"file changed while hashing: size {before.st_size} -> {after.st_size} (read {offset}), "
+            f"mtime_ns {before.st_mtime_ns} -> {after.st_mtime_ns}"
+        )
+    md5_digest = md5.digest()
+    return Digests(
+        size=offset,
+        md5_b64=base64.b64encode(md5_digest).decode("ascii"),
+        md5_hex=md5_digest.hex(),
+        sha256_hex=sha256.hexdigest(),
+    )
