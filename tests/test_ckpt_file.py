@@ -197,6 +197,8 @@ def test_mmengine_meta_and_unknown_objects(torch: Any, tmp_path: Path, monkeypat
 
     HistoryBuffer.__module__, HistoryBuffer.__qualname__ = module.__name__, "HistoryBuffer"
     module.HistoryBuffer = HistoryBuffer  # type: ignore[attr-defined]
+    for name in ("mmengine", "mmengine.logging"):
+        monkeypatch.setitem(sys.modules, name, types.ModuleType(name))
     monkeypatch.setitem(sys.modules, module.__name__, module)
     meta = {
         "epoch": 12, "iter": 87960, "cfg": "model = dict()\n", "seed": 1,

@@ -278,6 +278,8 @@ class _MetaUnpickler(pickle.Unpickler):
     """
 
     def find_class(self, module: str, name: str) -> Any:
+        if module == "__builtin__":  # protocol 2 (torch's default) writes Python 2 module names
+            module = "builtins"
         allowed = _ALLOWED.get((module, name))
         if allowed is not None:
             return allowed
