@@ -11,10 +11,12 @@ What is measured (one run of this script prints both, side by side with their ba
    WANDB_MODE=offline), so both pay the same interpreter, import and wandb-core start-up costs; imports
    happen before the clock starts on both sides.
 
-   - "ours": the real backfill in-process, set up like ``mmdet-wandb backfill`` (mmdet_wandb/cli.py:
-     data dir, Database + migrations, WandbWriter, Uploader with finish_idle_s=0), timed from before the
-     Database is built until ``Uploader.backfill()`` returns, i.e. until every segment is finished, read
-     back from its ``.wandb`` file and verified. A fresh data dir every repetition.
+   - "ours": the real backfill in-process: the command function of ``mmdet-wandb backfill ROOT
+     --no-progress`` (mmdet_wandb/cli.py) called directly, so its set-up (data dir, Database +
+     migrations, WandbWriter, Uploader with finish_idle_s=0) is the CLI's own; timed from the call until
+     ``Uploader.backfill()`` returns, i.e. until every segment is finished, read back from its ``.wandb``
+     file and verified (the status table the command prints afterwards is not timed; CPU seconds include
+     it). A fresh data dir every repetition.
    - "ceiling" (the BASELINE): the W&B client alone over the SAME rows. The rows the backfill put in
      the outbox (``outbox_rows.payload_json`` ordered by step, per run), dumped by an untimed warm-up
      backfill and parsed before the clock starts, are logged with a plain loop: ``wandb.init`` (offline,
@@ -54,7 +56,9 @@ How to run (from the repository root):
     .venv/bin/python benchmarks/backfill.py --repeat 5 --logs ../shared/real_logs/masati91__ELTD/work_dirs/yolov3_d53_320_273e_coco
     .venv/bin/python benchmarks/backfill.py --skip-live      # throughput only (or --skip-backfill)
 
-Progress goes to stderr. Exit status: 0 when every measured target passes, 1 when one fails, 2 on error.
+Wall times are sensitive to other load on the machine (the two sides alternate, so load biases neither
+on average, but it widens the spread): on a busy machine use ``--repeat 5`` or more, and read the CPU and
+per-phase columns, which move much less. Progress goes to stderr. Exit status: 0 when every measured target passes, 1 when one fails, 2 on error.
 Everything is written under one temp dir (``--keep`` keeps it for inspection), removed at the end.
 """
 from __future__ import annotations
@@ -124,33 +128,40 @@ class _Phases:
 
 
 def _child_ours(spec: dict[str, Any]) -> dict[str, Any]:
-    import logging
-
     import wandb  # imported before the clock, as on the ceiling side
     from sqlalchemy import func, select
 
     from db.models import OutboxRow, Run, Segment, SegmentState
     from db.session import Database
-    from mmdet_wandb import paths
+    from mmdet_wandb import cli, paths
     from uploader import wandb_reader
-    from uploader.ingest import IngestOptions
-    from uploader.service import ServiceOptions, Uploader
-    from uploader.wandb_writer import WandbWriter, WriterOptions, resolve_mode
-
-    try:  # exactly what `mmdet-wandb backfill` does; a fallback if those private helpers change
-        from mmdet_wandb.cli import _setup, _writer
-    except ImportError:
-        _setup = _writer = None
+    from uploader.service import Uploader
+    from uploader.wandb_writer import WandbWriter
 
     phases = _Phases()
-    if not spec.get("profile_out"):  # nested phases are subtracted in the parent (see _phase_table)
+    seen: dict[str, Any] = {}
+    original_backfill = Uploader.backfill
+
+    def backfill(self: Any, *args: Any, **kwargs: Any) -> Any:
+        """Marks when the CLI's set-up ends and when Uploader.backfill() returns (the end of the clock)."""
+        seen["entered"] = time.perf_counter()
+        seen["uploader"] = self
+        try:
+            return original_backfill(self, *args, **kwargs)
+        finally:
+            seen["returned"] = time.perf_counter()
+
+    Uploader.backfill = backfill  # type: ignore[method-assign]
+    if not spec.get("profile_out"):  # nested phases are subtracted in the parent (see _phase_medians)
         phases.wrap(Uploader, "_ingest_one", "ingest")
         phases.wrap(WandbWriter, "drain", "drain")
         phases.wrap(WandbWriter, "_open_segment", "init")
         phases.wrap(wandb, "init", "wandb.init")  # inside "init"; the rest of it: define_metric, config, save
         phases.wrap(WandbWriter, "close_all", "close")
         phases.wrap(wandb_reader, "wait_for_exit", "wait_exit")
-        phases.wrap(wandb_reader, "history_steps", "verify")
+        for name in ("history_steps", "scan_segment"):  # the writer's read-back check (renamed over time)
+            if hasattr(wandb_reader, name):
+                phases.wrap(wandb_reader, name, "verify")
     root = Path(spec["root"])
     profiler = None
     if spec.get("profile_out"):
@@ -159,24 +170,19 @@ def _child_ours(spec: dict[str, Any]) -> dict[str, Any]:
         profiler = cProfile.Profile()
         profiler.enable()
     t0, c0 = time.perf_counter(), time.process_time()
-    if _setup is not None:
-        home, db = _setup(None, [root], "WARNING")
-        writer = _writer(db, home, None, None)
-    else:
-        logging.basicConfig(level=logging.WARNING)
-        home = paths.resolve(None)
-        home.prepare([root])
-        db = Database(home.db_url)
-        db.upgrade()
-        writer = WandbWriter(db, WriterOptions(runs_dir=home.runs_dir, mode=resolve_mode()))
-    t_setup = time.perf_counter()
-    uploader = Uploader(db, writer, ServiceOptions(roots=(root,), ingest=IngestOptions(finish_idle_s=0.0)))
-    uploader.backfill()
-    t1, c1 = time.perf_counter(), time.process_time()
+    # `mmdet-wandb backfill ROOT --no-progress`, the command function itself: its set-up (data dir, DB and
+    # migrations, writer, service options) is the CLI's own; the clock stops when Uploader.backfill() returns
+    # (the command then prints a status table, which is not timed).
+    cli.backfill(roots=[root], progress=False)
+    c1 = time.process_time()
     if profiler is not None:
         profiler.disable()
         profiler.dump_stats(spec["profile_out"])
+    if "returned" not in seen:
+        raise RuntimeError("mmdet_wandb.cli.backfill did not call Uploader.backfill")
+    t1, t_setup, uploader = seen["returned"], seen["entered"], seen["uploader"]
 
+    db = Database(paths.resolve(None).db_url)
     with db.transaction() as session:
         total = session.scalar(select(func.count()).select_from(OutboxRow)) or 0
         uploaded = session.scalar(select(func.count()).select_from(OutboxRow).where(OutboxRow.uploaded.is_(True))) or 0
@@ -200,7 +206,7 @@ def _child_ours(spec: dict[str, Any]) -> dict[str, Any]:
     return {
         "seconds": t1 - t0, "cpu_seconds": c1 - c0, "setup_seconds": t_setup - t0, "phases": phases.seconds,
         "rows": total, "uploaded": uploaded, "runs": len(runs), "segments_closed": closed, "errors": errors,
-        "mode": writer.options.mode, "flush_interval_s": writer.options.flush_interval_s,
+        "mode": uploader.writer.options.mode, "flush_interval_s": uploader.writer.options.flush_interval_s,
     }
 
 
@@ -271,7 +277,7 @@ def _child_ceiling(spec: dict[str, Any]) -> dict[str, Any]:
     t1, c1 = time.perf_counter(), time.process_time()
     errors = []
     for (_, rows), sync_file in zip(prepared, sync_files):
-        written, _ = wandb_reader.history_steps(sync_file)
+        written = [r.history.step.num for r in wandb_reader.iter_records(sync_file) if r.HasField("history")]
         if written != [step for step, _ in rows]:
             errors.append(f"{sync_file}: {len(written)} rows read back, {len(rows)} logged")
     return {
@@ -369,6 +375,7 @@ def bench_backfill(args: argparse.Namespace, tmp: Path) -> list[dict[str, Any]]:
         log(f"{label}: warm-up backfill (dumps the outbox rows for the ceiling)")
         warm = run_child("ours", {"root": str(root), "home": str(base / "warmup"), "rows_out": str(rows_file)},
                          base, args.timeout)
+        log(f"{label}: warm-up took {warm['seconds']:.3f} s in the clock ({warm['rows']} rows, {warm['runs']} run(s))")
         if warm["uploaded"] != warm["rows"] or warm["rows"] == 0:
             raise ChildError(f"{label}: warm-up uploaded {warm['uploaded']} of {warm['rows']} rows")
         ours: list[dict[str, Any]] = []

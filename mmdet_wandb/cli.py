@@ -17,6 +17,7 @@ from rich.table import Table
 
 from db.session import Database
 from mmdet_wandb import paths, status
+from uploader.checkpoints import CheckpointOptions
 from uploader.ingest import FreshLaunch, IngestOptions
 from uploader.service import ServiceOptions, Uploader
 from uploader.wandb_writer import WandbWriter, WriterOptions, resolve_mode
@@ -35,6 +36,9 @@ FreshOpt = Annotated[
     typer.Option(help="A fresh (not resumed) launch in a work_dir that already has a run: new-run or same-run"),
 ]
 LogLevelOpt = Annotated[str, typer.Option(help="Log level: DEBUG, INFO, WARNING, ERROR")]
+LogCheckpointOpt = Annotated[bool, typer.Option("--log-checkpoint", help="Log every finished checkpoint as a version of the artifact run_<id>_model (the hook's log_checkpoint)")]
+LogCheckpointMetadataOpt = Annotated[bool, typer.Option("--log-checkpoint-metadata", help="Put the eval metrics of the checkpoint's own epoch/iter into its metadata (the hook's log_checkpoint_metadata)")]
+IncompleteAfterOpt = Annotated[float, typer.Option(help="Seconds a checkpoint may stay still but broken before it is marked incomplete")]
 
 
 def _setup(data_dir: Path | None, roots: list[Path], level: str) -> tuple[paths.DataDir, Database]:
@@ -64,9 +68,24 @@ def _roots(given: list[Path]) -> list[Path]:
     return roots
 
 
-def _writer(db: Database, home: paths.DataDir, project: str | None, entity: str | None, **extra: float) -> WandbWriter:
+def _writer(
+    db: Database, home: paths.DataDir, project: str | None, entity: str | None,
+    checkpoints: CheckpointOptions | None, **extra: float,
+) -> WandbWriter:
     options = WriterOptions(runs_dir=home.runs_dir, mode=resolve_mode(), project=project, entity=entity, **extra)
-    return WandbWriter(db, options)
+    return WandbWriter(db, options, checkpoints)
+
+
+def _checkpoint_options(
+    home: paths.DataDir, log_checkpoint: bool, log_metadata: bool, incomplete_after: float, settle: float = 2.0
+) -> CheckpointOptions | None:
+    """As in the hook, metadata is only logged with the checkpoints themselves."""
+    if not log_checkpoint:
+        return None
+    return CheckpointOptions(
+        store_dir=home.store_dir, log_checkpoint=True, log_checkpoint_metadata=log_metadata,
+        settle_s=settle, incomplete_after_s=incomplete_after,
+    )
 
 
 @app.command()
@@ -81,15 +100,21 @@ def watch(
     poll_interval: Annotated[float, typer.Option(help="Seconds between stat checks of known logs")] = 0.5,
     finish_after: Annotated[float, typer.Option(help="Seconds idle after which a log counts as finished")] = 600.0,
     segment_idle: Annotated[float, typer.Option(help="Seconds idle after which a W&B segment is closed")] = 30.0,
+    log_checkpoint: LogCheckpointOpt = False,
+    log_checkpoint_metadata: LogCheckpointMetadataOpt = False,
+    checkpoint_settle: Annotated[float, typer.Option(help="Seconds a checkpoint must stay unchanged between two looks")] = 2.0,
+    checkpoint_incomplete_after: IncompleteAfterOpt = 600.0,
     log_level: LogLevelOpt = "INFO",
 ) -> None:
     """Follow every work_dir under the roots, live, until SIGTERM or Ctrl-C."""
     root_paths = _roots(roots)
     home, db = _setup(data_dir, root_paths, log_level)
-    writer = _writer(db, home, project, entity, segment_idle_s=segment_idle)
+    ckpt = _checkpoint_options(home, log_checkpoint, log_checkpoint_metadata, checkpoint_incomplete_after, checkpoint_settle)
+    writer = _writer(db, home, project, entity, ckpt, segment_idle_s=segment_idle)
     options = ServiceOptions(
         roots=tuple(root_paths),
         ingest=IngestOptions(fresh_launch=fresh_launch, finish_idle_s=finish_after),
+        checkpoints=ckpt,
         scan_interval_s=scan_interval,
         poll_interval_s=poll_interval,
         use_events=not poll,
@@ -109,13 +134,19 @@ def backfill(
     entity: EntityOpt = None,
     fresh_launch: FreshOpt = FreshLaunch.NEW_RUN,
     progress: Annotated[bool, typer.Option(help="Show progress bars")] = True,
+    log_checkpoint: LogCheckpointOpt = False,
+    log_checkpoint_metadata: LogCheckpointMetadataOpt = False,
+    checkpoint_incomplete_after: IncompleteAfterOpt = 10.0,
     log_level: LogLevelOpt = "WARNING",
 ) -> None:
     """Upload finished work_dirs once and exit (running it again uploads nothing twice)."""
     root_paths = _roots(roots)
     home, db = _setup(data_dir, root_paths, log_level)
-    writer = _writer(db, home, project, entity)
-    options = ServiceOptions(roots=tuple(root_paths), ingest=IngestOptions(fresh_launch=fresh_launch, finish_idle_s=0.0))
+    ckpt = _checkpoint_options(home, log_checkpoint, log_checkpoint_metadata, checkpoint_incomplete_after)
+    writer = _writer(db, home, project, entity, ckpt)
+    options = ServiceOptions(
+        roots=tuple(root_paths), ingest=IngestOptions(fresh_launch=fresh_launch, finish_idle_s=0.0), checkpoints=ckpt
+    )
     uploader = Uploader(db, writer, options)
     if not progress:
         uploader.backfill()
@@ -156,7 +187,7 @@ def _print_status(db: Database, *, as_json: bool, console: Console) -> None:
         print(json.dumps(status.as_json(statuses, status.problems(db)), indent=2))
         return
     table = Table(title="mmdet-wandb status")
-    for column in ("work_dir", "logs", "W&B run", "uploaded", "pending", "problems / last error"):
+    for column in ("work_dir", "logs", "W&B run", "uploaded", "pending", "checkpoints", "problems / last error"):
         table.add_column(column, overflow="fold")
     for s in statuses:
         runs = s.runs or [None]
@@ -168,6 +199,7 @@ def _print_status(db: Database, *, as_json: bool, console: Console) -> None:
                 f"{run.wandb_id} {run.name}" if run else "-",
                 str(run.rows_uploaded) if run else "0",
                 str(run.rows_pending) if run else "0",
+                ", ".join(f"{n} {state}" for state, n in s.checkpoint_counts().items()) if index == 0 else "",
                 (f"{s.problems} problem(s); " if index == 0 and s.problems else "") + (error or ""),
             )
     console.print(table)

@@ -26,6 +26,11 @@ class DataDir:
         wandb_dir = os.environ.get("WANDB_DIR")
         return Path(wandb_dir) / "mmdet-wandb" if wandb_dir else self.path / "wandb"
 
+    @property
+    def store_dir(self) -> Path:
+        """Pinned checkpoints: hard links, so the data dir must be on the work_dirs' filesystem."""
+        return self.path / "store"
+
     def prepare(self, roots: list[Path]) -> None:
         """Create the directory, refuse one inside a watched root, and keep wandb's own files in it too."""
         for root in roots:

@@ -1,12 +1,13 @@
 """A read-only report of the state DB: per work_dir, its W&B runs, rows pending/uploaded and problems."""
 from __future__ import annotations
 
+import json
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from sqlalchemy import case, func, select
 
-from db.models import OutboxRow, Problem, Run, Segment, SegmentState, Source, WorkDir
+from db.models import Checkpoint, OutboxRow, Problem, Run, Segment, SegmentState, Source, WorkDir
 from db.session import Database
 
 
@@ -28,6 +29,13 @@ class WorkDirStatus:
     runs: list[RunStatus] = field(default_factory=list)
     problems: int = 0
     last_problem: str | None = None
+    checkpoints: list[dict[str, Any]] = field(default_factory=list)
+
+    def checkpoint_counts(self) -> dict[str, int]:
+        counts: dict[str, int] = {}
+        for item in self.checkpoints:
+            counts[item["state"]] = counts.get(item["state"], 0) + 1
+        return counts
 
 
 def collect(db: Database) -> list[WorkDirStatus]:
@@ -56,6 +64,14 @@ def collect(db: Database) -> list[WorkDirStatus]:
             up, pending = counts.get(run.id, (0, 0))
             work_dirs[run.work_dir_id].runs.append(
                 RunStatus(run.wandb_id, run.name, run.job_type, up, pending, closed.get(run.id, 0), run.last_error)
+            )
+        for ckpt in session.scalars(select(Checkpoint).order_by(Checkpoint.id)):
+            work_dirs[ckpt.work_dir_id].checkpoints.append(
+                {
+                    "name": ckpt.name, "state": ckpt.state.value, "reason": ckpt.reason, "size": ckpt.size,
+                    "sha256": ckpt.sha256, "aliases": json.loads(ckpt.aliases_json) if ckpt.aliases_json else None,
+                    "metadata": json.loads(ckpt.metadata_json) if ckpt.metadata_json else None,
+                }
             )
         for problem in session.scalars(select(Problem).order_by(Problem.last_seen)):
             target = work_dirs.get(problem.work_dir_id) if problem.work_dir_id is not None else None

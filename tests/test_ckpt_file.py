@@ -244,14 +244,15 @@ def _eocd_at(data: bytes) -> int:
 
 
 def test_zip64_checkpoint_written_by_torch(torch: Any, tmp_path: Path) -> None:
-    """A real zip64 torch file, and the same with every 32-bit EOCD field set to its zip64 sentinel.
+    """A real torch zip64 archive whose 32-bit counts are sentinels, and one with sentinel offsets too.
 
-    torch (miniz) switches to zip64 once an archive has 65535 entries, so saving
-    66,000 one-element tensors (separate storages, ~17 MB, a few seconds) gives a
-    genuine zip64 end record + locator without writing 4 GiB. miniz leaves the real
-    central directory size/offset in the 32-bit EOCD fields and only the counts at
-    0xFFFF; the second file replaces those with 0xFFFFFFFF too (as other writers do),
-    so the check must take them from the zip64 record. Python's zipfile agrees.
+    torch's writer (miniz) always adds a zip64 end record and locator, but fills the
+    32-bit EOCD fields with the real values while they fit. With 66,000 one-element
+    tensors (separate storages, ~17 MB, a few seconds) the entry count passes 0xFFFF,
+    so the EOCD holds the sentinel and only the zip64 record has the count: a
+    genuine large-archive case without writing 4 GiB. The second file also sets the
+    EOCD's size and offset to 0xFFFFFFFF, as writers do beyond 4 GiB, so those must
+    come from the zip64 record as well. Python's zipfile reads both.
     """
     path = tmp_path / "epoch_3.pth"
     save_like_mmcv(torch, {"meta": {"epoch": 3, "iter": 30}, "state_dict": [torch.zeros(1) for _ in range(66_000)]}, path)
@@ -334,7 +335,7 @@ def make_zip(entries: dict[str, bytes]) -> bytes:
         ({"archive/data.pkl": pickle.dumps({"meta": {}}, 2)}, "not a torch checkpoint: no archive/version record"),
         ({"notes.txt": b"hi", "archive/data.pkl": b"", "archive/version": b"3\n"},
          "not a torch checkpoint: entries are not inside an archive folder"),
-        ({}, "not a torch checkpoint: entries are not inside an archive folder"),
+        ({}, "not a torch checkpoint: the zip archive is empty"),
     ],
 )  # fmt: skip
 def test_zip_that_is_not_a_torch_checkpoint(entries: dict[str, bytes], reason: str) -> None:
@@ -349,19 +350,28 @@ def test_old_torch_version_record_location() -> None:
 
 
 def test_corrupt_central_directory(torch: Any, tmp_path: Path) -> None:
+    """torch writes a zip64 end record + locator even for small files; both records must agree."""
     path = tmp_path / "epoch_1.pth"
     save_like_mmcv(torch, {"meta": {"epoch": 1}, "state_dict": state_dict(torch, 0.001)}, path)
     data = path.read_bytes()
     eocd = _eocd_at(data)
-    count, cd_size, cd_offset = struct.unpack_from("<HLL", data, eocd + 10)
+    assert data[eocd - 20 : eocd - 16] == b"PK\x06\x07"
+    z64 = struct.unpack_from("<Q", data, eocd - 20 + 8)[0]
+    count, _, cd_offset = struct.unpack_from("<QQQ", data, z64 + 32)
 
     more = bytearray(data)
-    struct.pack_into("<HH", more, eocd + 8, count + 2, count + 2)
+    struct.pack_into("<QQ", more, z64 + 24, count + 2, count + 2)
+    struct.pack_into("<HH", more, eocd + 8, 0xFFFF, 0xFFFF)
     assert check_bytes(bytes(more)).reason == f"central directory holds {count} entries, end record says {count + 2}"
 
     moved = bytearray(data)
-    struct.pack_into("<L", moved, eocd + 16, cd_offset - 1)
+    struct.pack_into("<Q", moved, z64 + 48, cd_offset - 1)
+    struct.pack_into("<L", moved, eocd + 16, 0xFFFFFFFF)
     assert "does not end at the end record" in check_bytes(bytes(moved)).reason  # type: ignore[operator]
+
+    disagree = bytearray(data)
+    struct.pack_into("<HH", disagree, eocd + 8, count + 1, count + 1)
+    assert check_bytes(bytes(disagree)).reason == "end record and zip64 end record disagree: file corrupt"
 
     bad_sig = bytearray(data)
     bad_sig[cd_offset + 1] = ord("X")
@@ -371,6 +381,20 @@ def test_corrupt_central_directory(torch: Any, tmp_path: Path) -> None:
     struct.pack_into("<H", commented, eocd + 20, 5)
     assert check_bytes(bytes(commented) + b"hello").ok  # a comment is allowed; the EOCD is found by search
     assert not check_bytes(bytes(commented) + b"hell").ok
+
+
+def test_corrupt_plain_zip_end_record() -> None:
+    """Without zip64 records (Python's zipfile, older writers) the 32-bit EOCD fields are the truth."""
+    data = make_zip({"archive/data.pkl": pickle.dumps({"meta": {"epoch": 1}}, 2), "archive/version": b"3\n"})
+    eocd = _eocd_at(data)
+    assert eocd == len(data) - 22 and b"PK\x06\x07" not in data
+    assert check_bytes(data).ok
+    more = bytearray(data)
+    struct.pack_into("<HH", more, eocd + 8, 5, 5)
+    assert check_bytes(bytes(more)).reason == "central directory holds 2 entries, end record says 5"
+    moved = bytearray(data)
+    struct.pack_into("<L", moved, eocd + 16, struct.unpack_from("<L", data, eocd + 16)[0] + 1)
+    assert "does not end at the end record" in check_bytes(bytes(moved)).reason  # type: ignore[operator]
 
 
 # --- hostile pickles ---------------------------------------------------------------------------------
@@ -388,22 +412,34 @@ class _Reduce:
         return self.func, self.args
 
 
+def _binunicode(text: str) -> bytes:
+    raw = text.encode()
+    return b"X" + struct.pack("<I", len(raw)) + raw
+
+
 def hostile_pickles(marker: Path) -> dict[str, bytes]:
     cmd = f"touch {marker}"
-    import copyreg
-    import subprocess as sp
-
     return {
         "os.system": pickle.dumps({"meta": {"epoch": 1, "x": _Reduce(os.system, (cmd,))}}, 2),
         "eval": pickle.dumps({"meta": {"epoch": 1, "x": _Reduce(eval, (f"__import__('os').system({cmd!r})",))}}, 4),
         "getattr chain": pickle.dumps(
             {"meta": {"epoch": 1, "x": _Reduce(getattr, (_Reduce(__import__, ("os",)), "system"))}}, 2
         ),
-        "NEWOBJ Popen": pickle.dumps({"meta": {"epoch": 1, "x": _Reduce(copyreg.__newobj__, (sp.Popen, ["touch", str(marker)]))}}, 2),
+        # protocol 2 NEWOBJ on a refused class: {"meta": {"epoch": 1, "x": Popen.__new__(Popen, cmd)}}
+        "NEWOBJ": b"\x80\x02}(" + _binunicode("meta") + b"}(" + _binunicode("epoch") + b"K\x01" + _binunicode("x")
+        + b"csubprocess\nPopen\n" + _binunicode(cmd) + b"\x85\x81uu.",
         # protocol 0 INST opcode: os.system(cmd) built as an "instance"
         "INST": b"(dp0\nVmeta\np1\n(dp2\nVepoch\np3\nI1\nsVx\np4\n(V" + cmd.encode() + b"\nios\nsystem\np5\nss.",
         "top-level call": pickle.dumps(_Reduce(os.system, (cmd,)), 2),
     }
+
+
+def test_hostile_pickles_are_live(tmp_path: Path) -> None:
+    """Control: an ordinary unpickler does run these payloads, so the next test means something."""
+    for name in ("os.system", "eval", "INST", "top-level call"):
+        marker = tmp_path / name.replace(" ", "_").replace(".", "_")
+        pickle.loads(hostile_pickles(marker)[name])
+        assert marker.exists(), name
 
 
 def test_hostile_pickle_never_runs(tmp_path: Path) -> None:

@@ -305,3 +305,27 @@ def _metadata(row: Checkpoint, evaluation: dict[str, Any] | None, options: Check
             metadata.update({k[len("val/"):]: v for k, v in evaluation.items() if k.startswith("val/")})
     metadata["checkpoint"] = {"file": row.name, "size": row.size, "sha256": row.sha256, **meta}
     return metadata
+
+
+def recheck(db: Database, checkpoint_id: int, reason: str) -> None:
+    """The file moved under us while it was hashed: look at it again from the start."""
+    with db.transaction() as session:
+        row = session.get_one(Checkpoint, checkpoint_id)
+        row.state = CheckpointState.SEEN
+        row.still_since = time.time()
+        row.reason = reason
+
+
+def mark_uploaded(session: Session, segment_id: int, *, unpin: bool) -> None:
+    """The segment holding these checkpoints is verified. Online, W&B has the bytes and the pin can go;
+    offline, `wandb sync` still reads the pinned file, so it stays until `mmdet-wandb clean-store`."""
+    for row in session.scalars(select(Checkpoint).where(Checkpoint.segment_id == segment_id)):
+        row.state = CheckpointState.UPLOADED
+        row.reason = None
+        if unpin:
+            _unpin(row)
+
+
+def undecided(db: Database) -> int:
+    with db.transaction() as session:
+        return len(session.scalars(select(Checkpoint.id).where(Checkpoint.state == CheckpointState.SEEN)).all())

@@ -122,7 +122,8 @@ def check_torch_zip(f: BinaryIO, size: int) -> ZipCheck:
     if size == 0:
         return _fail("empty file")
     head = _read_at(f, 0, 4)
-    if not _LOCAL_SIG.startswith(head):  # a 1-3 byte prefix of "PK\3\4" is a zip being written
+    # A 1-3 byte prefix of "PK\3\4" is a zip being written; an empty zip starts with its EOCD.
+    if not (_LOCAL_SIG.startswith(head) or head == _EOCD_SIG):
         if _read_at(f, 0, len(_LEGACY_TORCH_HEAD)) == _LEGACY_TORCH_HEAD:
             return _fail("not a zip file: legacy (pre-1.6) torch format, cannot be checked for completeness")
         return _fail("not a zip file (legacy torch format or not a checkpoint)")
@@ -151,12 +152,15 @@ def check_torch_zip(f: BinaryIO, size: int) -> ZipCheck:
         record = _read_at(f, z64_offset, _ZIP64_EOCD.size)
         if len(record) != _ZIP64_EOCD.size or record[:4] != _ZIP64_EOCD_SIG:
             return _fail("zip64 locator points at no zip64 end record")
-        _, record_size, _, _, disk, cd_disk, _, count, cd_size, cd_offset = _ZIP64_EOCD.unpack(record)
+        _, record_size, _, _, disk, cd_disk, _, count64, size64, offset64 = _ZIP64_EOCD.unpack(record)
         if disk != 0 or cd_disk != 0:
             return _fail("multi-disk zip archive: not a torch checkpoint")
         if z64_offset + 12 + record_size != locator_offset:
             return _fail("zip64 end record does not end at its locator")
-        cd_end = z64_offset
+        # Each 16/32-bit field is either the "see zip64" sentinel or the same value (torch keeps both).
+        if count not in (0xFFFF, count64) or cd_size not in (0xFFFFFFFF, size64) or cd_offset not in (0xFFFFFFFF, offset64):
+            return _fail("end record and zip64 end record disagree: file corrupt")
+        count, cd_size, cd_offset, cd_end = count64, size64, offset64, z64_offset
 
     if cd_offset + cd_size != cd_end:
         return _fail(
@@ -169,7 +173,9 @@ def check_torch_zip(f: BinaryIO, size: int) -> ZipCheck:
     names = _central_directory_names(cdir, count)
     if isinstance(names, ZipCheck):
         return names
-    if not names or "/" not in names[0]:
+    if not names:
+        return _fail("not a torch checkpoint: the zip archive is empty")
+    if "/" not in names[0]:
         return _fail("not a torch checkpoint: entries are not inside an archive folder")
     archive = names[0].split("/", 1)[0]
     present = set(names)

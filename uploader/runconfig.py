@@ -14,6 +14,7 @@ from uploader.discovery import FoundLog
 from uploader.mmcv_config import (
     ConfigParseError,
     evaluate_config,
+    evaluation_interval,
     log_interval,
     optimizer_momentum,
     runner_by_epoch,
@@ -35,6 +36,7 @@ class RunConfig:
     by_epoch: bool | None
     momentum: float | None
     log_interval: int | None
+    eval_interval: int | None  # validation every N epochs (or iterations); None: no validation configured
     hook_options: dict[str, Any]
 
 
@@ -45,8 +47,17 @@ def load_text(text: str, name: str) -> RunConfig | None:
         return None
     return RunConfig(
         name=name, text=text, values=values, by_epoch=runner_by_epoch(values),
-        momentum=_momentum(values), log_interval=log_interval(values), hook_options=wandb_hook_options(values) or {},
+        momentum=_momentum(values), log_interval=log_interval(values),
+        eval_interval=_eval_interval(values), hook_options=wandb_hook_options(values) or {},
     )
+
+
+def _eval_interval(values: dict[str, Any]) -> int | None:
+    """mmdet 2.x validates every epoch when `evaluation` gives no interval; mmengine when a val loop exists."""
+    interval = evaluation_interval(values)
+    if interval is not None:
+        return interval
+    return 1 if isinstance(values.get("evaluation"), dict) or isinstance(values.get("val_cfg"), dict) else None
 
 
 def _momentum(values: dict[str, Any]) -> float | None:

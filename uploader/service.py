@@ -19,7 +19,8 @@ from sqlalchemy import func, select
 from db.models import OutboxRow
 from db.problems import record_problem
 from db.session import Database
-from uploader import discovery
+from uploader import checkpoints, discovery
+from uploader.checkpoints import CheckpointOptions
 from uploader.discovery import FoundLog
 from uploader.ingest import IngestOptions, ingest, mark_gone
 from uploader.wandb_writer import WandbWriter
@@ -31,6 +32,7 @@ log = logging.getLogger("mmdet_wandb.service")
 class ServiceOptions:
     roots: tuple[Path, ...]
     ingest: IngestOptions = field(default_factory=IngestOptions)
+    checkpoints: CheckpointOptions | None = None  # None: checkpoints are not logged (log_checkpoint=False)
     scan_interval_s: float = 10.0
     poll_interval_s: float = 0.5
     use_events: bool = True
@@ -93,10 +95,16 @@ class Uploader:
             return 0
 
     def step(self) -> None:
-        """Everything after a scan: read what changed, upload what is pending, close idle segments."""
+        """Everything after a scan: read what changed, look at checkpoints, upload what is due, close idle segments."""
         self.ingest_changed()
+        self.look_at_checkpoints()
         self.writer.drain()
         self.writer.close_idle()
+
+    def look_at_checkpoints(self) -> None:
+        if self.options.checkpoints is not None:
+            work_dirs = {f.work_dir for f in self._logs.values()}
+            checkpoints.advance(self.db, checkpoints.find(work_dirs), self.options.checkpoints)
 
     def backfill(self, on_progress: Callable[[str, int, int], None] | None = None) -> None:
         """One pass over everything: ingest every log to its end, upload every row, close every segment."""
@@ -106,6 +114,7 @@ class Uploader:
             self._ingest_one(found)
             if on_progress:
                 on_progress("read", index, len(logs))
+        self._settle_checkpoints()
         total = _pending_rows(self.db)
         done = 0
         while True:
@@ -116,6 +125,18 @@ class Uploader:
             if on_progress:
                 on_progress("upload", done, total)
         self.writer.close_all()
+
+    def _settle_checkpoints(self) -> None:
+        """Backfill: look again until every checkpoint is decided (ready, incomplete or missed)."""
+        options = self.options.checkpoints
+        if options is None:
+            return
+        deadline = time.monotonic() + options.incomplete_after_s + options.settle_s
+        while True:
+            self.look_at_checkpoints()
+            if not checkpoints.undecided(self.db) or time.monotonic() > deadline:
+                return
+            time.sleep(min(options.settle_s, 1.0))
 
     def watch(self, stop: threading.Event) -> None:
         """Follow the roots until `stop` is set; then close every open segment."""

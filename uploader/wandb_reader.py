@@ -35,7 +35,7 @@ __all__ = [
     "WandbFileError",
     "find_run_files",
     "has_exit_record",
-    "history_steps",
+    "scan_segment",
     "iter_records",
     "read_run",
     "wait_for_exit",
@@ -355,18 +355,26 @@ def has_exit_record(path: StrPath) -> bool:
     return any(record.HasField("exit") for record in iter_records(path))
 
 
-def history_steps(path: StrPath) -> tuple[list[int], bool]:
-    """The `_step` of every history row, and whether the exit record is there: a segment check that skips
-    decoding the logged values (several times faster than ``read_run``)."""
-    steps: list[int] = []
-    has_exit = False
+@dataclass
+class SegmentScan:
+    steps: list[int]
+    artifacts: list[OfflineArtifact]
+    has_exit: bool
+
+
+def scan_segment(path: StrPath) -> SegmentScan:
+    """The `_step` of every history row, the artifacts and whether the exit record is there: the writer's
+    check of a closed segment, which skips decoding the logged values (several times faster than ``read_run``)."""
+    scan = SegmentScan(steps=[], artifacts=[], has_exit=False)
     for record in iter_records(path):
         kind = record.WhichOneof("record_type")
         if kind == "history":
-            steps.append(record.history.step.num)
+            scan.steps.append(record.history.step.num)
+        elif kind == "artifact":
+            scan.artifacts.append(_artifact(record.artifact))
         elif kind == "exit":
-            has_exit = True
-    return steps, has_exit
+            scan.has_exit = True
+    return scan
 
 
 def wait_for_exit(path: StrPath, timeout: float, poll_interval: float = 0.25) -> None:

@@ -19,9 +19,10 @@ from typing import Any
 import wandb
 from sqlalchemy import func, select, update
 
-from db.models import OutboxRow, Run, Segment, SegmentState, utcnow
+from db.models import Checkpoint, OutboxRow, Run, Segment, SegmentState, utcnow
 from db.session import Database
-from uploader import wandb_reader
+from uploader import checkpoints, ckpt_file, wandb_reader
+from uploader.checkpoints import CheckpointOptions
 
 log = logging.getLogger("mmdet_wandb.writer")
 
@@ -68,9 +69,10 @@ class SegmentVerificationError(RuntimeError):
 
 
 class WandbWriter:
-    def __init__(self, db: Database, options: WriterOptions) -> None:
+    def __init__(self, db: Database, options: WriterOptions, checkpoint_options: CheckpointOptions | None = None) -> None:
         self.db = db
         self.options = options
+        self.checkpoint_options = checkpoint_options
         self._open: dict[int, _OpenSegment] = {}
 
     def recover(self) -> None:
@@ -99,7 +101,8 @@ class WandbWriter:
             )
 
     def drain(self) -> int:
-        """Log one batch of pending rows of every run that has some; returns how many were logged."""
+        """Log one batch of pending rows of every run that has some, then every checkpoint that is due;
+        returns how many rows and checkpoints were logged."""
         logged = 0
         for run_id in self.pending_runs():
             try:
@@ -107,6 +110,13 @@ class WandbWriter:
             except Exception as exc:  # one broken run must not stop the others
                 log.exception("run %s: upload failed", run_id)
                 self._fail_run(run_id, exc)
+        if self.checkpoint_options is not None:
+            for upload in checkpoints.due_uploads(self.db, self.checkpoint_options):
+                try:
+                    logged += self._log_checkpoint(upload)
+                except Exception as exc:
+                    log.exception("checkpoint %s: upload failed", upload.path)
+                    self._fail_run(upload.run_id, exc)
         return logged
 
     def close_idle(self) -> None:
@@ -155,13 +165,13 @@ class WandbWriter:
         seg.last_activity = time.monotonic()
         return len(rows)
 
-    def _open_segment(self, run_id: int, first_step: int) -> _OpenSegment:
+    def _open_segment(self, run_id: int, first_step: int | None) -> _OpenSegment:
         with self.db.transaction() as session:
             run = session.get_one(Run, run_id)
             done = session.scalar(
                 select(func.max(Segment.last_step)).where(Segment.run_id == run_id, Segment.state == SegmentState.CLOSED)
             )
-            if done is not None and first_step <= done:
+            if done is not None and first_step is not None and first_step <= done:
                 raise RuntimeError(f"run {run.wandb_id}: pending step {first_step} is not above uploaded step {done}")
             seq = (session.scalar(select(func.max(Segment.seq)).where(Segment.run_id == run_id)) or 0) + 1
             directory = self.options.runs_dir / run.wandb_id / f"{seq:04d}"
@@ -187,6 +197,32 @@ class WandbWriter:
         self._open[run_id] = seg
         log.info("run %s: opened segment %s in %s", init["id"], seq, directory)
         return seg
+
+    def _log_checkpoint(self, upload: checkpoints.Upload) -> int:
+        """Hash the pinned file once and log it as a version of `run_<id>_model` in the run's open segment."""
+        try:
+            with open(upload.path, "rb") as handle:
+                digests = ckpt_file.hash_file(handle)
+        except (OSError, ckpt_file.ChangedWhileReading) as exc:
+            checkpoints.recheck(self.db, upload.checkpoint_id, f"cannot hash: {exc}")
+            return 0
+        seg = self._open.get(upload.run_id) or self._open_segment(upload.run_id, None)
+        with self.db.transaction() as session:
+            wandb_id = session.get_one(Run, upload.run_id).wandb_id
+        metadata = dict(upload.metadata)
+        metadata["checkpoint"] = {**metadata.get("checkpoint", {}), "size": digests.size, "sha256": digests.sha256_hex}
+        artifact = wandb.Artifact(f"run_{wandb_id}_model", type="model", metadata=metadata)
+        _add_hashed_file(artifact, upload.path, upload.name, digests)
+        seg.handle.log_artifact(artifact, aliases=upload.aliases)
+        seg.last_activity = time.monotonic()
+        with self.db.transaction() as session:
+            row = session.get_one(Checkpoint, upload.checkpoint_id)
+            row.segment_id = seg.segment_id
+            row.md5_b64, row.sha256, row.size = digests.md5_b64, digests.sha256_hex, digests.size
+            row.metadata_json = json.dumps(metadata, default=str)
+            row.aliases_json = json.dumps(upload.aliases)
+        log.info("run %s: logged %s as %s", wandb_id, upload.name, ", ".join(upload.aliases))
+        return 1
 
     def _init_kwargs(self, run: Run, directory: Path) -> dict[str, Any]:
         """Precedence: CLI option > WANDB_* environment > the hook's init_kwargs > our defaults."""
@@ -230,14 +266,21 @@ class WandbWriter:
             expected = list(
                 session.scalars(select(OutboxRow.step).where(OutboxRow.segment_id == segment_id).order_by(OutboxRow.step))
             )
+            logged_files = {
+                (row.name, row.md5_b64)
+                for row in session.scalars(select(Checkpoint).where(Checkpoint.segment_id == segment_id))
+            }
         if sync_file is not None:
             wandb_reader.wait_for_exit(sync_file, self.options.exit_timeout_s)
-            written, _ = wandb_reader.history_steps(sync_file)
-            if written != expected:
+            scan = wandb_reader.scan_segment(sync_file)
+            if scan.steps != expected:
                 raise SegmentVerificationError(
-                    f"{sync_file}: {len(written)} rows read back, {len(expected)} logged"
-                    + (f"; first difference at row {_first_difference(written, expected)}" if written else "")
+                    f"{sync_file}: {len(scan.steps)} rows read back, {len(expected)} logged"
+                    + (f"; first difference at row {_first_difference(scan.steps, expected)}" if scan.steps else "")
                 )
+            written_files = {(e["path"], e["digest"]) for a in scan.artifacts if a.type == "model" for e in a.entries}
+            if not logged_files <= written_files:
+                raise SegmentVerificationError(f"{sync_file}: checkpoints missing: {sorted(logged_files - written_files)}")
         with self.db.transaction() as session:
             segment = session.get_one(Segment, segment_id)
             segment.state = SegmentState.CLOSED
@@ -246,6 +289,7 @@ class WandbWriter:
             segment.first_step = expected[0] if expected else None
             segment.last_step = expected[-1] if expected else None
             session.execute(update(OutboxRow).where(OutboxRow.segment_id == segment_id).values(uploaded=True))
+            checkpoints.mark_uploaded(session, segment_id, unpin=segment.mode == "online")
             session.get_one(Run, segment.run_id).last_error = None
 
     def _discard(self, segment_id: int, directory: Path | None) -> None:
@@ -260,6 +304,7 @@ class WandbWriter:
                 .where(OutboxRow.segment_id == segment_id, OutboxRow.uploaded.is_(False))
                 .values(segment_id=None)
             )
+            session.execute(update(Checkpoint).where(Checkpoint.segment_id == segment_id).values(segment_id=None))
         if segment.mode == "offline":
             shutil.rmtree(directory, ignore_errors=True)
 
@@ -298,6 +343,11 @@ def _save_config_file(handle: Any, directory: Path, name: str | None, text: str)
     copy.parent.mkdir(parents=True, exist_ok=True)
     copy.write_text(text, encoding="utf-8")
     handle.save(str(copy), base_path=str(copy.parent), policy="now")
+
+
+def _add_hashed_file(artifact: wandb.Artifact, path: Path, name: str, digests: ckpt_file.Digests) -> None:
+    """Add the pinned checkpoint with `policy="immutable"` (no staging copy)."""
+    artifact.add_file(str(path), name=name, policy="immutable")
 
 
 def _first_difference(written: list[Any], expected: list[int]) -> int:
