@@ -351,6 +351,7 @@ def run_child(kind: str, spec: dict[str, Any], work: Path, timeout: float) -> di
     home = Path(spec["home"])
     home.mkdir(parents=True, exist_ok=True)
     spec = {**spec, "result_out": str(work / "result.json")}
+    (work / "result.json").unlink(missing_ok=True)
     spec_path = work / "spec.json"
     spec_path.write_text(json.dumps(spec), encoding="utf-8")
     cmd = [sys.executable, str(Path(__file__).resolve()), "--_child", kind, "--_spec", str(spec_path)]

@@ -17,6 +17,7 @@ from rich.table import Table
 
 from db.session import Database
 from mmdet_wandb import paths, status
+from uploader import checkpoints
 from uploader.checkpoints import CheckpointOptions
 from uploader.ingest import FreshLaunch, IngestOptions
 from uploader.service import ServiceOptions, Uploader
@@ -179,6 +180,16 @@ def status_command(
     db = Database(home.db_url)
     db.upgrade()
     _print_status(db, as_json=as_json, console=Console())
+
+
+@app.command("clean-store")
+def clean_store_command(data_dir: DataDirOpt = None) -> None:
+    """Delete pinned checkpoints that `wandb sync` has uploaded (offline mode keeps them until then)."""
+    home = paths.resolve(data_dir)
+    db = Database(home.db_url)
+    db.upgrade()
+    removed, kept = checkpoints.clean_store(db)
+    err.print(f"removed {removed} pinned checkpoint(s); kept {kept} whose segment is not synced yet")
 
 
 def _print_status(db: Database, *, as_json: bool, console: Console) -> None:

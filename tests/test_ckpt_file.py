@@ -78,6 +78,7 @@ def mmcv_meta(np: Any) -> dict[str, Any]:
             "lr": np.float32(0.02),
             "best_epoch": np.int64(1),
         },
+        "scalars": [np.bool_(True), np.int8(-3), np.uint32(7), np.float16(0.5)],
         "epoch": 2,
         "iter": 2 * 7330,
         "mmcv_version": "1.7.2",
@@ -454,6 +455,16 @@ def test_hostile_pickle_never_runs(tmp_path: Path) -> None:
         else:
             assert got is not None and got["epoch"] == 1, name
             assert isinstance(got["x"], str) and got["x"].startswith("<refused"), (name, got)
+
+
+def test_absurd_nesting_is_no_metadata() -> None:
+    """A small pickle can nest lists 100,000 deep (EMPTY_LIST × n, APPEND × n-1); pickle.dumps could not."""
+    n = 100_000
+    data = torch_like_zip(
+        b"\x80\x02}(" + _binunicode("meta") + b"}(" + _binunicode("epoch") + b"K\x01" + _binunicode("deep")
+        + b"]" * n + b"a" * (n - 1) + b"uu."
+    )
+    assert read_checkpoint_meta(io.BytesIO(data)) is None
 
 
 def test_module_imports_neither_torch_nor_numpy(torch: Any, np: Any, tmp_path: Path) -> None:

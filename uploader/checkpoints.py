@@ -20,7 +20,7 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from db.models import Checkpoint, CheckpointState, OutboxRow, Run, Source, SourceState, WorkDir
+from db.models import Checkpoint, CheckpointState, OutboxRow, Run, Segment, Source, SourceState, WorkDir
 from db.session import Database
 from uploader import ckpt_file, runconfig
 
@@ -329,3 +329,27 @@ def mark_uploaded(session: Session, segment_id: int, *, unpin: bool) -> None:
 def undecided(db: Database) -> int:
     with db.transaction() as session:
         return len(session.scalars(select(Checkpoint.id).where(Checkpoint.state == CheckpointState.SEEN)).all())
+
+
+def clean_store(db: Database) -> tuple[int, int]:
+    """Drop the pins of uploaded checkpoints whose offline segment `wandb sync` has marked as synced.
+
+    Returns (removed, kept). wandb writes `.synced` even after a failed upload, so run this only once the
+    run looks right in W&B.
+    """
+    removed = kept = 0
+    with db.transaction() as session:
+        rows = session.scalars(
+            select(Checkpoint).where(Checkpoint.state == CheckpointState.UPLOADED, Checkpoint.pin_path.is_not(None))
+        ).all()
+        for row in rows:
+            segment = session.get(Segment, row.segment_id) if row.segment_id is not None else None
+            synced = segment is not None and any(
+                Path(f"{path}.synced").exists() for path in Path(segment.dir).rglob("run-*.wandb")
+            )
+            if synced:
+                _unpin(row)
+                removed += 1
+            else:
+                kept += 1
+    return removed, kept

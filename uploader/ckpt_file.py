@@ -10,6 +10,7 @@ without torch, so everything here reads the zip container and pickle by hand.
 from __future__ import annotations
 
 import base64
+import functools
 import hashlib
 import itertools
 import math
@@ -211,13 +212,9 @@ class _Opaque:
         pass
 
 
-_placeholders: dict[str, type[_Opaque]] = {}
-
-
+@functools.lru_cache(maxsize=1024)  # bounded: names come from untrusted pickles
 def _placeholder(label: str) -> type[_Opaque]:
-    if label not in _placeholders:
-        _placeholders[label] = type("Placeholder", (_Opaque,), {"label": label})
-    return _placeholders[label]
+    return type("Placeholder", (_Opaque,), {"label": label})
 
 
 class _NumpyDtype:
@@ -227,8 +224,8 @@ class _NumpyDtype:
         self.code = code
         self.byteorder = "="
 
-    def __setstate__(self, state: tuple[Any, ...]) -> None:
-        if len(state) > 1 and isinstance(state[1], str):
+    def __setstate__(self, state: Any) -> None:
+        if isinstance(state, tuple) and len(state) > 1 and isinstance(state[1], str):
             self.byteorder = state[1]
 
 
@@ -242,9 +239,10 @@ _NUMPY_STRUCT_CODES = {
 
 def _numpy_scalar(dtype: Any, data: Any = None) -> Any:
     """A numpy scalar (e.g. ``best_score`` from an evaluation) as a Python number."""
-    if isinstance(dtype, _NumpyDtype) and isinstance(data, bytes) and dtype.code in _NUMPY_STRUCT_CODES:
+    code = dtype.code if isinstance(dtype, _NumpyDtype) else None
+    if isinstance(code, str) and code in _NUMPY_STRUCT_CODES and isinstance(data, bytes):
         order = {"<": "<", ">": ">", "|": "<", "=": "="}.get(dtype.byteorder, "=")
-        fmt = order + _NUMPY_STRUCT_CODES[dtype.code]
+        fmt = order + _NUMPY_STRUCT_CODES[code]
         if struct.calcsize(fmt) == len(data):
             return struct.unpack(fmt, data)[0]
     return _placeholder("numpy scalar")()
@@ -339,12 +337,12 @@ def read_checkpoint_meta(f: BinaryIO) -> dict[str, Any] | None:
             if info.file_size > _MAX_PICKLE_BYTES:
                 return None
             with zf.open(info) as pkl:
-                checkpoint = _MetaUnpickler(pkl).load()
-    except Exception:  # any malformed zip or pickle is "no metadata", never a crash
+                checkpoint = _MetaUnpickler(pkl, encoding="utf-8").load()
+        if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("meta"), dict):
+            return None
+        result: dict[str, Any] = _json_safe(checkpoint["meta"], set())
+    except Exception:  # a malformed zip or pickle, or absurd nesting, is "no metadata", never a crash
         return None
-    if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("meta"), dict):
-        return None
-    result: dict[str, Any] = _json_safe(checkpoint["meta"], set())
     return result
 
 

@@ -166,6 +166,7 @@ def _commit(
     stored = _stored_lines(session, source_id, parsed)
     run = session.get(Run, source.run_id) if source.run_id is not None else None
     summary: dict[str, Any] | None = None
+    outbox: list[dict[str, Any]] = []
     added = 0
     for line in parsed:
         for record in line.records:
@@ -181,9 +182,11 @@ def _commit(
                     run = _choose_run(session, source, found, state, lineage, record, options)
                 if summary is None:
                     summary = json.loads(run.summary_json)
-                _append(session, run, source, read.position.generation, line, record, summary)
+                _append(outbox, run, source, read.position.generation, line, record, summary)
                 added += 1
     _flush_summary(run, summary)
+    if outbox:
+        session.connection().execute(OutboxRow.__table__.insert(), outbox)  # Core executemany: no ORM per row
     if run is not None:
         source.run_id = run.id
         run.by_epoch = state.by_epoch if state.by_epoch is not None else run.by_epoch
@@ -208,11 +211,13 @@ def _stored_lines(session: Session, source_id: int, parsed: list[_ParsedLine]) -
 
 
 def _append(
-    session: Session, run: Run, source: Source, generation: int, line: _ParsedLine, row: MetricRow, summary: dict[str, Any]
+    outbox: list[dict[str, Any]], run: Run, source: Source, generation: int, line: _ParsedLine, row: MetricRow,
+    summary: dict[str, Any],
 ) -> None:
+    """Queue one outbox row (inserted in bulk by the caller) and give it the run's next step."""
     payload = row.wandb_payload()
-    session.add(
-        OutboxRow(
+    outbox.append(
+        dict(
             run_id=run.id, step=run.next_step, source_id=source.id, generation=generation, byte_offset=line.offset,
             line_hash=line.line_hash, kind=row.kind.value, payload_json=json.dumps(payload), uploaded=False,
         )

@@ -108,6 +108,7 @@ class Uploader:
 
     def backfill(self, on_progress: Callable[[str, int, int], None] | None = None) -> None:
         """One pass over everything: ingest every log to its end, upload every row, close every segment."""
+        self.writer.warm_up()
         self.writer.recover()
         logs = self.scan()
         for index, found in enumerate(logs, 1):
@@ -140,6 +141,7 @@ class Uploader:
 
     def watch(self, stop: threading.Event) -> None:
         """Follow the roots until `stop` is set; then close every open segment."""
+        self.writer.warm_up()
         self.writer.recover()
         wake = threading.Event()
         touched: set[Path] = set()

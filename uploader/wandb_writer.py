@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import shutil
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -74,6 +75,11 @@ class WandbWriter:
         self.options = options
         self.checkpoint_options = checkpoint_options
         self._open: dict[int, _OpenSegment] = {}
+
+    def warm_up(self) -> None:
+        """Start wandb-core in the background (the first wandb.init of a process pays ~0.5 s for it),
+        so that it overlaps with reading the logs instead of delaying the first row."""
+        threading.Thread(target=wandb.setup, name="wandb-setup", daemon=True).start()
 
     def recover(self) -> None:
         """Settle segments a previous process left open: keep one that is complete, else rebuild it from the DB."""

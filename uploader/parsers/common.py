@@ -11,8 +11,11 @@ from uploader.records import ParseState
 TIMING_KEYS = ("time", "data_time", "memory")
 
 
+NUMBER_TYPES = (int, float)  # exact types: bool is an int subclass but no metric
+
+
 def is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
+    return type(value) in NUMBER_TYPES
 
 
 def as_int(value: Any) -> int | None:
@@ -44,7 +47,7 @@ def optimizer_values(state: ParseState, obj: dict[str, Any]) -> dict[str, Any]:
 
 def prefixed_numbers(obj: dict[str, Any], prefix: str, skip: frozenset[str]) -> dict[str, Any]:
     """Every numeric value of a line under `<prefix>/<key>`; strings (e.g. bbox_mAP_copypaste) are dropped."""
-    return {f"{prefix}/{k}": v for k, v in obj.items() if k not in skip and is_number(v)}
+    return {f"{prefix}/{k}": v for k, v in obj.items() if type(v) in NUMBER_TYPES and k not in skip}
 
 
 def apply_config_text(state: ParseState, text: str | None, filename: str) -> None:
