@@ -140,6 +140,7 @@ class OutboxRow(Base):
         UniqueConstraint("source_id", "byte_offset", "line_hash", name="uq_outbox_line"),
         UniqueConstraint("run_id", "step", name="uq_outbox_run_step"),
         Index("ix_outbox_pending", "run_id", "uploaded", "step"),
+        Index("ix_outbox_axes", "run_id", "kind", "epoch", "iter"),
     )
 
     id: Mapped[int] = mapped_column(primary_key=True)
@@ -150,6 +151,8 @@ class OutboxRow(Base):
     byte_offset: Mapped[int] = mapped_column(BigInteger)
     line_hash: Mapped[str] = mapped_column(String(32))
     kind: Mapped[str] = mapped_column(String(8))
+    epoch: Mapped[int | None] = mapped_column(Integer, nullable=True)  # the row's axes, for checkpoint lookups
+    iter: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
     payload_json: Mapped[str] = mapped_column(Text)
     segment_id: Mapped[int | None] = mapped_column(ForeignKey("segments.id"), nullable=True)
     uploaded: Mapped[bool] = mapped_column(Boolean, default=False)

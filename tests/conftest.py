@@ -63,3 +63,6 @@ def real_logs() -> Path:
     if not REAL_LOGS.is_dir():
         pytest.fail(f"the real logs are missing: {REAL_LOGS} (set MMDET_WANDB_REAL_LOGS)")
     return REAL_LOGS
+
+
+from tests.mmdet_run.fixtures import synthetic_coco, trained_work_dir  # noqa: E402,F401  (pytest fixtures)

@@ -243,33 +243,28 @@ def _run_of(session: Session, row: Checkpoint) -> Run | None:
     runs = session.scalars(
         select(Run).where(Run.work_dir_id == row.work_dir_id, Run.job_type == "train").order_by(Run.launch.desc())
     ).all()
-    if not runs or row.number is None:
-        return runs[0] if runs else None
-    for run in runs:
-        column = OutboxRow.payload_json  # axis values live in the payload; match on the row's epoch/iter
-        unit = "epoch" if row.kind.endswith("epoch") else "iter"
-        hit = session.scalar(
-            select(OutboxRow.id).where(OutboxRow.run_id == run.id, column.like(f'%"{unit}": {row.number},%')).limit(1)
-        )
-        if hit is not None:
-            return run
-    return runs[0]
+    if row.number is not None:
+        axis = OutboxRow.epoch if row.kind.endswith("epoch") else OutboxRow.iter
+        for run in runs:
+            hit = session.scalar(select(OutboxRow.id).where(OutboxRow.run_id == run.id, axis == row.number).limit(1))
+            if hit is not None:
+                return run
+    return runs[0] if runs else None
 
 
 def _evaluation(session: Session, run: Run, row: Checkpoint) -> Any:
     """The val row of the checkpoint's own epoch/iteration, None when none belongs to it, or _WAIT."""
     if row.number is None:
         return None
-    unit = "epoch" if row.kind.endswith("epoch") else "iter"
-    candidates = session.scalars(
-        select(OutboxRow.payload_json).where(
-            OutboxRow.run_id == run.id, OutboxRow.kind == "val", OutboxRow.payload_json.like(f'%"{unit}": {row.number}%')
-        )
-    ).all()
-    for payload_json in candidates:
-        payload = json.loads(payload_json)
-        if payload.get(unit) == row.number:
-            return payload
+    axis = OutboxRow.epoch if row.kind.endswith("epoch") else OutboxRow.iter
+    found = session.scalar(
+        select(OutboxRow.payload_json)
+        .where(OutboxRow.run_id == run.id, OutboxRow.kind == "val", axis == row.number)
+        .order_by(OutboxRow.step.desc())
+        .limit(1)
+    )
+    if found is not None:
+        return json.loads(found)
     config = runconfig.load_text(run.config_text, run.config_name or "config.py") if run.config_text else None
     interval = config.eval_interval if config is not None else None
     if interval is None or row.number % interval != 0:

@@ -219,7 +219,8 @@ def _append(
     outbox.append(
         dict(
             run_id=run.id, step=run.next_step, source_id=source.id, generation=generation, byte_offset=line.offset,
-            line_hash=line.line_hash, kind=row.kind.value, payload_json=json.dumps(payload), uploaded=False,
+            line_hash=line.line_hash, kind=row.kind.value, epoch=row.epoch, iter=row.iter,
+            payload_json=json.dumps(payload), uploaded=False,
         )
     )
     run.next_step += 1

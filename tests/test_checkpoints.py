@@ -1,0 +1,228 @@
+"""Checkpoints of REAL tiny MMDetection trainings as versions of `run_<id>_model`, backfilled and live."""
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import os
+import shutil
+import signal
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import cli, offline_run, status
+from tests.mmdet_run.fixtures import KINDS, cached_dataset, start_training
+from tests.test_watch import start_watch, wait_until
+
+CKPT_FLAGS = ("--log-checkpoint", "--log-checkpoint-metadata")
+
+
+def md5_b64(path: Path) -> str:
+    return base64.b64encode(hashlib.md5(path.read_bytes()).digest()).decode()
+
+
+def val_lines(work_dir: Path) -> dict[int, dict]:
+    """epoch → the val line of that epoch, from the real log.json files."""
+    lines = {}
+    for log in sorted(work_dir.glob("*.log.json")):
+        for raw in log.read_text().splitlines():
+            line = json.loads(raw)
+            if line.get("mode") == "val":
+                lines[line["epoch"]] = line
+    return lines
+
+
+def model_artifacts(home: Path) -> dict[str, dict]:
+    """File name → {aliases, metadata, digest, run name} for every model artifact version written."""
+    (work_dir,) = status(home)["work_dirs"]
+    found = {}
+    for run in work_dir["runs"]:
+        for segment in offline_run(home, run["wandb_id"]).segments:
+            for art in segment.artifacts:
+                assert art.name == f"run_{run['wandb_id']}_model" and art.type == "model"
+                (entry,) = art.entries
+                assert entry["path"] not in found, f"{entry['path']} uploaded twice"
+                found[entry["path"]] = {"aliases": art.aliases, "metadata": art.metadata, "digest": entry["digest"]}
+    return found
+
+
+def checkpoint_states(home: Path) -> dict[str, list[tuple[str, str | None]]]:
+    states: dict[str, list[tuple[str, str | None]]] = {}
+    for work_dir in status(home)["work_dirs"]:
+        for ckpt in work_dir["checkpoints"]:
+            states.setdefault(ckpt["name"], []).append((ckpt["state"], ckpt["reason"]))
+    return states
+
+
+def assert_metadata_is_its_own_epoch(metadata: dict, epoch: int, vals: dict[int, dict], path: Path) -> None:
+    assert metadata["epoch"] == epoch
+    expected = {k: v for k, v in vals[epoch].items() if k not in {"mode", "epoch", "iter", "lr"} and not isinstance(v, str)}
+    assert {k: metadata[k] for k in expected} == expected, "metrics of the checkpoint's own epoch"
+    assert expected["bbox_mAP"] > 0, "a real training with a real evaluation"
+    assert metadata["checkpoint"]["sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()
+    assert metadata["checkpoint"]["mmdet_version"].startswith("2.28.2")
+    assert metadata["checkpoint"]["CLASSES"]
+
+
+def test_backfill_of_a_finished_run(trained_work_dir, tmp_path):
+    work_dir = trained_work_dir("retinanet_epoch")
+    home = tmp_path / "home"
+    cli(home, "backfill", str(work_dir.parent), "--no-progress", *CKPT_FLAGS)
+
+    files = {p.name: p for p in work_dir.glob("*.pth") if not p.is_symlink()}
+    assert len([n for n in files if n.startswith("epoch_")]) == 2, "max_keep_ckpts=2 left two regular ones"
+    artifacts = model_artifacts(home)
+    assert set(artifacts) == set(files), "one version per checkpoint on disk"
+    vals = val_lines(work_dir)
+    for name, art in artifacts.items():
+        assert art["digest"] == md5_b64(files[name])
+        epoch = int(name.rsplit("_", 1)[1][: -len(".pth")])
+        assert art["aliases"] >= ({"best"} if name.startswith("best_") else {f"epoch_{epoch}", "latest"})
+        assert_metadata_is_its_own_epoch(art["metadata"], epoch, vals, files[name])
+    assert {s for states in checkpoint_states(home).values() for s, _ in states} == {"uploaded"}
+
+
+def test_live_training_uploads_every_checkpoint_once(tmp_path):
+    kind = KINDS["retinanet_epoch"]
+    root, home = tmp_path / "work_dirs", tmp_path / "home"
+    work_dir = root / kind.config_stem
+    work_dir.mkdir(parents=True)
+    watch = start_watch(home, root, *CKPT_FLAGS, "--checkpoint-settle", "1", "--segment-idle", "2", "--finish-after", "5")
+    try:
+        training = start_training(kind.config(cached_dataset()), work_dir)
+        assert training.wait(timeout=900) == 0, Path(training.output_path).read_text()[-3000:]
+        epochs = kind.launches[0].schedule.max_epochs
+
+        def all_uploaded() -> bool:
+            states = checkpoint_states(home)
+            regular = [n for n in states if n.startswith("epoch_")]
+            return len(regular) == epochs and all(s in {"uploaded", "missed"} for v in states.values() for s, _ in v)
+
+        wait_until(all_uploaded, 180, "every checkpoint to be uploaded", watch)
+        watch.send_signal(signal.SIGTERM)
+        assert watch.wait(timeout=120) == 0
+    finally:
+        if watch.poll() is None:
+            os.killpg(watch.pid, signal.SIGKILL)
+
+    artifacts = model_artifacts(home)
+    regular = sorted(n for n in artifacts if n.startswith("epoch_"))
+    assert regular == sorted(f"epoch_{n}.pth" for n in range(1, epochs + 1)), "pins kept what max_keep_ckpts deleted"
+    states = checkpoint_states(home)
+    assert all(len(v) == 1 for v in states.values()), "each checkpoint seen and uploaded once"
+    vals = val_lines(work_dir)
+    store = home / "store"
+    for name in regular:
+        epoch = int(name[len("epoch_") : -len(".pth")])
+        (pinned,) = store.rglob(f"*-{name}")
+        assert artifacts[name]["digest"] == md5_b64(pinned)
+        assert artifacts[name]["aliases"] >= {f"epoch_{epoch}", "latest"}
+        assert_metadata_is_its_own_epoch(artifacts[name]["metadata"], epoch, vals, pinned)
+    for name in (n for n in artifacts if n.startswith("best_")):
+        assert "best" in artifacts[name]["aliases"]
+
+
+@pytest.fixture
+def live_work_dir(trained_work_dir, tmp_path):
+    """A finished real work_dir (logs and checkpoints) being watched, ready for a new checkpoint to appear."""
+    work_dir = trained_work_dir("retinanet_epoch", writable=True)
+    home = tmp_path / "home"
+    watch = start_watch(home, work_dir.parent, "--log-checkpoint", "--checkpoint-settle", "1",
+                        "--checkpoint-incomplete-after", "6", "--segment-idle", "1", "--finish-after", "1")
+    wait_until(lambda: any(s == "uploaded" for v in checkpoint_states(home).values() for s, _ in v),
+               120, "the existing checkpoints to be uploaded", watch)
+    yield work_dir, home, watch
+    if watch.poll() is None:
+        watch.send_signal(signal.SIGTERM)
+        assert watch.wait(timeout=120) == 0
+    assert (home / "wandb").is_dir()
+
+
+def real_checkpoint(work_dir: Path) -> bytes:
+    return next(p for p in sorted(work_dir.glob("epoch_*.pth"))).read_bytes()
+
+
+def test_a_half_written_checkpoint_waits_until_whole(live_work_dir):
+    work_dir, home, watch = live_work_dir
+    data = real_checkpoint(work_dir)
+    target = work_dir / "epoch_20.pth"
+    with open(target, "wb") as handle:
+        handle.write(data[: len(data) // 2])
+        handle.flush()
+        wait_until(lambda: "epoch_20.pth" in checkpoint_states(home), 30, "the half checkpoint to be seen", watch)
+        time.sleep(3)
+        (state,) = checkpoint_states(home)["epoch_20.pth"]
+        assert state[0] == "seen" and "end-of-central-directory" in (state[1] or "")
+        assert "epoch_20.pth" not in model_artifacts(home)
+        handle.write(data[len(data) // 2 :])
+    wait_until(lambda: checkpoint_states(home)["epoch_20.pth"][0][0] == "uploaded", 60, "the whole checkpoint", watch)
+    assert model_artifacts_after_stop(home, watch)["epoch_20.pth"]["digest"] == md5_b64(target)
+
+
+def model_artifacts_after_stop(home: Path, watch) -> dict[str, dict]:
+    watch.send_signal(signal.SIGTERM)
+    assert watch.wait(timeout=120) == 0
+    return model_artifacts(home)
+
+
+def test_a_checkpoint_deleted_right_after_it_appears(live_work_dir):
+    work_dir, home, watch = live_work_dir
+    data = real_checkpoint(work_dir)
+    kept = work_dir / "epoch_21.pth"
+    kept.write_bytes(data)
+    wait_until(lambda: "epoch_21.pth" in checkpoint_states(home), 30, "the checkpoint to be pinned", watch)
+    kept.unlink()
+    vanishing = work_dir / "epoch_22.pth"
+    vanishing.write_bytes(data)
+    vanishing.unlink()  # most likely gone before the first look
+    wait_until(lambda: checkpoint_states(home)["epoch_21.pth"][0][0] == "uploaded", 60, "the pinned copy", watch)
+    assert checkpoint_states(home).get("epoch_22.pth", [("missed", None)])[0][0] in {"missed", "uploaded"}
+    artifacts = model_artifacts_after_stop(home, watch)
+    assert artifacts["epoch_21.pth"]["digest"] == base64.b64encode(hashlib.md5(data).digest()).decode()
+
+
+def test_a_broken_checkpoint_that_never_completes_is_incomplete(live_work_dir):
+    work_dir, home, watch = live_work_dir
+    (work_dir / "epoch_23.pth").write_bytes(real_checkpoint(work_dir)[:-100])
+    (work_dir / "epoch_24.pth").write_bytes(b"")
+    (work_dir / "epoch_25.pth").write_text("https://pan.example/placeholder instead of the checkpoint\n")
+    wait_until(lambda: all(checkpoint_states(home).get(f"epoch_{n}.pth", [("", "")])[0][0] == "incomplete"
+                           for n in (23, 24, 25)), 60, "the broken checkpoints to be marked incomplete", watch)
+    reasons = {n: checkpoint_states(home)[f"epoch_{n}.pth"][0][1] for n in (23, 24, 25)}
+    assert "end-of-central-directory" in reasons[23] and "empty" in reasons[24] and "not a zip" in reasons[25]
+    artifacts = model_artifacts_after_stop(home, watch)
+    assert not {"epoch_23.pth", "epoch_24.pth", "epoch_25.pth"} & set(artifacts)
+
+
+def test_a_checkpoint_replaced_after_upload_is_a_new_version(live_work_dir):
+    work_dir, home, watch = live_work_dir
+    target = next(p for p in sorted(work_dir.glob("epoch_*.pth")))
+    wait_until(lambda: checkpoint_states(home)[target.name][0][0] == "uploaded", 60, "the first upload", watch)
+    replacement = target.with_suffix(".new")
+    shutil.copyfile(next(p for p in sorted(work_dir.glob("best_*.pth"))), replacement)
+    os.replace(replacement, target)
+    wait_until(lambda: [s for s, _ in checkpoint_states(home)[target.name]] == ["uploaded", "uploaded"], 60,
+               "the new content to be uploaded", watch)
+    (_, (_, reason)) = checkpoint_states(home)[target.name]
+    assert reason is None or "rewritten" in reason
+
+
+def test_bad_checkpoint_files_in_a_backfill(trained_work_dir, tmp_path):
+    work_dir = trained_work_dir("retinanet_epoch", writable=True)
+    (work_dir / "epoch_30.pth").write_bytes(b"")
+    (work_dir / "epoch_31.pth").write_text("placeholder\n")
+    (work_dir / "epoch_32.pth").write_bytes(real_checkpoint(work_dir)[:1000])
+    outside = tmp_path / "outside.pth"
+    outside.write_bytes(real_checkpoint(work_dir))
+    os.symlink(outside, work_dir / "latest_outside.pth")
+    home = tmp_path / "home"
+    cli(home, "backfill", str(work_dir.parent), "--no-progress", "--log-checkpoint", "--checkpoint-incomplete-after", "0")
+    states = checkpoint_states(home)
+    for name in ("epoch_30.pth", "epoch_31.pth", "epoch_32.pth"):
+        assert states[name][0][0] == "incomplete" and states[name][0][1]
+    assert "latest_outside.pth" not in states
+    problems = status(home)["problems"]
+    assert any(p["kind"] == "symlink_outside_root" and p["path"].endswith("latest_outside.pth") for p in problems)
+    assert "outside.pth" not in model_artifacts(home)
