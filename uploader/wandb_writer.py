@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import wandb
+from wandb.sdk.lib.paths import LogicalPath
 from sqlalchemy import func, select, update
 
 from db.models import Checkpoint, OutboxRow, Run, Segment, SegmentState, utcnow
@@ -218,7 +219,7 @@ class WandbWriter:
         metadata = dict(upload.metadata)
         metadata["checkpoint"] = {**metadata.get("checkpoint", {}), "size": digests.size, "sha256": digests.sha256_hex}
         artifact = wandb.Artifact(f"run_{wandb_id}_model", type="model", metadata=metadata)
-        _add_hashed_file(artifact, upload.path, upload.name, digests)
+        add_hashed_file(artifact, upload.path, upload.name, digests)
         seg.handle.log_artifact(artifact, aliases=upload.aliases)
         seg.last_activity = time.monotonic()
         with self.db.transaction() as session:
@@ -351,9 +352,11 @@ def _save_config_file(handle: Any, directory: Path, name: str | None, text: str)
     handle.save(str(copy), base_path=str(copy.parent), policy="now")
 
 
-def _add_hashed_file(artifact: wandb.Artifact, path: Path, name: str, digests: ckpt_file.Digests) -> None:
-    """Add the pinned checkpoint with `policy="immutable"` (no staging copy)."""
-    artifact.add_file(str(path), name=name, policy="immutable")
+def add_hashed_file(artifact: wandb.Artifact, path: Path, name: str, digests: ckpt_file.Digests) -> None:
+    """What `add_file(path, name, policy="immutable")` does, minus its second read of a multi-GB file:
+    the md5 we already computed is the entry's digest. (`add_file` is exactly LogicalPath + md5 +
+    `_add_local_file`; tests/test_wandb_writer.py checks the entries stay identical on wandb upgrades.)"""
+    artifact._add_local_file(LogicalPath(name), str(path), digest=digests.md5_b64, policy="immutable")
 
 
 def _first_difference(written: list[Any], expected: list[int]) -> int:
