@@ -107,25 +107,37 @@ class Uploader:
             checkpoints.advance(self.db, checkpoints.find(work_dirs), self.options.checkpoints)
 
     def backfill(self, on_progress: Callable[[str, int, int], None] | None = None) -> None:
-        """One pass over everything: ingest every log to its end, upload every row, close every segment."""
+        """One pass over everything: read every log to its end while uploading what is read, then settle the
+        checkpoints, upload the rest and close every segment.
+
+        Reading runs in a thread of its own (files and DB only); every W&B call stays in this thread. Rows
+        reach the outbox in step order per run, so uploading them as they come keeps steps increasing.
+        """
         self.writer.warm_up()
         self.writer.recover()
         logs = self.scan()
+        reading = threading.Thread(target=self._read_all, args=(logs, on_progress), name="backfill-read")
+        reading.start()
+        uploaded = 0
+        while reading.is_alive():
+            logged = self.writer.drain()
+            uploaded += logged
+            if logged and on_progress:
+                on_progress("upload", uploaded, uploaded + _pending_rows(self.db))
+            if not logged:
+                reading.join(0.05)
+        self._settle_checkpoints()
+        while logged := self.writer.drain():
+            uploaded += logged
+            if on_progress:
+                on_progress("upload", uploaded, uploaded + _pending_rows(self.db))
+        self.writer.close_all()
+
+    def _read_all(self, logs: list[FoundLog], on_progress: Callable[[str, int, int], None] | None) -> None:
         for index, found in enumerate(logs, 1):
             self._ingest_one(found)
             if on_progress:
                 on_progress("read", index, len(logs))
-        self._settle_checkpoints()
-        total = _pending_rows(self.db)
-        done = 0
-        while True:
-            logged = self.writer.drain()
-            if not logged:
-                break
-            done += logged
-            if on_progress:
-                on_progress("upload", done, total)
-        self.writer.close_all()
 
     def _settle_checkpoints(self) -> None:
         """Backfill: look again until every checkpoint is decided (ready, incomplete or missed)."""
