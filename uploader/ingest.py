@@ -25,6 +25,7 @@ from db.session import Database
 from uploader import runconfig, tail
 from uploader.discovery import FoundLog
 from uploader.parsers import LineError, decode_line, parse_line
+from uploader.parsers.common import note_iters_per_epoch
 from uploader.records import LineageBreak, LogFormat, MetricRow, ParseState, RowKind
 from uploader.textlog import iters_per_epoch
 
@@ -69,6 +70,7 @@ def ingest(db: Database, found: FoundLog, root: Path, *, newer_launch: bool, opt
             return added
         if read.reset_reason is not None:
             state = initial_state(found)
+        _learn_iters_per_epoch(state, found)
         lineage = state.lineage_in_file
         parsed, problems = _parse(found.format, state, read)
         with db.transaction() as session:
@@ -80,9 +82,7 @@ def ingest(db: Database, found: FoundLog, root: Path, *, newer_launch: bool, opt
 def initial_state(found: FoundLog) -> ParseState:
     """What the work_dir tells about a log before its first line: iterations per epoch, runner, momentum."""
     state = ParseState()
-    if found.text_log is not None:
-        state.iters_per_epoch = iters_per_epoch(found.text_log)
-        state.iters_per_epoch_from = "text_log" if state.iters_per_epoch else None
+    _learn_iters_per_epoch(state, found)
     if found.config is not None:
         config = runconfig.load_file(found.config)
         if config is not None:
@@ -90,6 +90,13 @@ def initial_state(found: FoundLog) -> ParseState:
             state.momentum = config.momentum
             state.log_interval = config.log_interval
     return state
+
+
+def _learn_iters_per_epoch(state: ParseState, found: FoundLog) -> None:
+    """Live, the text log gets its first `Epoch [1][i/L]` line only after the log.json was first read."""
+    if found.text_log is None or state.by_epoch is False or state.iters_per_epoch_from in ("text_log", "header"):
+        return
+    note_iters_per_epoch(state, iters_per_epoch(found.text_log), "text_log")
 
 
 def _idle_for(path: Path) -> float:
