@@ -111,6 +111,7 @@ def test_live_training_uploads_every_checkpoint_once(tmp_path):
     finally:
         if watch.poll() is None:
             os.killpg(watch.pid, signal.SIGKILL)
+            watch.wait(timeout=30)
 
     artifacts = model_artifacts(home)
     regular = sorted(n for n in artifacts if n.startswith("epoch_"))
@@ -136,13 +137,17 @@ def live_work_dir(trained_work_dir, tmp_path):
     home = tmp_path / "home"
     watch = start_watch(home, work_dir.parent, "--log-checkpoint", "--checkpoint-settle", "1",
                         "--checkpoint-incomplete-after", "15", "--segment-idle", "1", "--finish-after", "1")
-    wait_until(lambda: any(s == "uploaded" for v in checkpoint_states(home).values() for s, _ in v),
-               120, "the existing checkpoints to be uploaded", watch)
-    yield work_dir, home, watch
-    if watch.poll() is None:
-        watch.send_signal(signal.SIGTERM)
-        assert watch.wait(timeout=120) == 0
-    assert (home / "wandb").is_dir()
+    try:
+        wait_until(lambda: any(s == "uploaded" for v in checkpoint_states(home).values() for s, _ in v),
+                   120, "the existing checkpoints to be uploaded", watch)
+        yield work_dir, home, watch
+        if watch.poll() is None:
+            watch.send_signal(signal.SIGTERM)
+            assert watch.wait(timeout=120) == 0
+    finally:
+        if watch.poll() is None:
+            os.killpg(watch.pid, signal.SIGKILL)
+            watch.wait(timeout=30)
 
 
 def real_checkpoint(work_dir: Path) -> bytes:

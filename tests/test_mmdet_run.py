@@ -86,21 +86,24 @@ def test_work_dir_is_what_tools_train_leaves(trained_work_dir, kind: str) -> Non
 
     # val lines with real, non-zero mAP
     for r in all_val:
+        if set(r) <= {"mode", "epoch", "iter", "lr"}:
+            continue  # an evaluation without a single detection: mmdet logs a val line with no metric
         assert "bbox_mAP" in r and "bbox_mAP_50" in r and "bbox_mAP_copypaste" in r
         if expect["segm"]:
             assert "segm_mAP" in r
     assert all_val[-1]["bbox_mAP"] > 0, all_val
-    assert max(r["bbox_mAP"] for r in all_val) > 0.05
+    assert max(r.get("bbox_mAP", 0) for r in all_val) > 0.05
     if expect["segm"]:
         assert all_val[-1]["segm_mAP"] > 0, all_val
 
     # the schedule: epochs / iterations and evaluation points
     if expect["by_epoch"]:
         assert max(r["epoch"] for r in all_train) == expect["length"]
-        assert [r["epoch"] for r in all_val] == list(range(1, expect["length"] + 1))
+        assert [r["epoch"] for r in all_val] == list(range(1, expect["length"] + 1, expect["eval_interval"]))
     else:
         assert max(r["iter"] for r in all_train) == expect["length"]
-        assert [r["iter"] for r in all_val] == list(range(16, expect["length"] + 1, 16))
+        step = expect["eval_interval"]
+        assert [r["iter"] for r in all_val] == list(range(step, expect["length"] + 1, step))
 
     # checkpoints: regular ones (at most max_keep_ckpts), latest.pth -> the last, best_* with save_best
     regular = _regular_ckpts(work_dir, expect["by_epoch"])
@@ -118,7 +121,7 @@ def test_work_dir_is_what_tools_train_leaves(trained_work_dir, kind: str) -> Non
         m = re.fullmatch(r"best_bbox_mAP_epoch_(\d+)\.pth", best[0].name)
         assert m, best[0].name
         best_epoch = int(m.group(1))
-        best_score = max(r["bbox_mAP"] for r in all_val)
+        best_score = max(r.get("bbox_mAP", -1) for r in all_val)
         assert [r["bbox_mAP"] for r in all_val if r["epoch"] == best_epoch][0] == best_score
     else:
         assert not best

@@ -120,7 +120,7 @@ def _two_stage(kind: str, num_classes: int, with_mask: bool, width: int) -> dict
         bbox_head=dict(
             type="Shared2FCBBoxHead",
             in_channels=c,
-            fc_out_channels=256,
+            fc_out_channels=128,
             roi_feat_size=7,
             num_classes=num_classes,
             bbox_coder=dict(type="DeltaXYWHBBoxCoder", target_means=[0.0, 0.0, 0.0, 0.0],

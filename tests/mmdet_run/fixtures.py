@@ -44,7 +44,9 @@ CACHE_ROOT = Path(os.environ.get("MMDET_RUN_CACHE", REPO / ".cache" / "mmdet_run
 #: Bumped when the layout of a cache entry changes.
 CACHE_VERSION = 1
 
-DATASET_PARAMS: dict[str, Any] = dict(n_train=16, n_val=8, size=128, seed=0)
+#: 48 training images = 24 iterations per epoch at 2 images per batch: enough learning per epoch that a
+#: few epochs suffice (each epoch also costs the 2 s `time.sleep` of mmcv's EpochBasedRunner.train).
+DATASET_PARAMS: dict[str, Any] = dict(n_train=48, n_val=8, size=128, seed=0)
 
 
 # ------------------------------------------------------------------------------------------- the kinds
@@ -75,27 +77,29 @@ class Kind:
         return build(data, self.launches[launch].schedule)
 
 
-_RETINA_EPOCH = Schedule(max_epochs=8, lr=0.01, max_keep_ckpts=2, save_best="bbox_mAP", lr_steps=(7,))
-_RETINA_ITER = Schedule(by_epoch=False, max_iters=64, lr=0.01, eval_interval=16, ckpt_interval=16,
-                        lr_steps=(56,))
-_MASK_EPOCH = Schedule(max_epochs=8, lr=0.02, save_best="auto", max_keep_ckpts=3, lr_steps=(7,))
+_RETINA_EPOCH = Schedule(max_epochs=8, lr_steps=(7,), max_keep_ckpts=2, save_best="bbox_mAP")
+_RETINA_ITER = Schedule(by_epoch=False, max_iters=192, lr_steps=(168,), eval_interval=48, ckpt_interval=48)
+_MASK_EPOCH = Schedule(max_epochs=6, lr_steps=(5,), max_keep_ckpts=3, save_best="auto")
 
 KINDS: dict[str, Kind] = {
     k.name: k
     for k in [
         Kind("retinanet_epoch", "retinanet", "tiny_retinanet_r18_epoch", (Launch(_RETINA_EPOCH),),
-             expect=dict(by_epoch=True, length=8, max_keep_ckpts=2, save_best="bbox_mAP", segm=False)),
+             expect=dict(by_epoch=True, length=8, eval_interval=1, max_keep_ckpts=2, save_best="bbox_mAP",
+                         segm=False)),
         Kind("retinanet_iter", "retinanet", "tiny_retinanet_r18_iter", (Launch(_RETINA_ITER),),
-             expect=dict(by_epoch=False, length=64, max_keep_ckpts=None, save_best=None, segm=False)),
+             expect=dict(by_epoch=False, length=192, eval_interval=48, max_keep_ckpts=None, save_best=None,
+                         segm=False)),
         Kind("maskrcnn_epoch", "mask_rcnn", "tiny_mask_rcnn_r18_epoch", (Launch(_MASK_EPOCH),),
-             expect=dict(by_epoch=True, length=8, max_keep_ckpts=3, save_best="bbox_mAP", segm=True)),
-        # two launches into one work_dir: 4 epochs, then the same run extended to 8 epochs, resumed from
+             expect=dict(by_epoch=True, length=6, eval_interval=1, max_keep_ckpts=3, save_best="bbox_mAP",
+                         segm=True)),
+        # two launches into one work_dir: 4 epochs, then the same run extended to 8 epochs and resumed from
         # epoch_4.pth (a second <ts>.log.json whose first train line is epoch 5)
         Kind("retinanet_resume", "retinanet", "tiny_retinanet_r18_resume",
-             (Launch(_RETINA_EPOCH.but(max_epochs=4, max_keep_ckpts=None, lr_steps=(7,))),
+             (Launch(_RETINA_EPOCH.but(max_epochs=4, max_keep_ckpts=None)),
               Launch(_RETINA_EPOCH.but(max_keep_ckpts=None), resume_from="epoch_4.pth")),
-             expect=dict(by_epoch=True, length=8, max_keep_ckpts=None, save_best="bbox_mAP", segm=False,
-                         launches=2)),
+             expect=dict(by_epoch=True, length=8, eval_interval=1, max_keep_ckpts=None, save_best="bbox_mAP",
+                         segm=False, launches=2)),
     ]
 }
 
