@@ -34,9 +34,9 @@ Python's zipfile so that torch is not needed; ``uploader.ckpt_file.check_torch_z
 
    - ``add_file``: ``artifact.add_file(link, name="epoch_1.pth", policy="immutable")``, which hashes
      the whole file with MD5 again (``Artifact._calculate_file_digest`` → ``md5_file_b64``);
-   - ``entry``: the digest hash_file already computed goes into
-     ``wandb.sdk.artifacts.artifact_manifest_entry.ArtifactManifestEntry(path=..., digest=md5_b64,
-     size=..., local_path=link)`` added with ``artifact.manifest.add_entry(entry)``. wandb 0.31.0's
+   - ``entry``: ``uploader.wandb_writer.add_hashed_file``, the writer's own path: the digest hash_file
+     already computed becomes the entry's digest (what ``_add_local_file`` builds from it is
+     ``ArtifactManifestEntry(path=..., digest=md5_b64, size=..., local_path=link)``). wandb 0.31.0's
      ``add_file`` is ``_calculate_file_digest`` + ``_add_local_file``, and the latter (immutable
      policy, MD5 artifact) builds exactly ``ArtifactManifestEntry(path, digest, size, local_path,
      skip_cache=False, extra={})`` and calls ``manifest.add_entry``; it also records the path in
@@ -248,12 +248,6 @@ def _settings(flush_interval: float) -> Any:
     )  # fmt: skip
 
 
-def _entry_from_digests(link: Path, digests: ckpt_file.Digests) -> Any:
-    from wandb.sdk.artifacts.artifact_manifest_entry import ArtifactManifestEntry
-
-    return ArtifactManifestEntry(path=ENTRY_NAME, digest=digests.md5_b64, size=digests.size, local_path=str(link))
-
-
 def run_pipeline(
     variant: str, ckpt: Path, root: Path, flush_interval: float, timeout: float, open_run: bool
 ) -> dict[str, Any]:
@@ -315,8 +309,10 @@ def run_pipeline(
         if variant == "add_file":
             entry = art.add_file(str(link), name=ENTRY_NAME, policy="immutable")
         else:
-            entry = _entry_from_digests(link, digests)
-            art.manifest.add_entry(entry)
+            from uploader.wandb_writer import add_hashed_file  # the product's own path
+
+            add_hashed_file(art, link, ENTRY_NAME, digests)
+            entry = art.manifest.entries[ENTRY_NAME]
         mark = step(f"add ({variant})", mark)
         watcher = RecordWatcher(sync_file, ARTIFACT, timeout)
         watcher.start()

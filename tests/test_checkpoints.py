@@ -236,3 +236,28 @@ def test_bad_checkpoint_files_in_a_backfill(trained_work_dir, tmp_path):
     problems = status(home)["problems"]
     assert any(p["kind"] == "symlink_outside_root" and p["path"].endswith("latest_outside.pth") for p in problems)
     assert "outside.pth" not in model_artifacts(home)
+
+
+def test_backfill_of_an_iter_based_run(trained_work_dir, tmp_path):
+    work_dir = trained_work_dir("retinanet_iter")
+    home = tmp_path / "home"
+    cli(home, "backfill", str(work_dir.parent), "--no-progress", *CKPT_FLAGS)
+    vals = {}  # training iteration → the val line written right after that train line
+    last_train_iter = None
+    for raw in next(work_dir.glob("*.log.json")).read_text().splitlines():
+        line = json.loads(raw)
+        if line.get("mode") == "train":
+            last_train_iter = line["iter"]
+        elif line.get("mode") == "val":
+            vals[last_train_iter] = line
+    files = {p.name: p for p in work_dir.glob("iter_*.pth")}
+    artifacts = model_artifacts(home)
+    assert set(files) <= set(artifacts) and files
+    for name, path in files.items():
+        number = int(name[len("iter_") : -len(".pth")])
+        art = artifacts[name]
+        assert art["digest"] == md5_b64(path) and art["aliases"] >= {f"iter_{number}", "latest"}
+        assert art["metadata"]["iter"] == number
+        expected = {k: v for k, v in vals[number].items() if k not in {"mode", "epoch", "iter", "lr"} and not isinstance(v, str)}
+        assert {k: art["metadata"].get(k) for k in expected} == expected
+    assert any(art["metadata"].get("bbox_mAP", 0) > 0 for art in artifacts.values())

@@ -30,7 +30,7 @@ class Schedule:
     optimizer: str = "AdamW"  # or "SGD" (momentum 0.9)
     lr: float = 0.001
     weight_decay: float | None = None  # default: 0.05 (AdamW), 0.0001 (SGD)
-    grad_clip: float | None = None  # max_norm; default: none (AdamW), 35 (SGD)
+    grad_clip: float | None = 35  # optimizer_config.grad_clip.max_norm (None: no clipping, no `grad_norm` logged)
     warmup_iters: int = 10
     lr_steps: tuple[int, ...] | None = None  # default: 80% of the run
     log_interval: int = 2
@@ -133,7 +133,7 @@ def _two_stage(kind: str, num_classes: int, with_mask: bool, width: int) -> dict
     rcnn_train: dict[str, Any] = dict(
         assigner=dict(type="MaxIoUAssigner", pos_iou_thr=0.5, neg_iou_thr=0.5, min_pos_iou=0.5,
                       match_low_quality=True, ignore_iof_thr=-1),
-        sampler=dict(type="RandomSampler", num=128, pos_fraction=0.25, neg_pos_ub=-1, add_gt_as_proposals=True),
+        sampler=dict(type="RandomSampler", num=64, pos_fraction=0.25, neg_pos_ub=-1, add_gt_as_proposals=True),
         pos_weight=-1,
         debug=False,
     )
@@ -173,11 +173,11 @@ def _two_stage(kind: str, num_classes: int, with_mask: bool, width: int) -> dict
                 pos_weight=-1,
                 debug=False,
             ),
-            rpn_proposal=dict(nms_pre=1000, max_per_img=300, nms=dict(type="nms", iou_threshold=0.7), min_bbox_size=0),
+            rpn_proposal=dict(nms_pre=500, max_per_img=150, nms=dict(type="nms", iou_threshold=0.7), min_bbox_size=0),
             rcnn=rcnn_train,
         ),
         test_cfg=dict(
-            rpn=dict(nms_pre=500, max_per_img=200, nms=dict(type="nms", iou_threshold=0.7), min_bbox_size=0),
+            rpn=dict(nms_pre=300, max_per_img=100, nms=dict(type="nms", iou_threshold=0.7), min_bbox_size=0),
             rcnn=rcnn_test,
         ),
     )
@@ -250,11 +250,9 @@ def detector_config(model: dict, data: CocoPaths, schedule: Schedule, *, with_ma
     if s.optimizer == "SGD":
         optimizer = dict(type="SGD", lr=s.lr, momentum=0.9,
                          weight_decay=0.0001 if s.weight_decay is None else s.weight_decay)
-        grad_clip = 35 if s.grad_clip is None else s.grad_clip
     elif s.optimizer == "AdamW":
         optimizer = dict(type="AdamW", lr=s.lr, betas=(0.9, 0.999),
                          weight_decay=0.05 if s.weight_decay is None else s.weight_decay)
-        grad_clip = s.grad_clip
     else:
         raise ValueError(f"optimizer {s.optimizer!r}: 'AdamW' or 'SGD'")
 
@@ -278,7 +276,7 @@ def detector_config(model: dict, data: CocoPaths, schedule: Schedule, *, with_ma
         ),
         evaluation=evaluation,
         optimizer=optimizer,
-        optimizer_config=dict(grad_clip=None if grad_clip is None else dict(max_norm=grad_clip, norm_type=2)),
+        optimizer_config=dict(grad_clip=None if s.grad_clip is None else dict(max_norm=s.grad_clip, norm_type=2)),
         lr_config=lr_config,
         runner=(dict(type="EpochBasedRunner", max_epochs=s.max_epochs) if s.by_epoch
                 else dict(type="IterBasedRunner", max_iters=s.max_iters)),
