@@ -259,6 +259,8 @@ def run_pipeline(
     import wandb
     from wandb.sdk.artifacts import artifact as artifact_module
 
+    from uploader.wandb_writer import add_hashed_file  # the writer's own path, imported before any clock
+
     run_dir, store = root / f"run-{variant}", root / "store" / variant
     run_dir.mkdir()
     store.mkdir(parents=True)
@@ -309,8 +311,6 @@ def run_pipeline(
         if variant == "add_file":
             entry = art.add_file(str(link), name=ENTRY_NAME, policy="immutable")
         else:
-            from uploader.wandb_writer import add_hashed_file  # the product's own path
-
             add_hashed_file(art, link, ENTRY_NAME, digests)
             entry = art.manifest.entries[ENTRY_NAME]
         mark = step(f"add ({variant})", mark)
