@@ -3,8 +3,11 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -63,6 +66,49 @@ def real_logs() -> Path:
     if not REAL_LOGS.is_dir():
         pytest.fail(f"the real logs are missing: {REAL_LOGS} (set MMDET_WANDB_REAL_LOGS)")
     return REAL_LOGS
+
+
+def start_watch(home: Path, root: Path, *args: str) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "mmdet_wandb.cli", "watch", str(root), "--poll-interval", "0.2",
+         "--scan-interval", "1", "--log-level", "INFO", *args],
+        env=service_env(home), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        start_new_session=True,
+    )
+
+
+def wait_until(predicate: Callable[[], bool], timeout: float, what: str, proc: subprocess.Popen[str] | None = None) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        if proc is not None and proc.poll() is not None:
+            raise AssertionError(f"watch exited ({proc.returncode}) while waiting for {what}:\n{proc.stdout.read()}")
+        time.sleep(0.1)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+
+
+@pytest.fixture
+def watcher(tmp_path: Path) -> Iterator[Callable[..., subprocess.Popen[str]]]:
+    procs: list[subprocess.Popen[str]] = []
+
+    def start(home: Path, root: Path, *args: str) -> subprocess.Popen[str]:
+        proc = start_watch(home, root, *args)
+        procs.append(proc)
+        return proc
+
+    yield start
+    for proc in procs:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=30)
+
+
+def stop(proc: subprocess.Popen[str]) -> str:
+    proc.send_signal(signal.SIGTERM)
+    output, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0, output
+    return output
 
 
 from tests.mmdet_run.fixtures import synthetic_coco, trained_work_dir  # noqa: E402,F401  (pytest fixtures)

@@ -6,15 +6,13 @@ import hashlib
 import json
 import os
 import shutil
-import signal
 import time
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import cli, offline_run, status
+from tests.conftest import cli, offline_run, status, stop, wait_until
 from tests.mmdet_run.fixtures import KINDS, cached_dataset, start_training
-from tests.test_watch import start_watch, wait_until
 
 CKPT_FLAGS = ("--log-checkpoint", "--log-checkpoint-metadata")
 
@@ -89,29 +87,23 @@ def test_backfill_of_a_finished_run(trained_work_dir, tmp_path):
     assert {s for states in checkpoint_states(home).values() for s, _ in states} == {"uploaded"}
 
 
-def test_live_training_uploads_every_checkpoint_once(tmp_path):
+def test_live_training_uploads_every_checkpoint_once(tmp_path, watcher):
     kind = KINDS["retinanet_epoch"]
     root, home = tmp_path / "work_dirs", tmp_path / "home"
     work_dir = root / kind.config_stem
     work_dir.mkdir(parents=True)
-    watch = start_watch(home, root, *CKPT_FLAGS, "--checkpoint-settle", "1", "--segment-idle", "2", "--finish-after", "5")
-    try:
-        training = start_training(kind.config(cached_dataset()), work_dir)
-        assert training.wait(timeout=900) == 0, Path(training.output_path).read_text()[-3000:]
-        epochs = kind.launches[0].schedule.max_epochs
+    watch = watcher(home, root, *CKPT_FLAGS, "--checkpoint-settle", "1", "--segment-idle", "2", "--finish-after", "5")
+    training = start_training(kind.config(cached_dataset()), work_dir)
+    assert training.wait(timeout=900) == 0, Path(training.output_path).read_text()[-3000:]
+    epochs = kind.launches[0].schedule.max_epochs
 
-        def all_uploaded() -> bool:
-            states = checkpoint_states(home)
-            regular = [n for n in states if n.startswith("epoch_")]
-            return len(regular) == epochs and all(s in {"uploaded", "missed"} for v in states.values() for s, _ in v)
+    def all_uploaded() -> bool:
+        states = checkpoint_states(home)
+        regular = [n for n in states if n.startswith("epoch_")]
+        return len(regular) == epochs and all(s in {"uploaded", "missed"} for v in states.values() for s, _ in v)
 
-        wait_until(all_uploaded, 180, "every checkpoint to be uploaded", watch)
-        watch.send_signal(signal.SIGTERM)
-        assert watch.wait(timeout=120) == 0
-    finally:
-        if watch.poll() is None:
-            os.killpg(watch.pid, signal.SIGKILL)
-            watch.wait(timeout=30)
+    wait_until(all_uploaded, 180, "every checkpoint to be uploaded", watch)
+    stop(watch)
 
     artifacts = model_artifacts(home)
     regular = sorted(n for n in artifacts if n.startswith("epoch_"))
@@ -131,23 +123,17 @@ def test_live_training_uploads_every_checkpoint_once(tmp_path):
 
 
 @pytest.fixture
-def live_work_dir(trained_work_dir, tmp_path):
+def live_work_dir(trained_work_dir, tmp_path, watcher):
     """A finished real work_dir (logs and checkpoints) being watched, ready for a new checkpoint to appear."""
     work_dir = trained_work_dir("retinanet_epoch", writable=True)
     home = tmp_path / "home"
-    watch = start_watch(home, work_dir.parent, "--log-checkpoint", "--checkpoint-settle", "1",
-                        "--checkpoint-incomplete-after", "15", "--segment-idle", "1", "--finish-after", "1")
-    try:
-        wait_until(lambda: any(s == "uploaded" for v in checkpoint_states(home).values() for s, _ in v),
-                   120, "the existing checkpoints to be uploaded", watch)
-        yield work_dir, home, watch
-        if watch.poll() is None:
-            watch.send_signal(signal.SIGTERM)
-            assert watch.wait(timeout=120) == 0
-    finally:
-        if watch.poll() is None:
-            os.killpg(watch.pid, signal.SIGKILL)
-            watch.wait(timeout=30)
+    watch = watcher(home, work_dir.parent, "--log-checkpoint", "--checkpoint-settle", "1",
+                    "--checkpoint-incomplete-after", "15", "--segment-idle", "1", "--finish-after", "1")
+    wait_until(lambda: any(s == "uploaded" for v in checkpoint_states(home).values() for s, _ in v),
+               120, "the existing checkpoints to be uploaded", watch)
+    yield work_dir, home, watch
+    if watch.poll() is None:
+        stop(watch)
 
 
 def real_checkpoint(work_dir: Path) -> bytes:
@@ -172,8 +158,7 @@ def test_a_half_written_checkpoint_waits_until_whole(live_work_dir):
 
 
 def model_artifacts_after_stop(home: Path, watch) -> dict[str, dict]:
-    watch.send_signal(signal.SIGTERM)
-    assert watch.wait(timeout=120) == 0
+    stop(watch)
     return model_artifacts(home)
 
 

@@ -4,41 +4,16 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import subprocess
-import sys
 import time
-from collections.abc import Callable, Iterator
 from pathlib import Path
 
-import pytest
-
-from tests.conftest import REPO, offline_run, service_env, status
+from tests.conftest import offline_run, status, stop, wait_until
 from tests.oracle import assert_history_matches, expected_rows
 from uploader import wandb_reader
 
 ELTD = "masati91__ELTD/work_dirs/eltd_r101_fpn_1x_coco/20210427_101754.log.json"
 YOLO = "masati91__ELTD/work_dirs/yolov3_d53_320_273e_coco/20210422_141751.log.json"
 CORNERNET = "masati91__ELTD/work_dirs/cornernet_hourglass104_mstest_10x5_210e_coco/20210427_235944.log.json"
-
-
-def start_watch(home: Path, root: Path, *args: str) -> subprocess.Popen[str]:
-    return subprocess.Popen(
-        [sys.executable, "-m", "mmdet_wandb.cli", "watch", str(root), "--poll-interval", "0.2",
-         "--scan-interval", "1", "--log-level", "INFO", *args],
-        env=service_env(home), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        start_new_session=True,
-    )
-
-
-def wait_until(predicate: Callable[[], bool], timeout: float, what: str, proc: subprocess.Popen[str] | None = None) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        if proc is not None and proc.poll() is not None:
-            raise AssertionError(f"watch exited ({proc.returncode}) while waiting for {what}:\n{proc.stdout.read()}")
-        time.sleep(0.1)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
 
 
 def live_rows(home: Path) -> list[dict]:
@@ -52,29 +27,6 @@ def live_rows(home: Path) -> list[dict]:
             if record.WhichOneof("record_type") == "history":
                 rows.append({item.nested_key[0] if item.nested_key else item.key: item.value_json for item in record.history.item})
     return rows
-
-
-@pytest.fixture
-def watcher(tmp_path: Path) -> Iterator[Callable[..., subprocess.Popen[str]]]:
-    procs: list[subprocess.Popen[str]] = []
-
-    def start(home: Path, root: Path, *args: str) -> subprocess.Popen[str]:
-        proc = start_watch(home, root, *args)
-        procs.append(proc)
-        return proc
-
-    yield start
-    for proc in procs:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=30)
-
-
-def stop(proc: subprocess.Popen[str]) -> str:
-    proc.send_signal(signal.SIGTERM)
-    output, _ = proc.communicate(timeout=120)
-    assert proc.returncode == 0, output
-    return output
 
 
 def test_lines_appended_while_watching_arrive(real_logs, tmp_path, watcher):
