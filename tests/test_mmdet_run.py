@@ -14,14 +14,7 @@ from pathlib import Path
 import pytest
 
 from tests.mmdet_run import configs
-from tests.mmdet_run.fixtures import (  # noqa: F401  (fixtures)
-    KINDS,
-    Schedule,
-    require_mmdet,
-    start_training,
-    synthetic_coco,
-    trained_work_dir,
-)
+from tests.mmdet_run.fixtures import KINDS, Schedule, require_mmdet, start_training
 
 TS = re.compile(r"^\d{8}_\d{6}$")
 
