@@ -24,7 +24,7 @@ from uploader.service import ServiceOptions, Uploader
 from uploader.wandb_writer import WandbWriter, WriterOptions, resolve_mode
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__, pretty_exceptions_enable=False)
-err = Console(stderr=True)
+err = Console(stderr=True, width=None if sys.stderr.isatty() else 160)  # logs and pipes get whole rows
 
 DataDirOpt = Annotated[
     Optional[Path],
@@ -179,7 +179,7 @@ def status_command(
         raise typer.Exit(1)
     db = Database(home.db_url)
     db.upgrade()
-    _print_status(db, as_json=as_json, console=Console())
+    _print_status(db, as_json=as_json, console=Console(width=None if sys.stdout.isatty() else 160))
 
 
 @app.command("clean-store")
