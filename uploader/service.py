@@ -50,13 +50,11 @@ class Uploader:
 
     def scan(self) -> list[FoundLog]:
         """Discover every log under the roots, record what is wrong, and tombstone logs that disappeared."""
-        found: list[FoundLog] = []
+        results = [discovery.scan(root) for root in self.options.roots]  # the walk holds no DB lock
+        found = [log for result in results for log in result.logs]
         with self.db.transaction() as session:
-            for root in self.options.roots:
-                result = discovery.scan(root)
-                found.extend(result.logs)
-                for problem in result.problems:
-                    record_problem(session, str(problem.path), problem.kind, problem.message)
+            for problem in (p for result in results for p in result.problems):
+                record_problem(session, str(problem.path), problem.kind, problem.message)
         current = {f.path: f for f in found}
         for path in set(self._logs) - set(current):
             mark_gone(self.db, str(path))
@@ -65,12 +63,10 @@ class Uploader:
         self._newer = _newer_launch_flags(found)
         return found
 
-    def ingest_changed(self, only: set[Path] | None = None) -> int:
+    def ingest_changed(self) -> int:
         """Ingest each log whose size, mtime or inode moved since we last read it (or that just went idle)."""
         added = 0
         for path, found in self._logs.items():
-            if only is not None and path not in only:
-                continue
             stat = _stat(path)
             if stat is None:
                 continue
@@ -187,8 +183,9 @@ class Uploader:
             def on_any_event(self, event: FileSystemEvent) -> None:
                 if event.event_type in {"opened", "closed_no_write"}:
                     return
-                touched.add(Path(os.fsdecode(event.src_path)))
-                wake.set()
+                if event.event_type in {"created", "moved", "deleted"}:  # may be a new log: scan again
+                    touched.add(Path(os.fsdecode(event.src_path)))
+                wake.set()  # a write to a known log: the stat poll finds it right away
 
         observer = Observer()
         try:
