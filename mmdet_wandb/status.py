@@ -20,6 +20,7 @@ class RunStatus:
     rows_pending: int
     segments_closed: int
     last_error: str | None
+    closed_segment_dirs: list[str] = field(default_factory=list)  # what `wandb sync` may upload
 
 
 @dataclass
@@ -55,15 +56,18 @@ def collect(db: Database) -> list[WorkDirStatus]:
                 ).group_by(OutboxRow.run_id)
             )
         }
-        closed = dict(
-            session.execute(
-                select(Segment.run_id, func.count()).where(Segment.state == SegmentState.CLOSED).group_by(Segment.run_id)
-            ).all()
-        )
+        closed: dict[int, list[str]] = {}
+        for run_id, directory in session.execute(
+            select(Segment.run_id, Segment.dir).where(Segment.state == SegmentState.CLOSED).order_by(Segment.seq)
+        ):
+            closed.setdefault(run_id, []).append(directory)
         for run in session.scalars(select(Run).order_by(Run.launch)):
             up, pending = counts.get(run.id, (0, 0))
             work_dirs[run.work_dir_id].runs.append(
-                RunStatus(run.wandb_id, run.name, run.job_type, up, pending, closed.get(run.id, 0), run.last_error)
+                RunStatus(
+                    run.wandb_id, run.name, run.job_type, up, pending, len(closed.get(run.id, [])), run.last_error,
+                    closed.get(run.id, []),
+                )
             )
         for ckpt in session.scalars(select(Checkpoint).order_by(Checkpoint.id)):
             work_dirs[ckpt.work_dir_id].checkpoints.append(
