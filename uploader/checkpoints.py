@@ -8,6 +8,7 @@ and central directory are valid and whose (inode, size, mtime) held still is eve
 from __future__ import annotations
 
 import errno
+import functools
 import json
 import logging
 import os
@@ -265,13 +266,19 @@ def _evaluation(session: Session, run: Run, row: Checkpoint) -> Any:
     )
     if found is not None:
         return json.loads(found)
-    config = runconfig.load_text(run.config_text, run.config_name or "config.py") if run.config_text else None
-    interval = config.eval_interval if config is not None else None
+    interval = _eval_interval(run.config_text, run.config_name or "config.py") if run.config_text else None
     if interval is None or row.number % interval != 0:
         return None
     if _lineage_over(session, run):
         return None
     return _WAIT
+
+
+@functools.lru_cache(maxsize=64)
+def _eval_interval(config_text: str, name: str) -> int | None:
+    """Evaluated once per config: waiting checkpoints ask on every pass of the loop."""
+    config = runconfig.load_text(config_text, name)
+    return config.eval_interval if config is not None else None
 
 
 def _lineage_over(session: Session, run: Run) -> bool:
