@@ -18,12 +18,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from db.models import Checkpoint, CheckpointState, OutboxRow, Run, Segment, Source, SourceState, WorkDir
+from db.models import Checkpoint, CheckpointState, OutboxRow, Run, Segment, Source, SourceState
 from db.session import Database
 from uploader import ckpt_file, runconfig
+from uploader.ingest import work_dir_row
 
 log = logging.getLogger("mmdet_wandb.checkpoints")
 
@@ -132,11 +133,7 @@ def _look(db: Database, item: FoundCheckpoint, options: CheckpointOptions, now: 
 
 
 def _new_row(session: Session, item: FoundCheckpoint, identity: tuple[int, int, int], still_since: float) -> Checkpoint:
-    work_dir = session.scalar(select(WorkDir).where(WorkDir.path == str(item.work_dir)))
-    if work_dir is None:
-        work_dir = WorkDir(path=str(item.work_dir), root=str(item.work_dir), name=item.work_dir.name)
-        session.add(work_dir)
-        session.flush()
+    work_dir = work_dir_row(session, item.work_dir, item.work_dir)
     kind, number = classify(item.path.name)
     row = Checkpoint(
         work_dir_id=work_dir.id, path=str(item.path), name=item.path.name, kind=kind, number=number,
@@ -163,8 +160,8 @@ def _pin(row: Checkpoint, path: Path, options: CheckpointOptions) -> None:
             reason = f"cannot hard-link into the store: {exc.strerror}"
         _set(row, CheckpointState.MISSED, reason)
         return
-    if pin.stat().st_ino != row.ino:  # replaced between our stat and the link: follow what we pinned
-        st = pin.stat()
+    st = pin.stat()
+    if st.st_ino != row.ino:  # replaced between our stat and the link: follow what we pinned
         row.ino, row.size, row.mtime_ns, row.still_since = st.st_ino, st.st_size, st.st_mtime_ns, time.time()
     row.pin_path = str(pin)
 
@@ -245,7 +242,7 @@ def _run_of(session: Session, row: Checkpoint) -> Run | None:
         select(Run).where(Run.work_dir_id == row.work_dir_id, Run.job_type == "train").order_by(Run.launch.desc())
     ).all()
     if row.number is not None:
-        axis = OutboxRow.epoch if row.kind.endswith("epoch") else OutboxRow.iter
+        axis = OutboxRow.epoch if _unit(row) == "epoch" else OutboxRow.iter
         for run in runs:
             hit = session.scalar(select(OutboxRow.id).where(OutboxRow.run_id == run.id, axis == row.number).limit(1))
             if hit is not None:
@@ -257,7 +254,7 @@ def _evaluation(session: Session, run: Run, row: Checkpoint) -> Any:
     """The val row of the checkpoint's own epoch/iteration, None when none belongs to it, or _WAIT."""
     if row.number is None:
         return None
-    axis = OutboxRow.epoch if row.kind.endswith("epoch") else OutboxRow.iter
+    axis = OutboxRow.epoch if _unit(row) == "epoch" else OutboxRow.iter
     found = session.scalar(
         select(OutboxRow.payload_json)
         .where(OutboxRow.run_id == run.id, OutboxRow.kind == "val", axis == row.number)
@@ -286,6 +283,11 @@ def _lineage_over(session: Session, run: Run) -> bool:
     return bool(sources) and all(s in (SourceState.FINISHED, SourceState.GONE) for s in sources)
 
 
+def _unit(row: Checkpoint) -> str:
+    """What the checkpoint's number counts: `epoch_N`/`best_*_epoch_N` epochs, else iterations."""
+    return "iter" if row.kind.endswith("iter") else "epoch"
+
+
 def _aliases(row: Checkpoint) -> list[str]:
     if row.kind.startswith("best"):
         return ["best"]
@@ -295,17 +297,15 @@ def _aliases(row: Checkpoint) -> list[str]:
 
 
 def _metadata(row: Checkpoint, evaluation: dict[str, Any] | None, options: CheckpointOptions) -> dict[str, Any]:
-    meta = json.loads(row.meta_json or "{}")
-    unit = "iter" if row.kind.endswith("iter") else "epoch"
     metadata: dict[str, Any] = {}
     if row.number is not None:
-        metadata[unit] = row.number
+        metadata[_unit(row)] = row.number
     if options.log_checkpoint_metadata:
         if evaluation is None:
             metadata["eval"] = None
         else:
             metadata.update({k[len("val/"):]: v for k, v in evaluation.items() if k.startswith("val/")})
-    metadata["checkpoint"] = {"file": row.name, "size": row.size, "sha256": row.sha256, **meta}
+    metadata["checkpoint"] = {"file": row.name, **json.loads(row.meta_json or "{}")}  # size, sha256: the writer's
     return metadata
 
 
@@ -330,7 +330,7 @@ def mark_uploaded(session: Session, segment_id: int, *, unpin: bool) -> None:
 
 def undecided(db: Database) -> int:
     with db.transaction() as session:
-        return len(session.scalars(select(Checkpoint.id).where(Checkpoint.state == CheckpointState.SEEN)).all())
+        return session.scalar(select(func.count()).where(Checkpoint.state == CheckpointState.SEEN)) or 0
 
 
 def clean_store(db: Database) -> tuple[int, int]:

@@ -110,11 +110,7 @@ def _source_for(session: Session, found: FoundLog, root: Path) -> Source:
     source = session.scalar(select(Source).where(Source.path == str(found.path)))
     if source is not None:
         return source
-    work_dir = session.scalar(select(WorkDir).where(WorkDir.path == str(found.work_dir)))
-    if work_dir is None:
-        work_dir = WorkDir(path=str(found.work_dir), root=str(root), name=found.work_dir.name or str(found.work_dir))
-        session.add(work_dir)
-        session.flush()
+    work_dir = work_dir_row(session, found.work_dir, root)
     source = Source(
         work_dir_id=work_dir.id,
         path=str(found.path),
@@ -125,6 +121,16 @@ def _source_for(session: Session, found: FoundLog, root: Path) -> Source:
     session.add(source)
     session.flush()
     return source
+
+
+def work_dir_row(session: Session, path: Path, root: Path) -> WorkDir:
+    """The work_dir's row, created the first time a log or checkpoint of it is seen."""
+    work_dir = session.scalar(select(WorkDir).where(WorkDir.path == str(path)))
+    if work_dir is None:
+        work_dir = WorkDir(path=str(path), root=str(root), name=path.name or str(path))
+        session.add(work_dir)
+        session.flush()
+    return work_dir
 
 
 def _position(source: Source) -> tail.TailPosition | None:
