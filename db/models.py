@@ -13,9 +13,11 @@ from sqlalchemy import (
     Boolean,
     DateTime,
     Enum,
+    Float,
     ForeignKey,
     Index,
     Integer,
+    LargeBinary,
     String,
     Text,
     UniqueConstraint,
@@ -50,6 +52,14 @@ class CheckpointState(str, enum.Enum):
     UPLOADED = "uploaded"  # in W&B (offline: in a verified segment)
     INCOMPLETE = "incomplete"  # stayed still but never became a valid checkpoint; checked again only if it changes
     MISSED = "missed"  # gone before it could be pinned, or could not be pinned (see reason)
+    DONE = "done"  # complete, not logged (log_checkpoint off); its eval job holds a pin of its own
+
+
+class JobState(str, enum.Enum):
+    QUEUED = "queued"  # waiting for a worker (again after a retryable failure, from run_after on)
+    RUNNING = "running"  # claimed: lease_owner works on it until lease_expires_at, renewing
+    DONE = "done"  # predictions and subset metrics stored
+    DEAD = "dead"  # parked with its error: a permanent failure, or max_attempts used up; never deleted
 
 
 class RunState(str, enum.Enum):
@@ -227,3 +237,101 @@ class Checkpoint(Base):
     segment_id: Mapped[int | None] = mapped_column(ForeignKey("segments.id"), nullable=True)
     first_seen: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     updated_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow, onupdate=utcnow)
+
+
+class EvalJob(Base):
+    """Evaluate one checkpoint on the val subset (DESIGN 8: leased, not locked; see evaluator/queue.py).
+
+    Everything a worker needs is in the row: a worker on another node reads no uploader state.
+    """
+
+    __tablename__ = "eval_jobs"
+    __table_args__ = (Index("ix_eval_jobs_claim", "state", "run_after"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    checkpoint_id: Mapped[int] = mapped_column(ForeignKey("checkpoints.id"), unique=True)
+    run_id: Mapped[int] = mapped_column(ForeignKey("runs.id"))
+    checkpoint_path: Mapped[str] = mapped_column(String(4096))  # the job's own pin in the store
+    pinned: Mapped[bool] = mapped_column(Boolean, default=True)  # False once the uploader removed that pin
+    work_dir: Mapped[str] = mapped_column(String(4096))
+    unit: Mapped[str] = mapped_column(String(8))  # epoch | iter
+    number: Mapped[int] = mapped_column(BigInteger)
+    config_name: Mapped[str | None] = mapped_column(String(512), nullable=True)
+    config_text: Mapped[str | None] = mapped_column(Text, nullable=True)  # the work_dir's config dump, a fallback
+    num_eval_images: Mapped[int] = mapped_column(Integer)
+    bbox_score_thr: Mapped[float] = mapped_column(Float)
+    state: Mapped[JobState] = mapped_column(_enum(JobState), default=JobState.QUEUED)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)  # counted at claim time
+    max_attempts: Mapped[int] = mapped_column(Integer, default=5)
+    run_after: Mapped[float] = mapped_column(Float, default=0.0)  # epoch seconds (backoff)
+    lease_owner: Mapped[str | None] = mapped_column(String(128), nullable=True)
+    lease_expires_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+    last_error: Mapped[str | None] = mapped_column(Text, nullable=True)
+    note: Mapped[str | None] = mapped_column(Text, nullable=True)  # e.g. the subset was clamped to the val set
+    manifest_id: Mapped[int | None] = mapped_column(ForeignKey("val_manifests.id"), nullable=True)
+    metrics_json: Mapped[str | None] = mapped_column(Text, nullable=True)  # the subset's own metrics
+    device: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    seconds: Mapped[float | None] = mapped_column(Float, nullable=True)  # inference wall time of the last run
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    finished_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    segment_id: Mapped[int | None] = mapped_column(ForeignKey("segments.id"), nullable=True)  # its pred artifact
+    uploaded: Mapped[bool] = mapped_column(Boolean, default=False)
+
+
+class ValManifest(Base):
+    """One distinct val subset content (classes, images, ground truth), stored once per digest."""
+
+    __tablename__ = "val_manifests"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    digest: Mapped[str] = mapped_column(String(64), unique=True)
+    classes_json: Mapped[str] = mapped_column(Text)
+    num_images: Mapped[int] = mapped_column(Integer)
+    source_json: Mapped[str] = mapped_column(Text)  # where it came from: ann_file, img_prefix, val set size
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class ValImage(Base):
+    """One image of a val subset: its bytes (as the val artifact shows it) and its ground truth."""
+
+    __tablename__ = "val_images"
+    __table_args__ = (UniqueConstraint("manifest_id", "position", name="uq_val_image"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    manifest_id: Mapped[int] = mapped_column(ForeignKey("val_manifests.id"))
+    position: Mapped[int] = mapped_column(Integer)  # row in the table: order of the seed-42 permutation
+    dataset_index: Mapped[int] = mapped_column(Integer)
+    image_name: Mapped[str] = mapped_column(String(1024))
+    file_ext: Mapped[str] = mapped_column(String(8))
+    width: Mapped[int] = mapped_column(Integer)
+    height: Mapped[int] = mapped_column(Integer)
+    image_bytes: Mapped[bytes] = mapped_column(LargeBinary)
+    ground_truth_json: Mapped[str] = mapped_column(Text)  # boxes, 0-based labels, masks as RLE
+
+
+class Prediction(Base):
+    """What one checkpoint predicted on one subset image (score > the job's bbox_score_thr)."""
+
+    __tablename__ = "predictions"
+    __table_args__ = (UniqueConstraint("job_id", "position", name="uq_prediction"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    job_id: Mapped[int] = mapped_column(ForeignKey("eval_jobs.id"))
+    position: Mapped[int] = mapped_column(Integer)
+    result_json: Mapped[str] = mapped_column(Text)  # boxes, scores, 0-based labels, masks as RLE
+
+
+class RunValArtifact(Base):
+    """The `val` artifact a run logged for a manifest: its client id and entries, so that prediction
+    artifacts logged later (even by another uploader process) reference its files instead of copying them."""
+
+    __tablename__ = "run_val_artifacts"
+    __table_args__ = (UniqueConstraint("run_id", "manifest_id", name="uq_run_val"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    run_id: Mapped[int] = mapped_column(ForeignKey("runs.id"))
+    manifest_id: Mapped[int] = mapped_column(ForeignKey("val_manifests.id"))
+    segment_id: Mapped[int] = mapped_column(ForeignKey("segments.id"))
+    client_id: Mapped[str] = mapped_column(String(128))
+    artifact_digest: Mapped[str] = mapped_column(String(64))
+    entries_json: Mapped[str] = mapped_column(Text)  # {entry path: digest} of the files in the artifact

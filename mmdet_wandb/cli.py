@@ -19,6 +19,7 @@ from db.session import Database
 from mmdet_wandb import paths, status
 from uploader import checkpoints
 from uploader.checkpoints import CheckpointOptions
+from uploader.evaluations import EvalOptions
 from uploader.ingest import FreshLaunch, IngestOptions
 from uploader.service import ServiceOptions, Uploader
 from uploader.wandb_writer import WandbWriter, WriterOptions, resolve_mode
@@ -40,6 +41,10 @@ LogLevelOpt = Annotated[str, typer.Option(help="Log level: DEBUG, INFO, WARNING,
 LogCheckpointOpt = Annotated[bool, typer.Option("--log-checkpoint", help="Log every finished checkpoint as a version of the artifact run_<id>_model (the hook's log_checkpoint)")]
 LogCheckpointMetadataOpt = Annotated[bool, typer.Option("--log-checkpoint-metadata", help="Put the eval metrics of the checkpoint's own epoch/iter into its metadata (the hook's log_checkpoint_metadata)")]
 IncompleteAfterOpt = Annotated[float, typer.Option(help="Seconds a checkpoint may stay still but broken before it is marked incomplete")]
+NumEvalImagesOpt = Annotated[int, typer.Option(help="Val images in the tables (the hook's num_eval_images): each finished checkpoint gets an eval job; 0 turns tables off")]
+BboxScoreThrOpt = Annotated[float, typer.Option(help="Keep predicted boxes and masks with a score above this (the hook's bbox_score_thr)")]
+DeviceOpt = Annotated[Optional[str], typer.Option(help="cuda:N or cpu [default: cuda:0 when a GPU is visible, else cpu]")]
+BatchSizeOpt = Annotated[int, typer.Option(help="Images per inference batch (halved on CUDA out of memory)")]
 
 
 def _setup(data_dir: Path | None, roots: list[Path], level: str) -> tuple[paths.DataDir, Database]:
@@ -71,22 +76,34 @@ def _roots(given: list[Path]) -> list[Path]:
 
 def _writer(
     db: Database, home: paths.DataDir, project: str | None, entity: str | None,
-    checkpoints: CheckpointOptions | None, **extra: float,
+    checkpoints: CheckpointOptions | None, evaluation: EvalOptions | None, **extra: float,
 ) -> WandbWriter:
-    options = WriterOptions(runs_dir=home.runs_dir, mode=resolve_mode(), project=project, entity=entity, **extra)
+    options = WriterOptions(
+        runs_dir=home.runs_dir, mode=resolve_mode(), project=project, entity=entity,
+        media_dir=home.media_dir if evaluation is not None else None, **extra,
+    )
     return WandbWriter(db, options, checkpoints)
 
 
 def _checkpoint_options(
-    home: paths.DataDir, log_checkpoint: bool, log_metadata: bool, incomplete_after: float, settle: float = 2.0
+    home: paths.DataDir, log_checkpoint: bool, log_metadata: bool, incomplete_after: float,
+    evaluation: EvalOptions | None, settle: float = 2.0,
 ) -> CheckpointOptions | None:
-    """As in the hook, metadata is only logged with the checkpoints themselves."""
-    if not log_checkpoint:
+    """Checkpoints are followed when they are logged or evaluated; as in the hook, metadata is only logged
+    with the checkpoints themselves."""
+    if not log_checkpoint and evaluation is None:
         return None
     return CheckpointOptions(
-        store_dir=home.store_dir, log_checkpoint=True, log_checkpoint_metadata=log_metadata,
+        store_dir=home.store_dir, log_checkpoint=log_checkpoint, log_checkpoint_metadata=log_checkpoint and log_metadata,
         settle_s=settle, incomplete_after_s=incomplete_after,
     )
+
+
+def _eval_options(num_eval_images: int, bbox_score_thr: float) -> EvalOptions | None:
+    if num_eval_images < 0:
+        err.print("[red]error:[/red] --num-eval-images must be 0 or more")
+        raise typer.Exit(2)
+    return EvalOptions(num_eval_images=num_eval_images, bbox_score_thr=bbox_score_thr) if num_eval_images else None
 
 
 @app.command()
@@ -105,17 +122,21 @@ def watch(
     log_checkpoint_metadata: LogCheckpointMetadataOpt = False,
     checkpoint_settle: Annotated[float, typer.Option(help="Seconds a checkpoint must stay unchanged between two looks")] = 2.0,
     checkpoint_incomplete_after: IncompleteAfterOpt = 600.0,
+    num_eval_images: NumEvalImagesOpt = 100,
+    bbox_score_thr: BboxScoreThrOpt = 0.3,
     log_level: LogLevelOpt = "INFO",
 ) -> None:
     """Follow every work_dir under the roots, live, until SIGTERM or Ctrl-C."""
     root_paths = _roots(roots)
+    evaluation = _eval_options(num_eval_images, bbox_score_thr)
     home, db = _setup(data_dir, root_paths, log_level)
-    ckpt = _checkpoint_options(home, log_checkpoint, log_checkpoint_metadata, checkpoint_incomplete_after, checkpoint_settle)
-    writer = _writer(db, home, project, entity, ckpt, segment_idle_s=segment_idle)
+    ckpt = _checkpoint_options(home, log_checkpoint, log_checkpoint_metadata, checkpoint_incomplete_after, evaluation, checkpoint_settle)
+    writer = _writer(db, home, project, entity, ckpt, evaluation, segment_idle_s=segment_idle)
     options = ServiceOptions(
         roots=tuple(root_paths),
         ingest=IngestOptions(fresh_launch=fresh_launch, finish_idle_s=finish_after),
         checkpoints=ckpt,
+        evaluation=evaluation,
         scan_interval_s=scan_interval,
         poll_interval_s=poll_interval,
         use_events=not poll,
@@ -138,19 +159,27 @@ def backfill(
     log_checkpoint: LogCheckpointOpt = False,
     log_checkpoint_metadata: LogCheckpointMetadataOpt = False,
     checkpoint_incomplete_after: IncompleteAfterOpt = 10.0,
+    num_eval_images: NumEvalImagesOpt = 100,
+    bbox_score_thr: BboxScoreThrOpt = 0.3,
+    evaluate: Annotated[bool, typer.Option("--evaluate", help="Run the eval jobs in this process too (needs the eval extra), so the tables go out in this pass")] = False,
+    device: DeviceOpt = None,
+    batch_size: BatchSizeOpt = 4,
     log_level: LogLevelOpt = "WARNING",
 ) -> None:
     """Upload finished work_dirs once and exit (running it again uploads nothing twice)."""
     root_paths = _roots(roots)
+    evaluation = _eval_options(num_eval_images, bbox_score_thr)
     home, db = _setup(data_dir, root_paths, log_level)
-    ckpt = _checkpoint_options(home, log_checkpoint, log_checkpoint_metadata, checkpoint_incomplete_after)
-    writer = _writer(db, home, project, entity, ckpt)
+    ckpt = _checkpoint_options(home, log_checkpoint, log_checkpoint_metadata, checkpoint_incomplete_after, evaluation)
+    writer = _writer(db, home, project, entity, ckpt, evaluation)
     options = ServiceOptions(
-        roots=tuple(root_paths), ingest=IngestOptions(fresh_launch=fresh_launch, finish_idle_s=0.0), checkpoints=ckpt
+        roots=tuple(root_paths), ingest=IngestOptions(fresh_launch=fresh_launch, finish_idle_s=0.0), checkpoints=ckpt,
+        evaluation=evaluation,
     )
     uploader = Uploader(db, writer, options)
+    run_jobs = _in_process_worker(db, device, batch_size) if evaluate and evaluation is not None else None
     if not progress:
-        uploader.backfill()
+        uploader.backfill(evaluate=run_jobs)
     else:
         with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=err) as bar:
             tasks: dict[str, int] = {}
@@ -160,11 +189,55 @@ def backfill(
                     tasks[stage] = bar.add_task("reading logs" if stage == "read" else "uploading rows", total=total)
                 bar.update(tasks[stage], completed=done, total=max(total, done))
 
-            uploader.backfill(on_progress)
+            uploader.backfill(on_progress, evaluate=run_jobs)
     _print_status(db, as_json=False, console=err)
     runs_dir = home.runs_dir
     if writer.options.mode == "offline":
         err.print(f"offline runs are in {runs_dir}; upload them with: wandb sync {runs_dir}/*/*/wandb/offline-run-*")
+
+
+def _in_process_worker(db: Database, device: str | None, batch_size: int):  # type: ignore[no-untyped-def]
+    from evaluator.worker import Worker, WorkerOptions, default_device
+
+    worker = Worker(db, WorkerOptions(device=device or default_device(), batch_size=batch_size, exit_when_idle=True, poll_s=0.5))
+    return lambda: worker.run(threading.Event())
+
+
+@app.command()
+def evaluate(
+    data_dir: DataDirOpt = None,
+    device: DeviceOpt = None,
+    batch_size: BatchSizeOpt = 4,
+    exit_when_idle: Annotated[bool, typer.Option("--exit-when-idle", help="Stop once no job is queued or running (batch use)")] = False,
+    lease: Annotated[float, typer.Option(help="Seconds a claimed job stays ours without renewal (renewed every third of it)")] = 60.0,
+    poll: Annotated[float, typer.Option(help="Seconds between looks for a job when the queue is empty")] = 2.0,
+    log_level: LogLevelOpt = "INFO",
+) -> None:
+    """A worker: claims eval jobs, runs each checkpoint on the val subset, stores predictions for the uploader."""
+    from evaluator.worker import Worker, WorkerOptions, default_device
+
+    home, db = _setup(data_dir, [], log_level)
+    options = WorkerOptions(device=device or default_device(), batch_size=batch_size, lease_s=lease, poll_s=poll,
+                            exit_when_idle=exit_when_idle)
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    done = Worker(db, options).run(stop)
+    err.print(f"worker {options.worker_id}: {done} job(s) done")
+
+
+@app.command()
+def requeue(
+    job_ids: Annotated[Optional[list[int]], typer.Argument(help="Parked (dead) jobs to retry [default: all of them]")] = None,
+    data_dir: DataDirOpt = None,
+) -> None:
+    """Give parked eval jobs a fresh set of attempts (after fixing what made them fail)."""
+    from evaluator import queue
+
+    home = paths.resolve(data_dir)
+    db = Database(home.db_url)
+    db.upgrade()
+    err.print(f"requeued {queue.requeue(db, job_ids or None)} job(s)")
 
 
 @app.command("status")

@@ -31,6 +31,11 @@ class DataDir:
         """Pinned checkpoints: hard links, so the data dir must be on the work_dirs' filesystem."""
         return self.path / "store"
 
+    @property
+    def media_dir(self) -> Path:
+        """Val images and ground-truth masks written out for the tables, once per val subset."""
+        return self.path / "media"
+
     def prepare(self, roots: list[Path]) -> None:
         """Create the directory, refuse one inside a watched root, and keep wandb's own files in it too."""
         for root in roots:

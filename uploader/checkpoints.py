@@ -220,7 +220,7 @@ def due_uploads(db: Database, options: CheckpointOptions) -> list[Upload]:
             select(Checkpoint).where(Checkpoint.state == CheckpointState.READY, Checkpoint.segment_id.is_(None))
         ).all()
         for row in sorted(ready, key=lambda r: (r.work_dir_id, r.number or 0, not r.kind.startswith("best"), r.id)):
-            run = _run_of(session, row)
+            run = run_of(session, row)
             if run is None:
                 continue
             row.run_id = run.id
@@ -236,13 +236,13 @@ def due_uploads(db: Database, options: CheckpointOptions) -> list[Upload]:
 _WAIT = object()
 
 
-def _run_of(session: Session, row: Checkpoint) -> Run | None:
+def run_of(session: Session, row: Checkpoint) -> Run | None:
     """The training lineage that reached this checkpoint's epoch/iteration (the newest one when unsure)."""
     runs = session.scalars(
         select(Run).where(Run.work_dir_id == row.work_dir_id, Run.job_type == "train").order_by(Run.launch.desc())
     ).all()
     if row.number is not None:
-        axis = OutboxRow.epoch if _unit(row) == "epoch" else OutboxRow.iter
+        axis = OutboxRow.epoch if unit(row) == "epoch" else OutboxRow.iter
         for run in runs:
             hit = session.scalar(select(OutboxRow.id).where(OutboxRow.run_id == run.id, axis == row.number).limit(1))
             if hit is not None:
@@ -254,7 +254,7 @@ def _evaluation(session: Session, run: Run, row: Checkpoint) -> Any:
     """The val row of the checkpoint's own epoch/iteration, None when none belongs to it, or _WAIT."""
     if row.number is None:
         return None
-    axis = OutboxRow.epoch if _unit(row) == "epoch" else OutboxRow.iter
+    axis = OutboxRow.epoch if unit(row) == "epoch" else OutboxRow.iter
     found = session.scalar(
         select(OutboxRow.payload_json)
         .where(OutboxRow.run_id == run.id, OutboxRow.kind == "val", axis == row.number)
@@ -283,7 +283,7 @@ def _lineage_over(session: Session, run: Run) -> bool:
     return bool(sources) and all(s in (SourceState.FINISHED, SourceState.GONE) for s in sources)
 
 
-def _unit(row: Checkpoint) -> str:
+def unit(row: Checkpoint) -> str:
     """What the checkpoint's number counts: `epoch_N`/`best_*_epoch_N` epochs, else iterations."""
     return "iter" if row.kind.endswith("iter") else "epoch"
 
@@ -299,7 +299,7 @@ def _aliases(row: Checkpoint) -> list[str]:
 def _metadata(row: Checkpoint, evaluation: dict[str, Any] | None, options: CheckpointOptions) -> dict[str, Any]:
     metadata: dict[str, Any] = {}
     if row.number is not None:
-        metadata[_unit(row)] = row.number
+        metadata[unit(row)] = row.number
     if options.log_checkpoint_metadata:
         if evaluation is None:
             metadata["eval"] = None
@@ -307,6 +307,13 @@ def _metadata(row: Checkpoint, evaluation: dict[str, Any] | None, options: Check
             metadata.update({k[len("val/"):]: v for k, v in evaluation.items() if k.startswith("val/")})
     metadata["checkpoint"] = {"file": row.name, **json.loads(row.meta_json or "{}")}  # size, sha256: the writer's
     return metadata
+
+
+def finish_without_upload(row: Checkpoint) -> None:
+    """log_checkpoint is off: the checkpoint was only needed for its eval job, which pinned it on its own."""
+    row.state = CheckpointState.DONE
+    row.reason = None
+    _unpin(row)
 
 
 def recheck(db: Database, checkpoint_id: int, reason: str) -> None:

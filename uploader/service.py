@@ -19,9 +19,10 @@ from sqlalchemy import func, select
 from db.models import OutboxRow
 from db.problems import record_problem
 from db.session import Database
-from uploader import checkpoints, discovery
+from uploader import checkpoints, discovery, evaluations
 from uploader.checkpoints import CheckpointOptions
 from uploader.discovery import FoundLog
+from uploader.evaluations import EvalOptions
 from uploader.ingest import IngestOptions, ingest, mark_gone
 from uploader.wandb_writer import WandbWriter
 
@@ -32,7 +33,8 @@ log = logging.getLogger("mmdet_wandb.service")
 class ServiceOptions:
     roots: tuple[Path, ...]
     ingest: IngestOptions = field(default_factory=IngestOptions)
-    checkpoints: CheckpointOptions | None = None  # None: checkpoints are not logged (log_checkpoint=False)
+    checkpoints: CheckpointOptions | None = None  # None: checkpoints are neither logged nor evaluated
+    evaluation: EvalOptions | None = None  # None: no eval jobs, no tables (num_eval_images=0)
     scan_interval_s: float = 10.0
     poll_interval_s: float = 0.5
     use_events: bool = True
@@ -101,10 +103,19 @@ class Uploader:
         if self.options.checkpoints is not None:
             work_dirs = {f.work_dir for f in self._logs.values()}
             checkpoints.advance(self.db, checkpoints.find(work_dirs), self.options.checkpoints)
+            self.queue_evaluations()
 
-    def backfill(self, on_progress: Callable[[str, int, int], None] | None = None) -> None:
+    def queue_evaluations(self) -> None:
+        if self.options.evaluation is not None and self.options.checkpoints is not None:
+            evaluations.enqueue(self.db, self.options.evaluation, self.options.checkpoints)
+            evaluations.release_pins(self.db)
+
+    def backfill(
+        self, on_progress: Callable[[str, int, int], None] | None = None, evaluate: Callable[[], None] | None = None
+    ) -> None:
         """One pass over everything: read every log to its end while uploading what is read, then settle the
-        checkpoints, upload the rest and close every segment.
+        checkpoints, upload the rest and close every segment. `evaluate` (run the eval jobs until none is left)
+        runs between settling the checkpoints and the last uploads, so that the tables go out in the same pass.
 
         Reading runs in a thread of its own (files and DB only); every W&B call stays in this thread. Rows
         reach the outbox in step order per run, so uploading them as they come keeps steps increasing.
@@ -123,6 +134,9 @@ class Uploader:
             if not logged:
                 reading.join(0.05)
         self._settle_checkpoints()
+        if evaluate is not None:
+            evaluate()
+            self.queue_evaluations()
         while logged := self.writer.drain():
             uploaded += logged
             if on_progress:

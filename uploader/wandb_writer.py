@@ -19,11 +19,11 @@ from typing import Any
 
 import wandb
 from wandb.sdk.lib.paths import LogicalPath
-from sqlalchemy import func, select, update
+from sqlalchemy import delete, func, select, update
 
-from db.models import Checkpoint, OutboxRow, Run, Segment, SegmentState, utcnow
+from db.models import Checkpoint, EvalJob, OutboxRow, Run, RunValArtifact, Segment, SegmentState, utcnow
 from db.session import Database
-from uploader import checkpoints, ckpt_file, wandb_reader
+from uploader import checkpoints, ckpt_file, evaluations, tables, wandb_reader
 from uploader.checkpoints import CheckpointOptions
 
 log = logging.getLogger("mmdet_wandb.writer")
@@ -54,6 +54,7 @@ class WriterOptions:
     segment_max_rows: int = 200_000
     batch_rows: int = 5_000  # rows per run per drain call, so that one big backfill does not starve live runs
     exit_timeout_s: float = 120.0
+    media_dir: Path | None = None  # where val images and masks are written for the tables; None: no tables
 
 
 @dataclass
@@ -76,6 +77,7 @@ class WandbWriter:
         self.options = options
         self.checkpoint_options = checkpoint_options
         self._open: dict[int, _OpenSegment] = {}
+        self._media: dict[int, tables.ValMedia] = {}
 
     def warm_up(self) -> None:
         """Start wandb-core in the background (the first wandb.init of a process pays ~0.5 s for it),
@@ -124,6 +126,13 @@ class WandbWriter:
                 except Exception as exc:
                     log.exception("checkpoint %s: upload failed", upload.path)
                     self._fail_run(upload.run_id, exc)
+        if self.options.media_dir is not None:
+            for prediction in evaluations.due_predictions(self.db):
+                try:
+                    logged += self._log_predictions(prediction)
+                except Exception as exc:
+                    log.exception("eval job %s: prediction table failed", prediction.job_id)
+                    self._fail_run(prediction.run_id, exc)
         return logged
 
     def close_idle(self) -> None:
@@ -231,6 +240,49 @@ class WandbWriter:
         log.info("run %s: logged %s as %s", wandb_id, upload.name, ", ".join(upload.aliases))
         return 1
 
+    def _log_predictions(self, upload: evaluations.PredictionUpload) -> int:
+        """A version of `run_<id>_pred` whose images are references into the run's `val` artifact."""
+        seg = self._open.get(upload.run_id) or self._open_segment(upload.run_id, None)
+        media = self._media_of(upload.manifest_id)
+        client_id, val = self._val_artifact(seg, media)
+        with self.db.transaction() as session:
+            wandb_id = session.get_one(Run, upload.run_id).wandb_id
+        artifact = tables.prediction_artifact(
+            f"run_{wandb_id}_pred", media, tables.predictions_of(self.db, upload.job_id), client_id, val, upload.metadata
+        )
+        seg.handle.log_artifact(artifact, aliases=upload.aliases)
+        seg.last_activity = time.monotonic()
+        with self.db.transaction() as session:
+            session.get_one(EvalJob, upload.job_id).segment_id = seg.segment_id
+        log.info("run %s: logged predictions as %s", wandb_id, ", ".join(upload.aliases))
+        return 1
+
+    def _media_of(self, manifest_id: int) -> tables.ValMedia:
+        if manifest_id not in self._media:
+            assert self.options.media_dir is not None
+            self._media[manifest_id] = tables.materialize(self.db, manifest_id, self.options.media_dir)
+        return self._media[manifest_id]
+
+    def _val_artifact(self, seg: _OpenSegment, media: tables.ValMedia) -> tuple[str, dict[str, Any]]:
+        """The run's `val` artifact for this manifest: logged once (in this segment, if not yet)."""
+        with self.db.transaction() as session:
+            known = session.scalar(
+                select(RunValArtifact).where(RunValArtifact.run_id == seg.run_id, RunValArtifact.manifest_id == media.manifest_id)
+            )
+            if known is not None:
+                return known.client_id, json.loads(known.entries_json)
+        artifact = tables.val_artifact(media)
+        seg.handle.log_artifact(artifact)
+        val = tables.val_entries(artifact, media)
+        with self.db.transaction() as session:
+            session.add(
+                RunValArtifact(
+                    run_id=seg.run_id, manifest_id=media.manifest_id, segment_id=seg.segment_id,
+                    client_id=artifact._client_id, artifact_digest=artifact.digest, entries_json=json.dumps(val),
+                )
+            )
+        return artifact._client_id, val
+
     def _init_kwargs(self, run: Run, directory: Path) -> dict[str, Any]:
         """Precedence: CLI option > WANDB_* environment > the hook's init_kwargs > our defaults."""
         hook = {k: v for k, v in json.loads(run.init_kwargs_json).items() if k not in RESERVED_INIT_KWARGS}
@@ -277,6 +329,8 @@ class WandbWriter:
                 (row.name, row.md5_b64)
                 for row in session.scalars(select(Checkpoint).where(Checkpoint.segment_id == segment_id))
             }
+            logged_vals = set(session.scalars(select(RunValArtifact.artifact_digest).where(RunValArtifact.segment_id == segment_id)))
+            logged_preds = len(session.scalars(select(EvalJob.id).where(EvalJob.segment_id == segment_id)).all())
         if sync_file is not None:
             wandb_reader.wait_for_exit(sync_file, self.options.exit_timeout_s)
             scan = wandb_reader.scan_segment(sync_file)
@@ -288,6 +342,12 @@ class WandbWriter:
             written_files = {(e["path"], e["digest"]) for a in scan.artifacts if a.type == "model" for e in a.entries}
             if not logged_files <= written_files:
                 raise SegmentVerificationError(f"{sync_file}: checkpoints missing: {sorted(logged_files - written_files)}")
+            written_vals = {a.digest for a in scan.artifacts if a.type == "dataset" and a.name == tables.VAL_ARTIFACT}
+            written_preds = sum(1 for a in scan.artifacts if a.type == "evaluation")
+            if not logged_vals <= written_vals or written_preds != logged_preds:
+                raise SegmentVerificationError(
+                    f"{sync_file}: {len(written_vals)}/{len(logged_vals)} val and {written_preds}/{logged_preds} prediction artifacts read back"
+                )
         with self.db.transaction() as session:
             segment = session.get_one(Segment, segment_id)
             segment.state = SegmentState.CLOSED
@@ -297,6 +357,7 @@ class WandbWriter:
             segment.last_step = expected[-1] if expected else None
             session.execute(update(OutboxRow).where(OutboxRow.segment_id == segment_id).values(uploaded=True))
             checkpoints.mark_uploaded(session, segment_id, unpin=segment.mode == "online")
+            session.execute(update(EvalJob).where(EvalJob.segment_id == segment_id).values(uploaded=True))
             session.get_one(Run, segment.run_id).last_error = None
 
     def _discard(self, segment_id: int, directory: Path | None) -> None:
@@ -312,6 +373,8 @@ class WandbWriter:
                 .values(segment_id=None)
             )
             session.execute(update(Checkpoint).where(Checkpoint.segment_id == segment_id).values(segment_id=None))
+            session.execute(update(EvalJob).where(EvalJob.segment_id == segment_id).values(segment_id=None))
+            session.execute(delete(RunValArtifact).where(RunValArtifact.segment_id == segment_id))
         if segment.mode == "offline":
             shutil.rmtree(directory, ignore_errors=True)
 

@@ -1,0 +1,354 @@
+"""The mmdet 2.x adapter: one checkpoint → predictions and metrics on the fixed val subset.
+
+Set up as mmdet 2.28's `tools/test.py` does (pretrained weights off, `compat_cfg`, `replace_ImageToTensor` for
+batches, `build_dp`, CLASSES from the checkpoint), then `single_gpu_test`'s loop over a dataloader of the
+subset with `samples_per_gpu = batch_size`. The config is the one inside the checkpoint (exactly what
+trained it); the work_dir's dump is the fallback. Imports torch/mmcv/mmdet lazily: `import evaluator` stays
+cheap for the uploader.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import io
+import logging
+import os
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from evaluator.queue import ClaimedJob
+from evaluator.records import EvalOutcome, Instances, Manifest, ValImageRecord, subset_indices
+from uploader import ckpt_file
+
+log = logging.getLogger("mmdet_wandb.evaluator")
+
+#: Image formats a browser shows as the model saw them; anything else is re-encoded as PNG.
+KEPT_FORMATS = {"jpg": "jpg", "jpeg": "jpg", "png": "png"}
+#: Keys of `evaluation=dict(...)` that steer the EvalHook, not `dataset.evaluate` (as tools/test.py drops them).
+HOOK_ONLY_EVAL_KEYS = ("interval", "tmpdir", "start", "gpu_collect", "save_best", "rule", "dynamic_intervals", "by_epoch")
+
+
+class JobError(Exception):
+    """A job failure with a message meant for the user; `retryable` when another attempt may pass."""
+
+    def __init__(self, message: str, *, retryable: bool) -> None:
+        super().__init__(message)
+        self.retryable = retryable
+
+
+class LeaseLost(Exception):
+    """Another worker owns the job now: stop and drop the result."""
+
+
+def evaluate(job: ClaimedJob, device: str, batch_size: int, lease_lost: threading.Event | None = None) -> EvalOutcome:
+    cfg = load_config(job)
+    dataset = build_val_dataset(cfg, Path(job.work_dir), batched=batch_size > 1)
+    count = min(job.num_eval_images, len(dataset))
+    note = None
+    if count < job.num_eval_images:
+        note = f"num_eval_images ({job.num_eval_images}) is greater than the val set ({len(dataset)}): using {count}, as the hook does"
+    indices = subset_indices(len(dataset), count)
+    manifest = build_manifest(dataset, indices, cfg)
+    model = build_model(cfg, job.checkpoint_path, device, dataset)
+    subset = take_subset(dataset, indices)
+    started = time.perf_counter()
+    results = run_inference(model, subset, cfg, batch_size, lease_lost)
+    seconds = time.perf_counter() - started
+    predictions = [to_instances(r, len(manifest.classes)).above(job.bbox_score_thr) for r in results]
+    metrics = subset_metrics(subset, results, cfg)
+    return EvalOutcome(manifest=manifest, predictions=predictions, metrics=metrics, device=device, seconds=seconds, note=note)
+
+
+def load_config(job: ClaimedJob) -> Any:
+    from mmcv import Config
+
+    try:
+        with open(job.checkpoint_path, "rb") as handle:
+            meta = ckpt_file.read_checkpoint_meta(handle) or {}
+    except OSError as exc:
+        raise JobError(f"cannot read the checkpoint {job.checkpoint_path}: {exc.strerror}", retryable=True) from exc
+    text, name = meta.get("config"), "checkpoint meta"
+    if not isinstance(text, str) or not text.strip():
+        text, name = job.config_text, f"{job.config_name} in {job.work_dir}"
+    if not text:
+        raise JobError("no config: the checkpoint's meta has none and the work_dir has no config dump", retryable=False)
+    try:
+        cfg = Config.fromstring(text, ".py")
+    except Exception as exc:
+        raise JobError(f"the config ({name}) cannot be read: {type(exc).__name__}: {exc}", retryable=False) from exc
+    if cfg.get("custom_imports"):
+        from mmcv.utils import import_modules_from_strings
+
+        try:
+            import_modules_from_strings(**cfg["custom_imports"])
+        except ImportError as exc:
+            raise JobError(f"custom_imports of the config: {exc} (put the module on the worker's PYTHONPATH)", retryable=False) from exc
+    return cfg
+
+
+def resolve_paths(val_cfg: dict, bases: list[Path]) -> dict:
+    """Relative dataset paths are relative to where training ran: the worker's cwd, or a folder above the
+    work_dir (work_dirs usually sit in the repo that holds `data/`). The first base with the annotations wins."""
+    ann_file = val_cfg.get("ann_file")
+    if not ann_file or os.path.isabs(ann_file):
+        return val_cfg
+    for base in bases:
+        if (base / ann_file).exists():
+            resolved = dict(val_cfg)
+            for key in ("ann_file", "img_prefix", "seg_prefix", "proposal_file"):
+                value = resolved.get(key)
+                if isinstance(value, str) and value and not os.path.isabs(value):
+                    resolved[key] = str(base / value) + ("/" if value.endswith("/") else "")
+            return resolved
+    looked = ", ".join(str(b) for b in bases)
+    raise JobError(f"val annotations {ann_file} not found (relative to any of: {looked})", retryable=False)
+
+
+def build_val_dataset(cfg: Any, work_dir: Path, *, batched: bool) -> Any:
+    from mmdet.datasets import build_dataset, replace_ImageToTensor
+    from mmdet.utils import compat_cfg
+
+    cfg = compat_cfg(cfg)
+    val_cfg = cfg.get("data", {}).get("val")
+    if not isinstance(val_cfg, dict) or "type" not in val_cfg:
+        raise JobError("the config has no single data.val dataset", retryable=False)
+    val_cfg = copy.deepcopy(val_cfg)
+    val_cfg["test_mode"] = True
+    if batched:
+        val_cfg["pipeline"] = replace_ImageToTensor(val_cfg["pipeline"])
+    val_cfg = resolve_paths(val_cfg, [Path.cwd(), *work_dir.resolve().parents])
+    for key in ("ann_file", "img_prefix"):
+        value = val_cfg.get(key)
+        if isinstance(value, str) and value and not os.path.exists(value):
+            raise JobError(f"data.val.{key} {value} does not exist", retryable=False)
+    try:
+        dataset = build_dataset(val_cfg)
+    except Exception as exc:
+        raise JobError(f"the val dataset cannot be built: {type(exc).__name__}: {exc}", retryable=False) from exc
+    for needed in ("data_infos", "get_ann_info", "CLASSES"):
+        if not hasattr(dataset, needed):
+            raise JobError(f"val dataset {type(dataset).__name__} has no {needed} (wrapped datasets are not supported)", retryable=False)
+    if len(dataset) == 0:
+        raise JobError("the val dataset is empty", retryable=False)
+    return dataset
+
+
+def _loader_image(dataset: Any) -> Any:
+    """The hook's loader: the last LoadImageFromFile of the val pipeline (its file client and color type)."""
+    from mmdet.datasets.pipelines import LoadImageFromFile
+
+    loaders = [t for t in dataset.pipeline.transforms if isinstance(t, LoadImageFromFile)]
+    if not loaders:
+        raise JobError("the val pipeline has no LoadImageFromFile (the hook needs one too)", retryable=False)
+    return loaders[-1]
+
+
+def build_manifest(dataset: Any, indices: list[int], cfg: Any) -> Manifest:
+    import mmcv
+
+    loader = _loader_image(dataset)
+    images = []
+    for position, index in enumerate(indices):
+        info = dataset.data_infos[index]
+        filename = info.get("filename") or f"img_{index}"
+        path = os.path.join(dataset.img_prefix, filename) if dataset.img_prefix else filename
+        try:
+            raw = Path(path).read_bytes()
+        except OSError as exc:
+            raise JobError(f"val image {path} cannot be read: {exc.strerror}", retryable=True) from exc
+        try:
+            img = mmcv.imfrombytes(raw, flag=loader.color_type, channel_order="rgb")
+        except Exception as exc:
+            img = None
+            log.debug("decode failed", exc_info=exc)
+        if img is None:
+            raise JobError(f"val image {path} cannot be decoded", retryable=False)
+        height, width = img.shape[:2]
+        ext = Path(filename).suffix.lower().lstrip(".")
+        if ext in KEPT_FORMATS:
+            file_ext, data = KEPT_FORMATS[ext], raw
+        else:
+            file_ext, data = "png", _png(img)
+        ann = dataset.get_ann_info(index)
+        images.append(
+            ValImageRecord(
+                position=position, dataset_index=index, image_name=filename, file_ext=file_ext,
+                width=int(width), height=int(height), image_bytes=data,
+                ground_truth=_ground_truth(ann, height, width),
+            )
+        )
+    source = {
+        "ann_file": str(getattr(dataset, "ann_file", "")),
+        "img_prefix": str(dataset.img_prefix or ""),
+        "val_set_size": len(dataset),
+    }
+    return Manifest(classes=[str(c) for c in dataset.CLASSES], images=images, source=source)
+
+
+def _png(rgb: np.ndarray) -> bytes:
+    import cv2
+
+    ok, buffer = cv2.imencode(".png", rgb[..., ::-1] if rgb.ndim == 3 else rgb)
+    if not ok:
+        raise JobError("cannot encode a val image as PNG", retryable=False)
+    return buffer.tobytes()
+
+
+def _ground_truth(ann: dict, height: int, width: int) -> Instances:
+    boxes = np.asarray(ann.get("bboxes", np.zeros((0, 4))), dtype=float).reshape(-1, 4)
+    labels = [int(x) for x in np.asarray(ann.get("labels", []))]
+    masks = None
+    if "masks" in ann:
+        masks = [_segmentation_rle(segm, height, width) for segm in ann["masks"]]
+    return Instances(boxes=boxes.round(2).tolist(), labels=labels, masks=masks)
+
+
+def _segmentation_rle(segm: Any, height: int, width: int) -> dict:
+    """COCO polygons, uncompressed or compressed RLE → compressed RLE; a broken one → an empty mask
+    (the hook crashes on these, mmdetection#8455)."""
+    from pycocotools import mask as mask_util
+
+    try:
+        if isinstance(segm, list):
+            polygons = [p for p in segm if len(p) >= 6]
+            if not polygons:
+                raise ValueError("no polygon with 3 points")
+            rle = mask_util.merge(mask_util.frPyObjects(polygons, height, width))
+        elif isinstance(segm, dict) and isinstance(segm.get("counts"), list):
+            rle = mask_util.frPyObjects(segm, height, width)
+        elif isinstance(segm, dict):
+            rle = dict(segm)
+        else:
+            raise ValueError(f"segmentation of type {type(segm).__name__}")
+    except Exception:
+        rle = mask_util.encode(np.zeros((height, width, 1), dtype=np.uint8, order="F"))[0]
+    return _rle_text(rle)
+
+
+def _rle_text(rle: dict) -> dict:
+    counts = rle["counts"]
+    return {"size": [int(s) for s in rle["size"]], "counts": counts.decode() if isinstance(counts, bytes) else counts}
+
+
+def build_model(cfg: Any, checkpoint_path: str, device: str, dataset: Any) -> Any:
+    import torch
+    from mmcv.runner import load_checkpoint, wrap_fp16_model
+    from mmdet.models import build_detector
+    from mmdet.utils import build_dp
+
+    cfg = copy.deepcopy(cfg)
+    model_cfg = cfg.model
+    if "pretrained" in model_cfg:
+        model_cfg.pretrained = None
+    elif "init_cfg" in model_cfg.get("backbone", {}):
+        model_cfg.backbone.init_cfg = None
+    model_cfg.train_cfg = None
+    try:
+        model = build_detector(model_cfg, test_cfg=cfg.get("test_cfg"))
+    except Exception as exc:
+        raise JobError(f"the model cannot be built from the config: {type(exc).__name__}: {exc}", retryable=False) from exc
+    if cfg.get("fp16") is not None:
+        wrap_fp16_model(model)
+    try:
+        checkpoint = load_checkpoint(model, checkpoint_path, map_location="cpu", logger="silent")
+    except Exception as exc:
+        raise JobError(f"the checkpoint cannot be loaded: {type(exc).__name__}: {exc}", retryable=False) from exc
+    model.CLASSES = checkpoint.get("meta", {}).get("CLASSES") or dataset.CLASSES
+    if device.startswith("cuda"):
+        index = int(device.split(":", 1)[1]) if ":" in device else 0
+        torch.cuda.set_device(index)
+        return build_dp(model, "cuda", device_ids=[index])
+    return build_dp(model, "cpu")
+
+
+def take_subset(dataset: Any, indices: list[int]) -> Any:
+    """The same dataset restricted to the subset, in subset order (COCO evaluation follows img_ids)."""
+    subset = copy.copy(dataset)
+    subset.data_infos = [dataset.data_infos[i] for i in indices]
+    if hasattr(dataset, "img_ids"):
+        subset.img_ids = [dataset.img_ids[i] for i in indices]
+    if getattr(dataset, "proposals", None) is not None:
+        subset.proposals = [dataset.proposals[i] for i in indices]
+    if hasattr(dataset, "flag"):
+        subset.flag = dataset.flag[indices]
+    return subset
+
+
+def run_inference(model: Any, subset: Any, cfg: Any, batch_size: int, lease_lost: threading.Event | None) -> list[Any]:
+    """`single_gpu_test`'s loop, batched; CUDA out of memory halves the batch and goes on."""
+    import torch
+    from mmdet.core import encode_mask_results
+    from mmdet.datasets import build_dataloader
+
+    workers = int(cfg.get("data", {}).get("workers_per_gpu", 2))
+    model.eval()
+    results: list[Any] = []
+    while len(results) < len(subset):
+        rest = take_subset(subset, list(range(len(results), len(subset))))
+        loader = build_dataloader(rest, samples_per_gpu=batch_size, workers_per_gpu=workers, dist=False, shuffle=False,
+                                  persistent_workers=False)
+        try:
+            for data in loader:
+                if lease_lost is not None and lease_lost.is_set():
+                    raise LeaseLost()
+                with torch.no_grad():
+                    batch = model(return_loss=False, rescale=True, **data)
+                if batch and isinstance(batch[0], tuple):
+                    batch = [(bbox, encode_mask_results(segm)) for bbox, segm in batch]
+                results.extend(batch)
+        except torch.cuda.OutOfMemoryError as exc:
+            torch.cuda.empty_cache()
+            if batch_size == 1:
+                raise JobError("CUDA out of memory at batch size 1", retryable=True) from exc
+            batch_size = max(1, batch_size // 2)
+            log.warning("CUDA out of memory: batch size %d from now on", batch_size)
+        except (JobError, LeaseLost):
+            raise
+        except Exception as exc:
+            raise JobError(f"the model raised during inference: {type(exc).__name__}: {exc}", retryable=True) from exc
+    return results
+
+
+def to_instances(result: Any, num_classes: int) -> Instances:
+    """An mmdet 2.x result (per-class (n, 5) arrays, with per-class mask RLEs) → Instances (§1.11 of the hook)."""
+    segm = None
+    if isinstance(result, tuple):
+        bbox_result, segm = result
+        if isinstance(segm, tuple):  # MS R-CNN: (masks, mask scores)
+            segm = segm[0]
+    else:
+        bbox_result = result
+    if not isinstance(bbox_result, list) or len(bbox_result) != num_classes:
+        raise JobError(f"unsupported result ({type(result).__name__}): expected one box array per class", retryable=False)
+    boxes: list[list[float]] = []
+    scores: list[float] = []
+    labels: list[int] = []
+    for label, per_class in enumerate(bbox_result):
+        array = np.asarray(per_class, dtype=float).reshape(-1, 5)
+        boxes.extend(array[:, :4].round(2).tolist())
+        scores.extend(array[:, 4].round(4).tolist())
+        labels.extend([label] * len(array))
+    masks = None
+    if segm is not None:
+        masks = [_rle_text(rle) for per_class in segm for rle in per_class]
+        if len(masks) != len(boxes):
+            raise JobError(f"{len(masks)} masks for {len(boxes)} boxes", retryable=False)
+    return Instances(boxes=boxes, labels=labels, scores=scores, masks=masks)
+
+
+def subset_metrics(subset: Any, results: list[Any], cfg: Any) -> dict[str, Any]:
+    """The dataset's own evaluate() on the subset, with the config's evaluation options."""
+    kwargs = dict(cfg.get("evaluation", {}))
+    for key in HOOK_ONLY_EVAL_KEYS:
+        kwargs.pop(key, None)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints its progress
+            metrics = subset.evaluate(results, logger="silent", **kwargs)
+    except Exception as exc:  # the predictions are still worth showing
+        log.warning("subset evaluation failed: %s: %s", type(exc).__name__, exc)
+        return {"error": f"{type(exc).__name__}: {exc}"}
+    return {k: (float(v) if isinstance(v, (int, float, np.floating, np.integer)) else str(v)) for k, v in metrics.items()}

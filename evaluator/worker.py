@@ -1,0 +1,117 @@
+"""The eval worker: claim a job, keep its lease alive while the model runs, store the outcome (fenced).
+
+Any number of workers may share one DB (one per GPU, on any node that sees the checkpoint paths); the
+queue makes sure no two run the same job at once, and a worker that dies leaves a lease that expires.
+The worker never talks to W&B (DESIGN 6): the uploader turns stored predictions into tables.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+import traceback
+import uuid
+from dataclasses import dataclass, field
+
+from sqlalchemy import func, select
+
+from db.models import EvalJob, JobState
+from db.session import Database
+from evaluator import mmdet2, queue
+from evaluator.queue import ClaimedJob
+
+log = logging.getLogger("mmdet_wandb.evaluator")
+
+
+def default_device() -> str:
+    import torch
+
+    return "cuda:0" if torch.cuda.is_available() else "cpu"
+
+
+def default_worker_id() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
+
+
+@dataclass(frozen=True)
+class WorkerOptions:
+    device: str = "cpu"
+    batch_size: int = 4
+    lease_s: float = 60.0  # renewed every lease_s / 3 while the job runs
+    poll_s: float = 2.0
+    exit_when_idle: bool = False
+    worker_id: str = field(default_factory=default_worker_id)
+
+
+class Worker:
+    def __init__(self, db: Database, options: WorkerOptions) -> None:
+        self.db = db
+        self.options = options
+
+    def run(self, stop: threading.Event) -> int:
+        """Work until `stop` (or, with exit_when_idle, until no job is queued or running); returns jobs done."""
+        done = 0
+        log.info("worker %s on %s", self.options.worker_id, self.options.device)
+        while not stop.is_set():
+            try:
+                job = queue.claim(self.db, self.options.worker_id, self.options.lease_s)
+            except Exception:  # the DB briefly unavailable: wait and try again
+                log.exception("claim failed; retrying")
+                stop.wait(self.options.poll_s)
+                continue
+            if job is None:
+                if self.options.exit_when_idle and not self.jobs_left():
+                    break
+                stop.wait(self.options.poll_s)
+                continue
+            done += self.run_one(job)
+        return done
+
+    def jobs_left(self) -> int:
+        with self.db.transaction() as session:
+            return session.scalar(
+                select(func.count()).where(EvalJob.state.in_((JobState.QUEUED, JobState.RUNNING)))
+            ) or 0
+
+    def run_one(self, job: ClaimedJob) -> int:
+        log.info("job %s (attempt %s): %s", job.id, job.attempts, job.checkpoint_path)
+        lease_lost = threading.Event()
+        finished = threading.Event()
+        heartbeat = threading.Thread(target=self._renew, args=(job.id, lease_lost, finished), daemon=True,
+                                     name=f"lease-{job.id}")
+        heartbeat.start()
+        try:
+            outcome = mmdet2.evaluate(job, self.options.device, self.options.batch_size, lease_lost)
+        except mmdet2.LeaseLost:
+            log.warning("job %s: lease lost to another worker; result dropped", job.id)
+            return 0
+        except mmdet2.JobError as exc:
+            self._fail(job, str(exc), retryable=exc.retryable)
+            return 0
+        except Exception as exc:  # a bug or an unexpected library error: retried, then parked with it
+            log.debug("job %s failed", job.id, exc_info=True)
+            self._fail(job, f"{type(exc).__name__}: {exc}\n{traceback.format_exc(limit=-3)}", retryable=True)
+            return 0
+        finally:
+            finished.set()
+            heartbeat.join()
+        if lease_lost.is_set() or not queue.complete(self.db, job.id, self.options.worker_id, outcome):
+            log.warning("job %s: lease lost to another worker; result dropped", job.id)
+            return 0
+        log.info("job %s done: %d images in %.2f s on %s", job.id, len(outcome.predictions), outcome.seconds, outcome.device)
+        return 1
+
+    def _renew(self, job_id: int, lease_lost: threading.Event, finished: threading.Event) -> None:
+        while not finished.wait(self.options.lease_s / 3):
+            try:
+                if not queue.renew(self.db, job_id, self.options.worker_id, self.options.lease_s):
+                    lease_lost.set()
+                    return
+            except Exception:  # keep trying until the lease runs out; complete() is fenced anyway
+                log.exception("job %s: lease renewal failed", job_id)
+
+    def _fail(self, job: ClaimedJob, error: str, *, retryable: bool) -> None:
+        log.warning("job %s failed (%s): %s", job.id, "will retry" if retryable else "permanent", error.splitlines()[0])
+        if not queue.fail(self.db, job.id, self.options.worker_id, error, retryable=retryable):
+            log.warning("job %s: lease lost to another worker before the failure was recorded", job.id)
