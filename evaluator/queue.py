@@ -57,7 +57,6 @@ def claim(db: Database, worker_id: str, lease_s: float, now: float | None = None
         .where(claimable, EvalJob.attempts < EvalJob.max_attempts)
         .order_by(EvalJob.run_after, EvalJob.id)
         .limit(1)
-        .with_for_update(skip_locked=True)
         .scalar_subquery()
     )
     with db.transaction() as session:

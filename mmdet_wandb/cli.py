@@ -47,11 +47,16 @@ DeviceOpt = Annotated[Optional[str], typer.Option(help="cuda:N or cpu [default: 
 BatchSizeOpt = Annotated[int, typer.Option(help="Images per inference batch (halved on CUDA out of memory)")]
 
 
+class _ServiceLogHandler(logging.StreamHandler):
+    """Our stderr handler. A subclass, because mmcv's get_logger turns every plain root StreamHandler down to
+    ERROR (to mute duplicate DDP logs) the first time mmdet logs, which would silence the evaluator's log."""
+
+
 def _setup(data_dir: Path | None, roots: list[Path], level: str) -> tuple[paths.DataDir, Database]:
     logging.basicConfig(
         level=getattr(logging, level.upper(), logging.INFO),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
+        handlers=[_ServiceLogHandler(sys.stderr)],
     )
     home = paths.resolve(data_dir)
     try:
