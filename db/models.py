@@ -227,6 +227,7 @@ class Checkpoint(Base):
     mtime_ns: Mapped[int] = mapped_column(BigInteger)
     still_since: Mapped[float] = mapped_column()  # epoch seconds since (ino, size, mtime) last changed
     pin_path: Mapped[str | None] = mapped_column(String(4096), nullable=True)
+    pin_by_copy: Mapped[bool] = mapped_column(Boolean, default=False)  # no hard link possible (other fs, read-only)
     state: Mapped[CheckpointState] = mapped_column(_enum(CheckpointState), default=CheckpointState.SEEN)
     reason: Mapped[str | None] = mapped_column(Text, nullable=True)
     md5_b64: Mapped[str | None] = mapped_column(String(32), nullable=True)

@@ -276,12 +276,17 @@ def _print_status(db: Database, *, as_json: bool, console: Console) -> None:
         print(json.dumps(status.as_json(statuses, status.problems(db)), indent=2))
         return
     table = Table(title="mmdet-wandb status")
-    for column in ("work_dir", "logs", "W&B run", "uploaded", "pending", "checkpoints", "problems / last error"):
+    for column in ("work_dir", "logs", "W&B run", "uploaded", "pending", "checkpoints", "eval jobs", "problems / last error"):
         table.add_column(column, overflow="fold")
     for s in statuses:
         runs = s.runs or [None]
         for index, run in enumerate(runs):
-            error = (run.last_error if run and run.last_error else None) or (s.last_problem if index == 0 else None)
+            dead_job = next((j for j in reversed(s.eval_jobs) if j["state"] == "dead"), None)
+            error = (
+                (run.last_error if run and run.last_error else None)
+                or (s.last_problem if index == 0 else None)
+                or (f"eval job {dead_job['id']} ({dead_job['checkpoint']}): {dead_job['last_error']}" if index == 0 and dead_job else None)
+            )
             table.add_row(
                 s.path if index == 0 else "",
                 str(s.logs) if index == 0 else "",
@@ -289,6 +294,7 @@ def _print_status(db: Database, *, as_json: bool, console: Console) -> None:
                 str(run.rows_uploaded) if run else "0",
                 str(run.rows_pending) if run else "0",
                 ", ".join(f"{n} {state}" for state, n in s.checkpoint_counts().items()) if index == 0 else "",
+                ", ".join(f"{n} {state}" for state, n in s.eval_job_counts().items()) if index == 0 else "",
                 (f"{s.problems} problem(s); " if index == 0 and s.problems else "") + (error or ""),
             )
     console.print(table)

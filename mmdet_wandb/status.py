@@ -7,7 +7,7 @@ from typing import Any
 
 from sqlalchemy import case, func, select
 
-from db.models import Checkpoint, OutboxRow, Problem, Run, Segment, SegmentState, Source, WorkDir
+from db.models import Checkpoint, EvalJob, OutboxRow, Problem, Run, Segment, SegmentState, Source, WorkDir
 from db.session import Database
 
 
@@ -31,12 +31,20 @@ class WorkDirStatus:
     problems: int = 0
     last_problem: str | None = None
     checkpoints: list[dict[str, Any]] = field(default_factory=list)
+    eval_jobs: list[dict[str, Any]] = field(default_factory=list)
 
     def checkpoint_counts(self) -> dict[str, int]:
-        counts: dict[str, int] = {}
-        for item in self.checkpoints:
-            counts[item["state"]] = counts.get(item["state"], 0) + 1
-        return counts
+        return _count_states(self.checkpoints)
+
+    def eval_job_counts(self) -> dict[str, int]:
+        return _count_states(self.eval_jobs)
+
+
+def _count_states(items: list[dict[str, Any]]) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for item in items:
+        counts[item["state"]] = counts.get(item["state"], 0) + 1
+    return counts
 
 
 def collect(db: Database) -> list[WorkDirStatus]:
@@ -75,6 +83,17 @@ def collect(db: Database) -> list[WorkDirStatus]:
                     "name": ckpt.name, "state": ckpt.state.value, "reason": ckpt.reason, "size": ckpt.size,
                     "sha256": ckpt.sha256, "aliases": json.loads(ckpt.aliases_json) if ckpt.aliases_json else None,
                     "metadata": json.loads(ckpt.metadata_json) if ckpt.metadata_json else None,
+                }
+            )
+        for job, ckpt in session.execute(
+            select(EvalJob, Checkpoint).join(Checkpoint, Checkpoint.id == EvalJob.checkpoint_id).order_by(EvalJob.id)
+        ).tuples():
+            work_dirs[ckpt.work_dir_id].eval_jobs.append(
+                {
+                    "id": job.id, "checkpoint": ckpt.name, "state": job.state.value, "attempts": job.attempts,
+                    "last_error": job.last_error, "note": job.note, "device": job.device, "seconds": job.seconds,
+                    "table_uploaded": job.uploaded,
+                    "metrics": json.loads(job.metrics_json) if job.metrics_json else None,
                 }
             )
         for problem in session.scalars(select(Problem).order_by(Problem.last_seen)):

@@ -6,6 +6,7 @@ import hashlib
 import json
 import os
 import shutil
+import tempfile
 import time
 from pathlib import Path
 
@@ -246,3 +247,25 @@ def test_backfill_of_an_iter_based_run(trained_work_dir, tmp_path):
         expected = {k: v for k, v in vals[number].items() if k not in {"mode", "epoch", "iter", "lr"} and not isinstance(v, str)}
         assert {k: art["metadata"].get(k) for k in expected} == expected
     assert any(art["metadata"].get("bbox_mAP", 0) > 0 for art in artifacts.values())
+
+
+def test_a_store_on_another_filesystem_gets_copies_once_complete(trained_work_dir, tmp_path):
+    """Docker mounts work_dirs read-only, or on another filesystem than the data volume: no hard link is
+    possible, so each complete checkpoint is copied into the store instead of being missed."""
+    shm = Path("/dev/shm")
+    if not shm.is_dir() or os.stat(shm).st_dev == os.stat(tmp_path).st_dev:
+        pytest.skip("needs a second filesystem (/dev/shm)")
+    work_dir = trained_work_dir("retinanet_epoch")
+    home = Path(tempfile.mkdtemp(dir=shm))
+    try:
+        cli(home, "backfill", str(work_dir.parent), "--no-progress", "--num-eval-images", "0", *CKPT_FLAGS)
+        files = {p.name: p for p in work_dir.glob("*.pth") if not p.is_symlink()}
+        artifacts = model_artifacts(home)
+        assert set(artifacts) == set(files)
+        for name, art in artifacts.items():
+            (copy,) = (home / "store").rglob(f"*-{name}")
+            assert copy.stat().st_nlink == 1 and copy.stat().st_dev != files[name].stat().st_dev, "a copy, not a link"
+            assert art["digest"] == md5_b64(files[name]) == md5_b64(copy)
+        assert {s for states in checkpoint_states(home).values() for s, _ in states} == {"uploaded"}
+    finally:
+        shutil.rmtree(home, ignore_errors=True)

@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import re
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -98,9 +99,10 @@ def advance(db: Database, found: list[FoundCheckpoint], options: CheckpointOptio
         ).all()
         for row in vanished:
             if not (row.pin_path and Path(row.pin_path).exists()):
-                _set(row, CheckpointState.MISSED, "deleted before it could be pinned")
+                _set(row, CheckpointState.MISSED, "deleted before it could be " + ("copied" if row.pin_by_copy else "pinned"))
             elif row.state is CheckpointState.SEEN:
                 _settle(row, Path(row.pin_path), options, now)
+    copy_pins(db, options)
 
 
 def _look(db: Database, item: FoundCheckpoint, options: CheckpointOptions, now: float) -> None:
@@ -126,10 +128,11 @@ def _look(db: Database, item: FoundCheckpoint, options: CheckpointOptions, now: 
             row.still_since = now
             row.state = CheckpointState.SEEN
             row.reason = "changed while being checked"
+            row.meta_json = None
             if row.pin_path is None:
                 _pin(row, item.path, options)
-        if row.state is CheckpointState.SEEN and row.pin_path is not None:
-            _settle(row, Path(row.pin_path), options, now)
+        if row.state is CheckpointState.SEEN and (row.pin_path is not None or row.pin_by_copy):
+            _settle(row, Path(row.pin_path or row.path), options, now)
 
 
 def _new_row(session: Session, item: FoundCheckpoint, identity: tuple[int, int, int], still_since: float) -> Checkpoint:
@@ -154,16 +157,46 @@ def _pin(row: Checkpoint, path: Path, options: CheckpointOptions) -> None:
         _set(row, CheckpointState.MISSED, "deleted before it could be pinned")
         return
     except OSError as exc:
-        if exc.errno == errno.EXDEV:
-            reason = f"the store {options.store_dir} is on another filesystem than the work_dir; put --data-dir on the work_dirs' filesystem"
-        else:
-            reason = f"cannot hard-link into the store: {exc.strerror}"
-        _set(row, CheckpointState.MISSED, reason)
+        if exc.errno in (errno.EXDEV, errno.EROFS, errno.EPERM, errno.EACCES):
+            # another filesystem or a read-only mount (Docker): copy it into the store once it is complete
+            row.pin_by_copy = True
+            row.reason = f"no hard link possible ({exc.strerror}): copied into the store once complete"
+            return
+        _set(row, CheckpointState.MISSED, f"cannot hard-link into the store: {exc.strerror}")
         return
     st = pin.stat()
     if st.st_ino != row.ino:  # replaced between our stat and the link: follow what we pinned
         row.ino, row.size, row.mtime_ns, row.still_since = st.st_ino, st.st_size, st.st_mtime_ns, time.time()
     row.pin_path = str(pin)
+
+
+def copy_pins(db: Database, options: CheckpointOptions) -> None:
+    """Copy complete checkpoints that could not be hard-linked into the store (outside any transaction: a
+    multi-GB copy must not hold the DB); a file that changed while being copied is looked at again."""
+    with db.transaction() as session:
+        due = session.execute(
+            select(Checkpoint.id, Checkpoint.path, Checkpoint.name, Checkpoint.work_dir_id, Checkpoint.size, Checkpoint.mtime_ns)
+            .where(Checkpoint.pin_by_copy.is_(True), Checkpoint.pin_path.is_(None), Checkpoint.meta_json.is_not(None),
+                   Checkpoint.state == CheckpointState.SEEN)
+        ).all()
+    for checkpoint_id, path, name, work_dir_id, size, mtime_ns in due:
+        pin = options.store_dir / str(work_dir_id) / f"{checkpoint_id}-{name}"
+        pin.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            shutil.copyfile(path, pin)
+            st = os.stat(path)
+            unchanged = st.st_size == size == pin.stat().st_size and st.st_mtime_ns == mtime_ns
+        except OSError as exc:
+            log.warning("%s: cannot copy into the store: %s", path, exc)
+            pin.unlink(missing_ok=True)
+            continue
+        with db.transaction() as session:
+            row = session.get_one(Checkpoint, checkpoint_id)
+            if unchanged and row.state is CheckpointState.SEEN:
+                row.pin_path, row.state, row.reason = str(pin), CheckpointState.READY, None
+            else:
+                pin.unlink(missing_ok=True)
+                row.meta_json, row.still_since = None, time.time()
 
 
 def _unpin(row: Checkpoint) -> None:
@@ -188,9 +221,11 @@ def _settle(row: Checkpoint, pin: Path, options: CheckpointOptions, now: float) 
         row.reason = f"cannot read: {exc.strerror}"
         return
     if check.ok:
+        row.meta_json = json.dumps(ckpt_file.summarize_meta(meta) if meta else {}, default=str)
+        if row.pin_path is None:  # pin_by_copy: ready once copy_pins() has its copy
+            return
         row.state = CheckpointState.READY
         row.reason = None
-        row.meta_json = json.dumps(ckpt_file.summarize_meta(meta) if meta else {}, default=str)
     elif now - row.still_since >= options.incomplete_after_s:
         _set(row, CheckpointState.INCOMPLETE, f"{check.reason} (unchanged for {now - row.still_since:.0f} s)")
     else:

@@ -16,7 +16,7 @@ from typing import Any
 
 from sqlalchemy import select
 
-from db.models import Checkpoint, CheckpointState, EvalJob, JobState, Run
+from db.models import Checkpoint, CheckpointState, EvalJob, JobState
 from db.session import Database
 from uploader import checkpoints
 
@@ -137,14 +137,3 @@ def due_predictions(db: Database) -> list[PredictionUpload]:
                 PredictionUpload(job.id, job.run_id, job.manifest_id, ["latest", f"{job.unit}_{job.number}"], metadata)  # type: ignore[arg-type]
             )
     return uploads
-
-
-def counts(db: Database) -> dict[int, dict[str, int]]:
-    """Jobs by state per work_dir id (for status)."""
-    with db.transaction() as session:
-        rows = session.execute(select(Run.work_dir_id, EvalJob.state).join(Run, Run.id == EvalJob.run_id)).all()
-    result: dict[int, dict[str, int]] = {}
-    for work_dir_id, state in rows:
-        per = result.setdefault(work_dir_id, {})
-        per[state.value] = per.get(state.value, 0) + 1
-    return result
