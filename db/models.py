@@ -105,7 +105,7 @@ class Run(Base):
     config_json: Mapped[str | None] = mapped_column(Text, nullable=True)
     config_name: Mapped[str | None] = mapped_column(String(512), nullable=True)
     config_text: Mapped[str | None] = mapped_column(Text, nullable=True)
-    init_kwargs_json: Mapped[str] = mapped_column(Text, default="{}")
+    hook_options_json: Mapped[str] = mapped_column(Text, default="{}")  # the config's MMDetWandbHook entry
     state: Mapped[RunState] = mapped_column(_enum(RunState), default=RunState.ACTIVE)
     created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     last_error: Mapped[str | None] = mapped_column(Text, nullable=True)

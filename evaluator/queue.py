@@ -57,6 +57,7 @@ def claim(db: Database, worker_id: str, lease_s: float, now: float | None = None
         .where(claimable, EvalJob.attempts < EvalJob.max_attempts)
         .order_by(EvalJob.run_after, EvalJob.id)
         .limit(1)
+        .with_for_update(skip_locked=True)
         .scalar_subquery()
     )
     with db.transaction() as session:
@@ -109,10 +110,11 @@ def complete(db: Database, job_id: int, worker_id: str, outcome: EvalOutcome) ->
             return False
         job.manifest_id = store_manifest(session, outcome.manifest)
         session.execute(Prediction.__table__.delete().where(Prediction.job_id == job_id))
-        session.execute(
-            Prediction.__table__.insert(),
-            [{"job_id": job_id, "position": i, "result_json": p.to_json()} for i, p in enumerate(outcome.predictions)],
-        )
+        if outcome.predictions:  # an empty executemany would become INSERT … DEFAULT VALUES
+            session.execute(
+                Prediction.__table__.insert(),
+                [{"job_id": job_id, "position": i, "result_json": p.to_json()} for i, p in enumerate(outcome.predictions)],
+            )
         job.metrics_json = orjson.dumps(outcome.metrics).decode()
         job.device, job.seconds, job.note = outcome.device, outcome.seconds, outcome.note
         job.state, job.lease_owner, job.lease_expires_at = JobState.DONE, None, None
@@ -175,6 +177,8 @@ def store_manifest(session: Session, manifest: Manifest) -> int:
     ).scalar()
     if inserted is None:
         return session.scalar(select(ValManifest.id).where(ValManifest.digest == digest))  # type: ignore[return-value]
+    if not manifest.images:
+        return inserted
     session.execute(
         ValImage.__table__.insert(),
         [

@@ -12,6 +12,7 @@ import socket
 import threading
 import traceback
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from sqlalchemy import func, select
@@ -49,11 +50,14 @@ class Worker:
         self.db = db
         self.options = options
 
-    def run(self, stop: threading.Event) -> int:
-        """Work until `stop` (or, with exit_when_idle, until no job is queued or running); returns jobs done."""
+    def run(self, stop: threading.Event, on_tick: Callable[[], None] | None = None) -> int:
+        """Work until `stop` (or, with exit_when_idle, until no job is queued or running); returns jobs done.
+        A job in hand is finished first. `on_tick` after each claim attempt and each job."""
         done = 0
         log.info("worker %s on %s", self.options.worker_id, self.options.device)
         while not stop.is_set():
+            if on_tick is not None:
+                on_tick()
             try:
                 job = queue.claim(self.db, self.options.worker_id, self.options.lease_s)
             except Exception:  # the DB briefly unavailable: wait and try again

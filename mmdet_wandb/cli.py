@@ -1,9 +1,10 @@
-"""`mmdet-wandb`: watch work_dirs live, backfill finished ones, and show what the service knows."""
+"""`mmdet-wandb`: watch work_dirs live, backfill finished ones, evaluate checkpoints, and show what the service knows."""
 from __future__ import annotations
 
+import enum
 import json
-import os
 import logging
+import os
 import signal
 import sys
 import threading
@@ -12,14 +13,14 @@ from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from db.session import Database
-from mmdet_wandb import paths, status
-from uploader import checkpoints
+from mmdet_wandb import heartbeat, logs, paths, status
+from uploader import checkpoints, discovery, runconfig, settings
 from uploader.checkpoints import CheckpointOptions
-from uploader.evaluations import EvalOptions
 from uploader.ingest import FreshLaunch, IngestOptions
 from uploader.service import ServiceOptions, Uploader
 from uploader.wandb_writer import WandbWriter, WriterOptions, resolve_mode
@@ -27,43 +28,49 @@ from uploader.wandb_writer import WandbWriter, WriterOptions, resolve_mode
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__, pretty_exceptions_enable=False)
 err = Console(stderr=True, width=None if sys.stderr.isatty() else 160)  # logs and pipes get whole rows
 
+class LogFormat(str, enum.Enum):
+    TEXT = "text"
+    JSON = "json"
+
+
 DataDirOpt = Annotated[
     Optional[Path],
     typer.Option("--data-dir", help="State DB and offline runs [env: MMDET_WANDB_HOME; default ~/.local/share/mmdet-wandb]"),
 ]
-ProjectOpt = Annotated[Optional[str], typer.Option(help="W&B project (beats WANDB_PROJECT and the hook's init_kwargs)")]
-EntityOpt = Annotated[Optional[str], typer.Option(help="W&B entity (beats WANDB_ENTITY and the hook's init_kwargs)")]
 FreshOpt = Annotated[
     FreshLaunch,
     typer.Option(help="A fresh (not resumed) launch in a work_dir that already has a run: new-run or same-run"),
 ]
 LogLevelOpt = Annotated[str, typer.Option(help="Log level: DEBUG, INFO, WARNING, ERROR")]
-LogCheckpointOpt = Annotated[bool, typer.Option("--log-checkpoint", help="Log every finished checkpoint as a version of the artifact run_<id>_model (the hook's log_checkpoint)")]
-LogCheckpointMetadataOpt = Annotated[bool, typer.Option("--log-checkpoint-metadata", help="Put the eval metrics of the checkpoint's own epoch/iter into its metadata (the hook's log_checkpoint_metadata)")]
+LogFormatOpt = Annotated[LogFormat, typer.Option(help="Log lines as text, or one JSON object per line")]
 IncompleteAfterOpt = Annotated[float, typer.Option(help="Seconds a checkpoint may stay still but broken before it is marked incomplete")]
-NumEvalImagesOpt = Annotated[int, typer.Option(help="Val images in the tables (the hook's num_eval_images): each finished checkpoint gets an eval job; 0 turns tables off")]
-BboxScoreThrOpt = Annotated[float, typer.Option(help="Keep predicted boxes and masks with a score above this (the hook's bbox_score_thr)")]
 DeviceOpt = Annotated[Optional[str], typer.Option(help="cuda:N or cpu [default: cuda:0 when a GPU is visible, else cpu]")]
 BatchSizeOpt = Annotated[int, typer.Option(help="Images per inference batch (halved on CUDA out of memory)")]
 
+# The hook's options (CLI > MMDET_WANDB_<OPTION> > config file > MMDetWandbHook entry > defaults; see `config show`)
+ConfigOpt = Annotated[Optional[Path], typer.Option("--config", help="TOML or YAML file of the hook's options [env: MMDET_WANDB_CONFIG; default: <data dir>/config.toml if present]")]
+ProjectOpt = Annotated[Optional[str], typer.Option(help="W&B project (init_kwargs.project) [env: WANDB_PROJECT]")]
+EntityOpt = Annotated[Optional[str], typer.Option(help="W&B entity (init_kwargs.entity) [env: WANDB_ENTITY]")]
+InitKwargsOpt = Annotated[Optional[str], typer.Option(help="JSON object passed to wandb.init, as the hook's init_kwargs [env: MMDET_WANDB_INIT_KWARGS]")]
+IntervalOpt = Annotated[Optional[int], typer.Option(help="A train row every k iterations, as the hook's interval [env: MMDET_WANDB_INTERVAL; default: every row of the log]")]
+LogCheckpointOpt = Annotated[Optional[bool], typer.Option("--log-checkpoint/--no-log-checkpoint", help="Each finished checkpoint as a version of run_<id>_model [env: MMDET_WANDB_LOG_CHECKPOINT; default: off]", show_default=False)]
+LogCheckpointMetadataOpt = Annotated[Optional[bool], typer.Option("--log-checkpoint-metadata/--no-log-checkpoint-metadata", help="The eval metrics of the checkpoint's own epoch/iter in its metadata [env: MMDET_WANDB_LOG_CHECKPOINT_METADATA; default: off]", show_default=False)]
+NumEvalImagesOpt = Annotated[Optional[int], typer.Option(help="Val images in the tables; each finished checkpoint gets an eval job; 0 turns tables off [env: MMDET_WANDB_NUM_EVAL_IMAGES; default: 100]")]
+BboxScoreThrOpt = Annotated[Optional[float], typer.Option(help="Predicted boxes and masks with a score above this [env: MMDET_WANDB_BBOX_SCORE_THR; default: 0.3]")]
 
-class _ServiceLogHandler(logging.StreamHandler):
-    """Our stderr handler. A subclass, because mmcv's get_logger turns every plain root StreamHandler down to
-    ERROR (to mute duplicate DDP logs) the first time mmdet logs, which would silence the evaluator's log."""
+
+def _fail(message: str) -> typer.Exit:
+    err.print(f"[red]error:[/red] {escape(message)}")
+    return typer.Exit(2)
 
 
-def _setup(data_dir: Path | None, roots: list[Path], level: str) -> tuple[paths.DataDir, Database]:
-    logging.basicConfig(
-        level=getattr(logging, level.upper(), logging.INFO),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        handlers=[_ServiceLogHandler(sys.stderr)],
-    )
+def _setup(data_dir: Path | None, roots: list[Path], level: str, log_format: LogFormat, service: str) -> tuple[paths.DataDir, Database]:
+    logs.setup(level, log_format.value, service)
     home = paths.resolve(data_dir)
     try:
         home.prepare(roots)
     except paths.DataDirError as exc:
-        err.print(f"[red]error:[/red] {exc}")
-        raise typer.Exit(2) from None
+        raise _fail(str(exc)) from None
     db = Database(home.db_url)
     db.upgrade()
     return home, db
@@ -73,118 +80,126 @@ def _roots(given: list[Path]) -> list[Path]:
     roots = []
     for root in given:
         if not root.is_dir():
-            err.print(f"[red]error:[/red] {root} is not a directory")
-            raise typer.Exit(2)
+            raise _fail(f"{root} is not a directory")
         roots.append(root.resolve())
     return roots
 
 
-def _writer(
-    db: Database, home: paths.DataDir, project: str | None, entity: str | None,
-    checkpoints: CheckpointOptions | None, evaluation: EvalOptions | None, **extra: float,
-) -> WandbWriter:
-    options = WriterOptions(
-        runs_dir=home.runs_dir, mode=resolve_mode(), project=project, entity=entity,
-        media_dir=home.media_dir if evaluation is not None else None, **extra,
-    )
+def _layers(
+    home: paths.DataDir, config: Path | None, project: str | None, entity: str | None, init_kwargs: str | None,
+    interval: int | None, log_checkpoint: bool | None, log_checkpoint_metadata: bool | None,
+    num_eval_images: int | None, bbox_score_thr: float | None,
+) -> settings.Layers:
+    try:
+        init = settings.convert("init_kwargs", init_kwargs) if init_kwargs else {}
+        init.update({k: v for k, v in (("project", project), ("entity", entity)) if v})
+        cli = {
+            "init_kwargs": init or None, "interval": interval, "log_checkpoint": log_checkpoint,
+            "log_checkpoint_metadata": log_checkpoint_metadata, "num_eval_images": num_eval_images,
+            "bbox_score_thr": bbox_score_thr,
+        }
+        return settings.layers(cli, settings.find_file(config, home.path, os.environ))
+    except settings.SettingsError as exc:
+        raise _fail(str(exc)) from None
+
+
+def _writer(db: Database, home: paths.DataDir, layers: settings.Layers, checkpoints: CheckpointOptions, **extra: float) -> WandbWriter:
+    options = WriterOptions(runs_dir=home.runs_dir, mode=resolve_mode(), layers=layers, media_dir=home.media_dir, **extra)
     return WandbWriter(db, options, checkpoints)
 
 
-def _checkpoint_options(
-    home: paths.DataDir, log_checkpoint: bool, log_metadata: bool, incomplete_after: float,
-    evaluation: EvalOptions | None, settle: float = 2.0,
-) -> CheckpointOptions | None:
-    """Checkpoints are followed when they are logged or evaluated; as in the hook, metadata is only logged
-    with the checkpoints themselves."""
-    if not log_checkpoint and evaluation is None:
-        return None
-    return CheckpointOptions(
-        store_dir=home.store_dir, log_checkpoint=log_checkpoint, log_checkpoint_metadata=log_checkpoint and log_metadata,
-        settle_s=settle, incomplete_after_s=incomplete_after,
-    )
-
-
-def _eval_options(num_eval_images: int, bbox_score_thr: float) -> EvalOptions | None:
-    if num_eval_images < 0:
-        err.print("[red]error:[/red] --num-eval-images must be 0 or more")
-        raise typer.Exit(2)
-    return EvalOptions(num_eval_images=num_eval_images, bbox_score_thr=bbox_score_thr) if num_eval_images else None
+def _stop_on_signals() -> threading.Event:
+    """SIGTERM/SIGINT: finish the transaction in hand, close the open segments, exit."""
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    return stop
 
 
 @app.command()
 def watch(
     roots: Annotated[list[Path], typer.Argument(help="Work_dirs, or folders of work_dirs, to follow")],
     data_dir: DataDirOpt = None,
+    config: ConfigOpt = None,
     project: ProjectOpt = None,
     entity: EntityOpt = None,
+    init_kwargs: InitKwargsOpt = None,
+    interval: IntervalOpt = None,
+    log_checkpoint: LogCheckpointOpt = None,
+    log_checkpoint_metadata: LogCheckpointMetadataOpt = None,
+    num_eval_images: NumEvalImagesOpt = None,
+    bbox_score_thr: BboxScoreThrOpt = None,
     fresh_launch: FreshOpt = FreshLaunch.NEW_RUN,
     poll: Annotated[bool, typer.Option("--poll", help="No filesystem events (NFS, FUSE): poll and scan only")] = False,
     scan_interval: Annotated[float, typer.Option(help="Seconds between full scans of the roots")] = 10.0,
     poll_interval: Annotated[float, typer.Option(help="Seconds between stat checks of known logs")] = 0.5,
     finish_after: Annotated[float, typer.Option(help="Seconds idle after which a log counts as finished")] = 600.0,
     segment_idle: Annotated[float, typer.Option(help="Seconds idle after which a W&B segment is closed")] = 30.0,
-    log_checkpoint: LogCheckpointOpt = False,
-    log_checkpoint_metadata: LogCheckpointMetadataOpt = False,
     checkpoint_settle: Annotated[float, typer.Option(help="Seconds a checkpoint must stay unchanged between two looks")] = 2.0,
     checkpoint_incomplete_after: IncompleteAfterOpt = 600.0,
-    num_eval_images: NumEvalImagesOpt = 100,
-    bbox_score_thr: BboxScoreThrOpt = 0.3,
     log_level: LogLevelOpt = "INFO",
+    log_format: LogFormatOpt = LogFormat.TEXT,
 ) -> None:
     """Follow every work_dir under the roots, live, until SIGTERM or Ctrl-C."""
     root_paths = _roots(roots)
-    evaluation = _eval_options(num_eval_images, bbox_score_thr)
-    home, db = _setup(data_dir, root_paths, log_level)
-    ckpt = _checkpoint_options(home, log_checkpoint, log_checkpoint_metadata, checkpoint_incomplete_after, evaluation, checkpoint_settle)
-    writer = _writer(db, home, project, entity, ckpt, evaluation, segment_idle_s=segment_idle)
+    home, db = _setup(data_dir, root_paths, log_level, log_format, "uploader")
+    layers = _layers(home, config, project, entity, init_kwargs, interval, log_checkpoint, log_checkpoint_metadata,
+                     num_eval_images, bbox_score_thr)
+    ckpt = CheckpointOptions(store_dir=home.store_dir, layers=layers, settle_s=checkpoint_settle,
+                             incomplete_after_s=checkpoint_incomplete_after)
+    writer = _writer(db, home, layers, ckpt, segment_idle_s=segment_idle)
     options = ServiceOptions(
         roots=tuple(root_paths),
-        ingest=IngestOptions(fresh_launch=fresh_launch, finish_idle_s=finish_after),
+        ingest=IngestOptions(fresh_launch=fresh_launch, finish_idle_s=finish_after, layers=layers),
         checkpoints=ckpt,
-        evaluation=evaluation,
         scan_interval_s=scan_interval,
         poll_interval_s=poll_interval,
         use_events=not poll,
     )
-    stop = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop.set())
+    stop = _stop_on_signals()
     logging.getLogger("mmdet_wandb").info("watching %s (W&B mode %s, data in %s)", ", ".join(map(str, root_paths)), writer.options.mode, home.path)
-    Uploader(db, writer, options).watch(stop)
+    Uploader(db, writer, options).watch(stop, on_tick=heartbeat.Heartbeat(home.heartbeat("uploader")).beat)
 
 
 @app.command()
 def backfill(
     roots: Annotated[list[Path], typer.Argument(help="Finished work_dirs, or folders of them")],
     data_dir: DataDirOpt = None,
+    config: ConfigOpt = None,
     project: ProjectOpt = None,
     entity: EntityOpt = None,
-    fresh_launch: FreshOpt = FreshLaunch.NEW_RUN,
-    progress: Annotated[bool, typer.Option(help="Show progress bars")] = True,
-    log_checkpoint: LogCheckpointOpt = False,
-    log_checkpoint_metadata: LogCheckpointMetadataOpt = False,
-    checkpoint_incomplete_after: IncompleteAfterOpt = 10.0,
-    num_eval_images: NumEvalImagesOpt = 100,
-    bbox_score_thr: BboxScoreThrOpt = 0.3,
+    init_kwargs: InitKwargsOpt = None,
+    interval: IntervalOpt = None,
+    log_checkpoint: LogCheckpointOpt = None,
+    log_checkpoint_metadata: LogCheckpointMetadataOpt = None,
+    num_eval_images: NumEvalImagesOpt = None,
+    bbox_score_thr: BboxScoreThrOpt = None,
     evaluate: Annotated[bool, typer.Option("--evaluate", help="Run the eval jobs in this process too (needs the eval extra), so the tables go out in this pass")] = False,
     device: DeviceOpt = None,
     batch_size: BatchSizeOpt = 4,
+    fresh_launch: FreshOpt = FreshLaunch.NEW_RUN,
+    progress: Annotated[bool, typer.Option(help="Show progress bars")] = True,
+    checkpoint_incomplete_after: IncompleteAfterOpt = 10.0,
     log_level: LogLevelOpt = "WARNING",
+    log_format: LogFormatOpt = LogFormat.TEXT,
 ) -> None:
-    """Upload finished work_dirs once and exit (running it again uploads nothing twice)."""
+    """Upload finished work_dirs once and exit (running it again uploads nothing twice; SIGTERM stops it
+    cleanly with exit status 143, and running it again finishes the work)."""
     root_paths = _roots(roots)
-    evaluation = _eval_options(num_eval_images, bbox_score_thr)
-    home, db = _setup(data_dir, root_paths, log_level)
-    ckpt = _checkpoint_options(home, log_checkpoint, log_checkpoint_metadata, checkpoint_incomplete_after, evaluation)
-    writer = _writer(db, home, project, entity, ckpt, evaluation)
+    home, db = _setup(data_dir, root_paths, log_level, log_format, "backfill")
+    layers = _layers(home, config, project, entity, init_kwargs, interval, log_checkpoint, log_checkpoint_metadata,
+                     num_eval_images, bbox_score_thr)
+    ckpt = CheckpointOptions(store_dir=home.store_dir, layers=layers, incomplete_after_s=checkpoint_incomplete_after)
+    writer = _writer(db, home, layers, ckpt)
     options = ServiceOptions(
-        roots=tuple(root_paths), ingest=IngestOptions(fresh_launch=fresh_launch, finish_idle_s=0.0), checkpoints=ckpt,
-        evaluation=evaluation,
+        roots=tuple(root_paths), ingest=IngestOptions(fresh_launch=fresh_launch, finish_idle_s=0.0, layers=layers),
+        checkpoints=ckpt,
     )
     uploader = Uploader(db, writer, options)
-    run_jobs = _in_process_worker(db, device, batch_size) if evaluate and evaluation is not None else None
+    stop = _stop_on_signals()
+    run_jobs = _in_process_worker(db, device, batch_size, stop) if evaluate else None
     if not progress:
-        uploader.backfill(evaluate=run_jobs)
+        uploader.backfill(evaluate=run_jobs, stop=stop)
     else:
         with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=err) as bar:
             tasks: dict[str, int] = {}
@@ -194,18 +209,20 @@ def backfill(
                     tasks[stage] = bar.add_task("reading logs" if stage == "read" else "uploading rows", total=total)
                 bar.update(tasks[stage], completed=done, total=max(total, done))
 
-            uploader.backfill(on_progress, evaluate=run_jobs)
+            uploader.backfill(on_progress, evaluate=run_jobs, stop=stop)
     _print_status(db, as_json=False, console=err)
-    runs_dir = home.runs_dir
     if writer.options.mode == "offline":
-        err.print(f"offline runs are in {runs_dir}; upload them with: wandb sync {runs_dir}/*/*/wandb/offline-run-*")
+        err.print(f"offline runs are in {home.runs_dir}; upload them with: wandb sync {home.runs_dir}/*/*/wandb/offline-run-*")
+    if stop.is_set():
+        err.print("interrupted: what was read is stored and what was uploaded is closed; run backfill again to finish")
+        raise typer.Exit(143)
 
 
-def _in_process_worker(db: Database, device: str | None, batch_size: int):  # type: ignore[no-untyped-def]
+def _in_process_worker(db: Database, device: str | None, batch_size: int, stop: threading.Event):  # type: ignore[no-untyped-def]
     from evaluator.worker import Worker, WorkerOptions, default_device
 
     worker = Worker(db, WorkerOptions(device=device or default_device(), batch_size=batch_size, exit_when_idle=True, poll_s=0.5))
-    return lambda: worker.run(threading.Event())
+    return lambda: worker.run(stop)
 
 
 @app.command()
@@ -217,17 +234,16 @@ def evaluate(
     lease: Annotated[float, typer.Option(help="Seconds a claimed job stays ours without renewal (renewed every third of it)")] = 60.0,
     poll: Annotated[float, typer.Option(help="Seconds between looks for a job when the queue is empty")] = 2.0,
     log_level: LogLevelOpt = "INFO",
+    log_format: LogFormatOpt = LogFormat.TEXT,
 ) -> None:
     """A worker: claims eval jobs, runs each checkpoint on the val subset, stores predictions for the uploader."""
     from evaluator.worker import Worker, WorkerOptions, default_device
 
-    home, db = _setup(data_dir, [], log_level)
+    home, db = _setup(data_dir, [], log_level, log_format, "evaluator")
     options = WorkerOptions(device=device or default_device(), batch_size=batch_size, lease_s=lease, poll_s=poll,
                             exit_when_idle=exit_when_idle)
-    stop = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop.set())
-    done = Worker(db, options).run(stop)
+    stop = _stop_on_signals()
+    done = Worker(db, options).run(stop, on_tick=heartbeat.Heartbeat(home.heartbeat("evaluator")).beat)
     err.print(f"worker {options.worker_id}: {done} job(s) done")
 
 
@@ -239,10 +255,124 @@ def requeue(
     """Give parked eval jobs a fresh set of attempts (after fixing what made them fail)."""
     from evaluator import queue
 
+    db = _existing_db(data_dir)
+    err.print(f"requeued {queue.requeue(db, job_ids or None)} job(s)")
+
+
+config_app = typer.Typer(no_args_is_help=True, help="The hook's options as the service resolves them")
+app.add_typer(config_app, name="config")
+
+
+@config_app.command("show")
+def config_show(
+    roots: Annotated[Optional[list[Path]], typer.Argument(help="Work_dirs (or folders of them) to show [default: every work_dir in the state DB]")] = None,
+    data_dir: DataDirOpt = None,
+    config: ConfigOpt = None,
+    project: ProjectOpt = None,
+    entity: EntityOpt = None,
+    init_kwargs: InitKwargsOpt = None,
+    interval: IntervalOpt = None,
+    log_checkpoint: LogCheckpointOpt = None,
+    log_checkpoint_metadata: LogCheckpointMetadataOpt = None,
+    num_eval_images: NumEvalImagesOpt = None,
+    bbox_score_thr: BboxScoreThrOpt = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output")] = False,
+) -> None:
+    """The effective options of each work_dir and where each one comes from (given the same flags)."""
     home = paths.resolve(data_dir)
+    layers = _layers(home, config, project, entity, init_kwargs, interval, log_checkpoint, log_checkpoint_metadata,
+                     num_eval_images, bbox_score_thr)
+    hooks = _hook_entries(_roots(roots)) if roots else _hook_entries_in_db(home)
+    resolved = {work_dir: settings.resolve(layers, hook, source) for work_dir, (hook, source) in hooks.items()}
+    if as_json:
+        print(json.dumps({w: {"values": s.values, "sources": s.sources} for w, s in resolved.items()}, indent=2, default=str))
+        return
+    console = Console(width=None if sys.stdout.isatty() else 160)
+    if not resolved:
+        console.print("no work_dirs found")
+    for work_dir, effective in resolved.items():
+        table = Table(title=work_dir, title_justify="left")
+        for column in ("option", "value", "from"):
+            table.add_column(column, overflow="fold")
+        for name in settings.OPTIONS:
+            table.add_row(name, escape(json.dumps(effective.values[name], default=str)), escape(effective.sources[name]))
+        console.print(table)
+
+
+def _hook_entries(roots: list[Path]) -> dict[str, tuple[dict, str]]:
+    """The MMDetWandbHook entry of each work_dir's newest training config, read from the files."""
+    newest: dict[Path, discovery.FoundLog] = {}
+    for root in roots:
+        for found in discovery.scan(root).logs:
+            if found.work_dir not in newest or found.launch > newest[found.work_dir].launch:
+                newest[found.work_dir] = found
+    entries = {}
+    for work_dir, found in sorted(newest.items()):
+        config = runconfig.for_log(found)
+        hook = config.hook_options if config is not None else {}
+        entries[str(work_dir)] = (hook, f"hook in {config.name}" if config is not None and hook else "hook (none in the config)")
+    return entries
+
+
+def _hook_entries_in_db(home: paths.DataDir) -> dict[str, tuple[dict, str]]:
+    from sqlalchemy import select
+
+    from db.models import Run, WorkDir
+
+    db = _existing_db(home.path)
+    entries = {}
+    with db.transaction() as session:
+        for path, hook_json, config_name in session.execute(
+            select(WorkDir.path, Run.hook_options_json, Run.config_name).join(Run, Run.work_dir_id == WorkDir.id).order_by(WorkDir.path, Run.launch)
+        ):
+            hook = json.loads(hook_json or "{}")
+            entries[path] = (hook, f"hook in {config_name}" if hook else "hook (none in the config)")
+    return entries
+
+
+@app.command()
+def doctor(
+    roots: Annotated[Optional[list[Path]], typer.Argument(help="The roots the service watches")] = None,
+    data_dir: DataDirOpt = None,
+) -> None:
+    """Check the set-up: state DB, W&B mode and credentials, inotify limits, each root's filesystem."""
+    from mmdet_wandb import doctor as checks
+
+    results = checks.run(paths.resolve(data_dir), [r.resolve() for r in roots or []])
+    console = Console(width=None if sys.stdout.isatty() else 160)
+    table = Table(title="mmdet-wandb doctor")
+    for column in ("check", "result", "detail"):
+        table.add_column(column, overflow="fold")
+    style = {"ok": "green", "warn": "yellow", "fail": "red"}
+    for check in results:
+        table.add_row(check.name, f"[{style[check.level]}]{check.level}[/]", escape(check.detail))
+    console.print(table)
+    if any(c.level == "fail" for c in results):
+        raise typer.Exit(1)
+
+
+@app.command()
+def health(
+    service: Annotated[str, typer.Argument(help="uploader or evaluator")],
+    data_dir: DataDirOpt = None,
+    max_age: Annotated[float, typer.Option(help="Seconds since the service's last loop pass")] = 120.0,
+) -> None:
+    """Exit 0 when the service's loop passed within --max-age seconds (a container healthcheck)."""
+    age = heartbeat.age(paths.resolve(data_dir).heartbeat(service))
+    if age is None or age > max_age:
+        err.print(f"{service}: " + ("no heartbeat yet" if age is None else f"last loop pass {age:.0f} s ago"))
+        raise typer.Exit(1)
+    err.print(f"{service}: healthy (last loop pass {age:.1f} s ago)")
+
+
+def _existing_db(data_dir: Path | None) -> Database:
+    home = paths.resolve(data_dir)
+    if not (home.path / "state.db").exists() and "MMDET_WANDB_DB_URL" not in os.environ:
+        err.print(f"no state in {home.path} yet: run `mmdet-wandb watch` or `backfill` first")
+        raise typer.Exit(1)
     db = Database(home.db_url)
     db.upgrade()
-    err.print(f"requeued {queue.requeue(db, job_ids or None)} job(s)")
+    return db
 
 
 @app.command("status")
@@ -251,22 +381,14 @@ def status_command(
     as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output")] = False,
 ) -> None:
     """Work_dirs, their W&B runs, rows pending/uploaded, and problems found."""
-    home = paths.resolve(data_dir)
-    if not (home.path / "state.db").exists() and "MMDET_WANDB_DB_URL" not in os.environ:
-        err.print(f"no state in {home.path} yet: run `mmdet-wandb watch` or `backfill` first")
-        raise typer.Exit(1)
-    db = Database(home.db_url)
-    db.upgrade()
+    db = _existing_db(data_dir)
     _print_status(db, as_json=as_json, console=Console(width=None if sys.stdout.isatty() else 160))
 
 
 @app.command("clean-store")
 def clean_store_command(data_dir: DataDirOpt = None) -> None:
     """Delete pinned checkpoints that `wandb sync` has uploaded (offline mode keeps them until then)."""
-    home = paths.resolve(data_dir)
-    db = Database(home.db_url)
-    db.upgrade()
-    removed, kept = checkpoints.clean_store(db)
+    removed, kept = checkpoints.clean_store(_existing_db(data_dir))
     err.print(f"removed {removed} pinned checkpoint(s); kept {kept} whose segment is not synced yet")
 
 

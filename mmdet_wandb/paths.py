@@ -36,6 +36,10 @@ class DataDir:
         """Val images and ground-truth masks written out for the tables, once per val subset."""
         return self.path / "media"
 
+    def heartbeat(self, service: str) -> Path:
+        """Touched by each loop pass of a service; `mmdet-wandb health SERVICE` reads its age."""
+        return self.path / "heartbeat" / service
+
     def prepare(self, roots: list[Path]) -> None:
         """Create the directory, refuse one inside a watched root, and keep wandb's own files in it too."""
         for root in roots:

@@ -13,6 +13,7 @@ import uuid
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
+from queue import Empty
 from typing import Any
 
 import pytest
@@ -242,13 +243,12 @@ def test_permanent_failure_parks_the_job_and_requeue_revives_it(db: Database) ->
 
 def test_complete_stores_a_manifest_once_and_predictions_per_job(db: Database) -> None:
     a, b, c = add_jobs(db, 0.0, 0.0, 0.0)
-    for job_id in (a, b, c):
-        queue.claim(db, "w1", LEASE, now=T0)
+    assert [queue.claim(db, "w1", LEASE, now=T0).id for _ in range(3)] == [a, b, c]  # type: ignore[union-attr]
     m = manifest()
     assert not queue.has_manifest(db, m.digest)
     assert queue.complete(db, a, "w1", outcome(manifest(), 1))
     assert queue.has_manifest(db, m.digest)
-    assert queue.complete(db, b, "w1", outcome(manifest(), 2))  # equal content, new objects
+    assert queue.complete(db, b, "w1", outcome(manifest(), 2))  # equal content in new objects
     assert queue.complete(db, c, "w1", outcome(manifest(("cat", "dog", "bird")), 3))
 
     job_a, job_b, job_c = get(db, a), get(db, b), get(db, c)
@@ -296,8 +296,16 @@ def test_concurrent_workers_claim_every_job_exactly_once(db: Database) -> None:
     procs = [ctx.Process(target=_claim_until_empty, args=(db.url, f"w{i}", start, results)) for i in range(workers)]
     for proc in procs:
         proc.start()
+    reports: list[tuple[str, list[int], str | None]] = []
+    deadline = time.monotonic() + 120
     try:
-        reports = [results.get(timeout=120) for _ in procs]
+        while len(reports) < workers:
+            try:
+                reports.append(results.get(timeout=1))
+            except Empty:
+                crashed = [p.exitcode for p in procs if p.exitcode not in (None, 0)]
+                assert not crashed, f"worker processes exited {crashed} without a report"
+                assert time.monotonic() < deadline, f"only {len(reports)} of {workers} workers reported in 120 s"
     finally:
         for proc in procs:
             proc.join(timeout=30)

@@ -24,7 +24,7 @@ from sqlalchemy.orm import Session
 
 from db.models import Checkpoint, CheckpointState, OutboxRow, Run, Segment, Source, SourceState
 from db.session import Database
-from uploader import ckpt_file, runconfig
+from uploader import ckpt_file, runconfig, settings
 from uploader.ingest import work_dir_row
 
 log = logging.getLogger("mmdet_wandb.checkpoints")
@@ -36,8 +36,7 @@ OPEN_STATES = (CheckpointState.SEEN, CheckpointState.READY)
 @dataclass(frozen=True)
 class CheckpointOptions:
     store_dir: Path
-    log_checkpoint: bool = False
-    log_checkpoint_metadata: bool = False
+    layers: settings.Layers = settings.Layers()  # log_checkpoint & co., resolved per run with its hook entry
     settle_s: float = 2.0  # nothing may change between two looks this far apart
     incomplete_after_s: float = 600.0  # still this long but never a valid checkpoint: incomplete
 
@@ -171,14 +170,23 @@ def _pin(row: Checkpoint, path: Path, options: CheckpointOptions) -> None:
 
 
 def copy_pins(db: Database, options: CheckpointOptions) -> None:
-    """Copy complete checkpoints that could not be hard-linked into the store (outside any transaction: a
-    multi-GB copy must not hold the DB); a file that changed while being copied is looked at again."""
+    """Copy complete checkpoints that could not be hard-linked into the store, once their run is known to
+    want them (outside any transaction: a multi-GB copy must not hold the DB); a file that changed while
+    being copied is looked at again."""
+    due = []
     with db.transaction() as session:
-        due = session.execute(
-            select(Checkpoint.id, Checkpoint.path, Checkpoint.name, Checkpoint.work_dir_id, Checkpoint.size, Checkpoint.mtime_ns)
-            .where(Checkpoint.pin_by_copy.is_(True), Checkpoint.pin_path.is_(None), Checkpoint.meta_json.is_not(None),
-                   Checkpoint.state == CheckpointState.SEEN)
+        rows = session.scalars(
+            select(Checkpoint).where(Checkpoint.pin_by_copy.is_(True), Checkpoint.pin_path.is_(None),
+                                     Checkpoint.meta_json.is_not(None), Checkpoint.state == CheckpointState.SEEN)
         ).all()
+        for row in rows:
+            run = run_of(session, row)
+            if run is None:
+                continue
+            if not wanted(row, settings.for_run(options.layers, run.hook_options_json)):
+                finish_without_upload(row)
+                continue
+            due.append((row.id, row.path, row.name, row.work_dir_id, row.size, row.mtime_ns))
     for checkpoint_id, path, name, work_dir_id, size, mtime_ns in due:
         pin = options.store_dir / str(work_dir_id) / f"{checkpoint_id}-{name}"
         pin.parent.mkdir(parents=True, exist_ok=True)
@@ -242,13 +250,11 @@ def _set(row: Checkpoint, state: CheckpointState, reason: str) -> None:
 
 
 def due_uploads(db: Database, options: CheckpointOptions) -> list[Upload]:
-    """Ready checkpoints whose run is known and whose evaluation line is in (or will never come).
+    """Ready checkpoints of runs with log_checkpoint whose evaluation line is in (or will never come).
 
     Waiting for the val line of the checkpoint's own epoch gives metadata from that evaluation, never an
     older one, and lets mmengine finish its second write of `epoch_N.pth` after validation.
     """
-    if not options.log_checkpoint:
-        return []
     uploads = []
     with db.transaction() as session:
         ready = session.scalars(
@@ -259,12 +265,14 @@ def due_uploads(db: Database, options: CheckpointOptions) -> list[Upload]:
             if run is None:
                 continue
             row.run_id = run.id
+            wanted = settings.for_run(options.layers, run.hook_options_json)
+            if not wanted.log_checkpoint:
+                continue
             evaluation = _evaluation(session, run, row)
             if evaluation is _WAIT:
                 continue
-            uploads.append(
-                Upload(row.id, run.id, Path(row.pin_path or row.path), row.name, _aliases(row), _metadata(row, evaluation, options))
-            )
+            metadata = _metadata(row, evaluation, wanted.log_checkpoint_metadata)
+            uploads.append(Upload(row.id, run.id, Path(row.pin_path or row.path), row.name, _aliases(row), metadata))
     return uploads
 
 
@@ -331,11 +339,11 @@ def _aliases(row: Checkpoint) -> list[str]:
     return [f"{row.kind}_{row.number}", "latest"]
 
 
-def _metadata(row: Checkpoint, evaluation: dict[str, Any] | None, options: CheckpointOptions) -> dict[str, Any]:
+def _metadata(row: Checkpoint, evaluation: dict[str, Any] | None, with_metrics: bool) -> dict[str, Any]:
     metadata: dict[str, Any] = {}
     if row.number is not None:
         metadata[unit(row)] = row.number
-    if options.log_checkpoint_metadata:
+    if with_metrics:
         if evaluation is None:
             metadata["eval"] = None
         else:
@@ -344,8 +352,19 @@ def _metadata(row: Checkpoint, evaluation: dict[str, Any] | None, options: Check
     return metadata
 
 
+def evaluable(row: Checkpoint) -> bool:
+    """Regular epoch/iter checkpoints of mmdet 2.x: best_* repeats one of them; mmdet 3.x needs another adapter."""
+    meta = json.loads(row.meta_json or "{}")
+    return row.kind in ("epoch", "iter") and row.number is not None and "mmengine_version" not in meta
+
+
+def wanted(row: Checkpoint, options: settings.Settings) -> bool:
+    """Logged as a model artifact, or evaluated for the tables."""
+    return options.log_checkpoint or (options.num_eval_images > 0 and evaluable(row))
+
+
 def finish_without_upload(row: Checkpoint) -> None:
-    """log_checkpoint is off: the checkpoint was only needed for its eval job, which pinned it on its own."""
+    """log_checkpoint is off: the checkpoint is not needed, or only by its eval job, which pinned it on its own."""
     row.state = CheckpointState.DONE
     row.reason = None
     _unpin(row)

@@ -18,18 +18,9 @@ from sqlalchemy import select
 
 from db.models import Checkpoint, CheckpointState, EvalJob, JobState
 from db.session import Database
-from uploader import checkpoints
+from uploader import checkpoints, settings
 
 log = logging.getLogger("mmdet_wandb.evaluations")
-
-
-@dataclass(frozen=True)
-class EvalOptions:
-    """The hook's table options: `num_eval_images` (0 turns tables off) and `bbox_score_thr`."""
-
-    num_eval_images: int = 100
-    bbox_score_thr: float = 0.3
-    max_attempts: int = 5
 
 
 @dataclass(frozen=True)
@@ -43,10 +34,9 @@ class PredictionUpload:
     metadata: dict[str, Any]
 
 
-def enqueue(db: Database, options: EvalOptions, ckpt: checkpoints.CheckpointOptions) -> int:
-    """Give every finished epoch/iter checkpoint of a known run its eval job; returns how many were queued.
-
-    Without log_checkpoint a checkpoint is then done: its own pin goes (the job holds one).
+def enqueue(db: Database, ckpt: checkpoints.CheckpointOptions) -> int:
+    """Give every finished epoch/iter checkpoint of a run with num_eval_images > 0 its eval job; returns how
+    many were queued. Without log_checkpoint a checkpoint is then done: its own pin goes (the job holds one).
     """
     queued = 0
     with db.transaction() as session:
@@ -62,7 +52,8 @@ def enqueue(db: Database, options: EvalOptions, ckpt: checkpoints.CheckpointOpti
             if run is None:
                 continue
             row.run_id = run.id
-            if _wants_job(row):
+            wanted = settings.for_run(ckpt.layers, run.hook_options_json)
+            if wanted.num_eval_images > 0 and checkpoints.evaluable(row):
                 link = _link(Path(row.pin_path), ckpt.store_dir / "eval" / f"{row.id}-{row.name}")  # type: ignore[arg-type]
                 if link is None:
                     continue
@@ -70,22 +61,15 @@ def enqueue(db: Database, options: EvalOptions, ckpt: checkpoints.CheckpointOpti
                     EvalJob(
                         checkpoint_id=row.id, run_id=run.id, checkpoint_path=str(link), work_dir=str(Path(row.path).parent),
                         unit=checkpoints.unit(row), number=row.number, config_name=run.config_name, config_text=run.config_text,
-                        num_eval_images=options.num_eval_images, bbox_score_thr=options.bbox_score_thr,
-                        max_attempts=options.max_attempts,
+                        num_eval_images=wanted.num_eval_images, bbox_score_thr=wanted.bbox_score_thr,
                     )
                 )
                 queued += 1
-            if not ckpt.log_checkpoint and row.state is CheckpointState.READY:
+            if not wanted.log_checkpoint and row.state is CheckpointState.READY:
                 checkpoints.finish_without_upload(row)
     if queued:
         log.info("queued %d eval job(s)", queued)
     return queued
-
-
-def _wants_job(row: Checkpoint) -> bool:
-    """Regular epoch/iter checkpoints of mmdet 2.x: best_* repeats one of them; mmdet 3.x needs another adapter."""
-    meta = json.loads(row.meta_json or "{}")
-    return row.kind in ("epoch", "iter") and row.number is not None and "mmengine_version" not in meta
 
 
 def _link(pin: Path, link: Path) -> Path | None:

@@ -22,7 +22,7 @@ from sqlalchemy.orm import Session
 from db.models import OutboxRow, Run, Source, SourceState, WorkDir
 from db.problems import record_problem
 from db.session import Database
-from uploader import runconfig, tail
+from uploader import runconfig, settings, tail
 from uploader.discovery import FoundLog
 from uploader.parsers import LineError, decode_line, parse_line
 from uploader.parsers.common import note_iters_per_epoch
@@ -40,6 +40,7 @@ class FreshLaunch(str, enum.Enum):
 @dataclass(frozen=True)
 class IngestOptions:
     fresh_launch: FreshLaunch = FreshLaunch.NEW_RUN
+    layers: settings.Layers = settings.Layers()  # for the hook's `interval`, resolved per run
     finish_idle_s: float = 600.0  # a log untouched this long is finished: its last unterminated line is taken
     max_bytes: int = 8 << 20
 
@@ -178,6 +179,7 @@ def _commit(
         record_problem(session, source.path, kind, message, offset=offset, work_dir_id=source.work_dir_id)
     stored = _stored_lines(session, source_id, parsed)
     run = session.get(Run, source.run_id) if source.run_id is not None else None
+    intervals: dict[int, int | None] = {}
     summary: dict[str, Any] | None = None
     outbox: list[dict[str, Any]] = []
     added = 0
@@ -195,6 +197,10 @@ def _commit(
                     run = _choose_run(session, source, found, state, lineage, record, options)
                 if summary is None:
                     summary = json.loads(run.summary_json)
+                if run.id not in intervals:
+                    intervals[run.id] = settings.for_run(options.layers, run.hook_options_json).interval
+                if not on_interval(record, intervals[run.id], state):
+                    continue
                 _append(outbox, run, source, read.position.generation, line, record, summary)
                 added += 1
     _flush_summary(run, summary)
@@ -207,6 +213,17 @@ def _commit(
     source.state = SourceState.FINISHED if finished and read.at_eof else SourceState.ACTIVE
     source.last_error = None
     return added
+
+
+def on_interval(row: MetricRow, interval: int | None, state: ParseState) -> bool:
+    """The hook's `interval`: a train row every k iterations (within the epoch for epoch-based runners, as
+    mmcv's LoggerHook counts); val and test rows always."""
+    if row.kind is not RowKind.TRAIN or not interval or row.iter is None:
+        return True
+    inner = row.iter
+    if state.by_epoch is not False and state.iters_per_epoch and row.epoch:
+        inner = row.iter - (row.epoch - 1) * state.iters_per_epoch
+    return inner % interval == 0
 
 
 def _stored_lines(session: Session, source_id: int, parsed: list[_ParsedLine]) -> set[tuple[int, str]]:
@@ -296,7 +313,7 @@ def _new_run(session: Session, source: Source, found: FoundLog, state: ParseStat
         by_epoch=state.by_epoch,
         next_step=1,
         summary_json="{}",
-        init_kwargs_json="{}",
+        hook_options_json="{}",
     )
     _attach_config(run, found)
     session.add(run)
@@ -311,7 +328,7 @@ def _attach_config(run: Run, found: FoundLog) -> None:
     run.config_json = json.dumps(config.values, default=str)
     run.config_name = config.name
     run.config_text = config.text
-    run.init_kwargs_json = json.dumps(config.hook_options.get("init_kwargs") or {}, default=str)
+    run.hook_options_json = json.dumps(config.hook_options, default=str)
 
 
 def _new_wandb_id() -> str:

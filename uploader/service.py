@@ -22,7 +22,6 @@ from db.session import Database
 from uploader import checkpoints, discovery, evaluations
 from uploader.checkpoints import CheckpointOptions
 from uploader.discovery import FoundLog
-from uploader.evaluations import EvalOptions
 from uploader.ingest import IngestOptions, ingest, mark_gone
 from uploader.wandb_writer import WandbWriter
 
@@ -33,8 +32,7 @@ log = logging.getLogger("mmdet_wandb.service")
 class ServiceOptions:
     roots: tuple[Path, ...]
     ingest: IngestOptions = field(default_factory=IngestOptions)
-    checkpoints: CheckpointOptions | None = None  # None: checkpoints are neither logged nor evaluated
-    evaluation: EvalOptions | None = None  # None: no eval jobs, no tables (num_eval_images=0)
+    checkpoints: CheckpointOptions | None = None  # None: checkpoints are not followed at all
     scan_interval_s: float = 10.0
     poll_interval_s: float = 0.5
     use_events: bool = True
@@ -106,12 +104,13 @@ class Uploader:
             self.queue_evaluations()
 
     def queue_evaluations(self) -> None:
-        if self.options.evaluation is not None and self.options.checkpoints is not None:
-            evaluations.enqueue(self.db, self.options.evaluation, self.options.checkpoints)
+        if self.options.checkpoints is not None:
+            evaluations.enqueue(self.db, self.options.checkpoints)
             evaluations.release_pins(self.db)
 
     def backfill(
-        self, on_progress: Callable[[str, int, int], None] | None = None, evaluate: Callable[[], None] | None = None
+        self, on_progress: Callable[[str, int, int], None] | None = None, evaluate: Callable[[], None] | None = None,
+        stop: threading.Event | None = None,
     ) -> None:
         """One pass over everything: read every log to its end while uploading what is read, then settle the
         checkpoints, upload the rest and close every segment. `evaluate` (run the eval jobs until none is left)
@@ -119,32 +118,41 @@ class Uploader:
 
         Reading runs in a thread of its own (files and DB only); every W&B call stays in this thread. Rows
         reach the outbox in step order per run, so uploading them as they come keeps steps increasing.
+        `stop` (SIGTERM) ends it early but cleanly: the file being read is finished, open segments are closed,
+        and what is left stays in the outbox and the offsets for the next run.
         """
+        stop = stop or threading.Event()
         self.writer.warm_up()
         self.writer.recover()
         logs = self.scan()
-        reading = threading.Thread(target=self._read_all, args=(logs, on_progress), name="backfill-read")
+        reading = threading.Thread(target=self._read_all, args=(logs, on_progress, stop), name="backfill-read")
         reading.start()
         uploaded = 0
-        while reading.is_alive():
+        while reading.is_alive() and not stop.is_set():
             logged = self.writer.drain()
             uploaded += logged
             if logged and on_progress:
                 on_progress("upload", uploaded, uploaded + _pending_rows(self.db))
             if not logged:
                 reading.join(0.05)
+        reading.join()
+        if stop.is_set():
+            self.writer.close_all()
+            return
         self._settle_checkpoints()
         if evaluate is not None:
             evaluate()
             self.queue_evaluations()
-        while logged := self.writer.drain():
+        while not stop.is_set() and (logged := self.writer.drain()):
             uploaded += logged
             if on_progress:
                 on_progress("upload", uploaded, uploaded + _pending_rows(self.db))
         self.writer.close_all()
 
-    def _read_all(self, logs: list[FoundLog], on_progress: Callable[[str, int, int], None] | None) -> None:
+    def _read_all(self, logs: list[FoundLog], on_progress: Callable[[str, int, int], None] | None, stop: threading.Event) -> None:
         for index, found in enumerate(logs, 1):
+            if stop.is_set():
+                return
             self._ingest_one(found)
             if on_progress:
                 on_progress("read", index, len(logs))
@@ -161,8 +169,8 @@ class Uploader:
                 return
             time.sleep(min(options.settle_s, 1.0))
 
-    def watch(self, stop: threading.Event) -> None:
-        """Follow the roots until `stop` is set; then close every open segment."""
+    def watch(self, stop: threading.Event, on_tick: Callable[[], None] | None = None) -> None:
+        """Follow the roots until `stop` is set; then close every open segment. `on_tick` after each pass."""
         self.writer.warm_up()
         self.writer.recover()
         wake = threading.Event()
@@ -178,6 +186,8 @@ class Uploader:
                         self.scan()
                         last_scan = time.monotonic()
                     self.step()
+                    if on_tick is not None:
+                        on_tick()
                 except Exception:  # e.g. the DB briefly unavailable: log, wait, try again; never exit
                     log.exception("watch loop iteration failed; retrying")
                     stop.wait(self.options.scan_interval_s)

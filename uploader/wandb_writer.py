@@ -23,7 +23,7 @@ from sqlalchemy import delete, func, select, update
 
 from db.models import Checkpoint, EvalJob, OutboxRow, Run, RunValArtifact, Segment, SegmentState, utcnow
 from db.session import Database
-from uploader import checkpoints, ckpt_file, evaluations, tables, wandb_reader
+from uploader import checkpoints, ckpt_file, evaluations, settings, tables, wandb_reader
 from uploader.checkpoints import CheckpointOptions
 
 log = logging.getLogger("mmdet_wandb.writer")
@@ -47,8 +47,7 @@ def resolve_mode() -> str:
 class WriterOptions:
     runs_dir: Path  # segment directories: <runs_dir>/<wandb id>/<seq>/wandb/...
     mode: str = "offline"
-    project: str | None = None
-    entity: str | None = None
+    layers: settings.Layers = settings.Layers()  # init_kwargs (project, entity, tags, ...), resolved per run
     flush_interval_s: float = 0.5  # how long a logged row may sit in wandb-core before reaching the file
     segment_idle_s: float = 30.0  # an idle segment is closed so that its rows count as uploaded
     segment_max_rows: int = 200_000
@@ -110,8 +109,8 @@ class WandbWriter:
             )
 
     def drain(self) -> int:
-        """Log one batch of pending rows of every run that has some, then every checkpoint that is due;
-        returns how many rows and checkpoints were logged."""
+        """Log one batch of pending rows of every run that has some, then every checkpoint and prediction
+        table that is due; returns how many rows, checkpoints and tables were logged."""
         logged = 0
         for run_id in self.pending_runs():
             try:
@@ -284,15 +283,10 @@ class WandbWriter:
         return artifact._client_id, val
 
     def _init_kwargs(self, run: Run, directory: Path) -> dict[str, Any]:
-        """Precedence: CLI option > WANDB_* environment > the hook's init_kwargs > our defaults."""
-        hook = {k: v for k, v in json.loads(run.init_kwargs_json).items() if k not in RESERVED_INIT_KWARGS}
-        kwargs: dict[str, Any] = {"name": run.name, "group": run.group, "job_type": run.job_type, **hook}
-        for key, env, cli in (("project", "WANDB_PROJECT", self.options.project), ("entity", "WANDB_ENTITY", self.options.entity)):
-            if cli:
-                kwargs[key] = cli
-            elif os.environ.get(env):
-                kwargs[key] = os.environ[env]
-        kwargs.setdefault("project", DEFAULT_PROJECT)
+        """init_kwargs merged key by key: CLI > environment (WANDB_PROJECT, ...) > config file > the hook's > ours."""
+        merged = settings.for_run(self.options.layers, run.hook_options_json).init_kwargs
+        kwargs: dict[str, Any] = {"name": run.name, "group": run.group, "job_type": run.job_type, "project": DEFAULT_PROJECT}
+        kwargs.update({k: v for k, v in merged.items() if k not in RESERVED_INIT_KWARGS})
         kwargs.update(
             id=run.wandb_id,
             resume="allow",

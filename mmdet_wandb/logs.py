@@ -1,0 +1,75 @@
+"""Logging of the service: readable lines, or one JSON object per line for log shippers (`--log-format json`).
+
+Secrets never reach a log line: the values of credential variables seen in the environment at start-up are
+replaced by `***` in every message, whatever library logged them.
+"""
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import os
+import sys
+from typing import Any
+
+import orjson
+
+SECRET_VARIABLES = ("WANDB_API_KEY", "MMDET_WANDB_DB_URL", "PGPASSWORD")
+
+
+def secrets_in_env() -> list[str]:
+    found = []
+    for name in SECRET_VARIABLES:
+        value = os.environ.get(name, "")
+        if name == "MMDET_WANDB_DB_URL" and "@" in value and ":" in value.split("@", 1)[0]:
+            value = value.split("@", 1)[0].rsplit(":", 1)[1]  # the password of a URL
+        if len(value) >= 6:
+            found.append(value)
+    return found
+
+
+def redact(text: str, secrets: list[str]) -> str:
+    for secret in secrets:
+        text = text.replace(secret, "***")
+    return text
+
+
+class ServiceLogHandler(logging.StreamHandler):
+    """Our stderr handler. A subclass, because mmcv's get_logger turns every plain root StreamHandler down to
+    ERROR (to mute duplicate DDP logs) the first time mmdet logs, which would silence the evaluator's log."""
+
+    def __init__(self, secrets: list[str]) -> None:
+        super().__init__(sys.stderr)
+        self.secrets = secrets
+
+    def format(self, record: logging.LogRecord) -> str:
+        return redact(super().format(record), self.secrets)
+
+
+class JsonFormatter(logging.Formatter):
+    """`{"ts", "level", "logger", "msg", "service", "exc"?}` per line."""
+
+    def __init__(self, service: str) -> None:
+        super().__init__()
+        self.service = service
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry: dict[str, Any] = {
+            "ts": dt.datetime.fromtimestamp(record.created, dt.timezone.utc).isoformat(timespec="milliseconds"),
+            "level": record.levelname,
+            "logger": record.name,
+            "msg": record.getMessage(),
+            "service": self.service,
+            "pid": record.process,
+        }
+        if record.exc_info:
+            entry["exc"] = self.formatException(record.exc_info)
+        return orjson.dumps(entry).decode()
+
+
+def setup(level: str, log_format: str, service: str) -> None:
+    handler = ServiceLogHandler(secrets_in_env())
+    if log_format == "json":
+        handler.setFormatter(JsonFormatter(service))
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=getattr(logging, level.upper(), logging.INFO), handlers=[handler], force=True)
