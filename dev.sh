@@ -10,31 +10,36 @@ venv=${MMDET_WANDB_VENV:-.venv}
 setup() {
   local extras=$1 stamp="$venv/.installed-$1"
   local want
-  want=$(sha256sum pyproject.toml | cut -d' ' -f1)
+  want=$(cat pyproject.toml tools/install.sh | sha256sum | cut -d' ' -f1)
   if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
     return
   fi
-  [ -x "$venv/bin/python" ] || python3 -m venv "$venv"
-  "$venv/bin/python" -m pip install --quiet --upgrade pip
-  "$venv/bin/python" -m pip install --quiet -e ".[$extras]"
+  EDITABLE=1 tools/install.sh "$venv" base "$extras"
   echo "$want" > "$stamp"
 }
 
 setup_eval() {
-  # The evaluator's mmdet 2.x stack, in the order it needs: mmcv-full compiles against the installed torch
-  # (no build isolation, setuptools<70, C++20 for torch's headers: tools/cxx20); pip keeps the built wheel
-  # in its cache, so only the first machine pays the ~15 minutes.
+  # The evaluator's mmdet 2.x stack (tools/install.sh says why each step is as it is); only the first
+  # machine pays the mmcv-full compile, pip keeps the wheel in its cache.
   local stamp="$venv/.installed-eval" want
-  want=$(cat pyproject.toml tools/cxx20 | sha256sum | cut -d' ' -f1)
+  want=$(cat pyproject.toml tools/cxx20 tools/install.sh | sha256sum | cut -d' ' -f1)
   if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
     return
   fi
-  local pip=("$venv/bin/python" -m pip install --quiet)
-  "${pip[@]}" torch==2.14.1 torchvision==0.29.1
-  "${pip[@]}" "setuptools<70" wheel "numpy<1.24"
-  CXX="$PWD/tools/cxx20" MAX_JOBS="$(nproc)" "${pip[@]}" --no-build-isolation mmcv-full==1.7.2 "opencv-python>=4.5,<4.9" "numpy<1.24"
-  "${pip[@]}" mmdet==2.28.2 "pycocotools>=2.0.7" "opencv-python>=4.5,<4.9" "numpy<1.24"
+  tools/install.sh "$venv" eval
   echo "$want" > "$stamp"
+}
+
+setup_postgres_server() {
+  # The PostgreSQL tests start a throwaway server of their own; they need its binaries (Debian's package).
+  if command -v initdb >/dev/null || compgen -G "/usr/lib/postgresql/*/bin/initdb" >/dev/null; then
+    return
+  fi
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null
+  else
+    echo "note: no PostgreSQL server binaries (apt-get install postgresql): the PostgreSQL tests will be skipped" >&2
+  fi
 }
 
 case "${1:-}" in
@@ -47,6 +52,7 @@ case "${1:-}" in
     shift
     setup test,postgres
     setup_eval
+    setup_postgres_server
     exec "$venv/bin/python" -m pytest "$@"
     ;;
   *)

@@ -23,15 +23,21 @@ resized to 128x128 before the model sees it.
    Each side lives in its own long-lived process (tools/test.py's process-wide settings, e.g.
    ``cv2.setNumThreads(0)``, stay on its side); after one untimed warm-up call each (a few images), the
    two are called in turn ``--repeat`` times (default 3, the order alternating), on CPU, and on ``cuda:0``
-   as well when ``torch.cuda.is_available()``. Reported, as medians:
+   as well when ``torch.cuda.is_available()``. Each process runs ``--threads`` torch/OpenMP threads
+   (default 1). On a machine that other work shares, more OpenMP threads than free cores make every
+   parallel region wait for a descheduled thread: a 2-thread run on 2 busy cores was seen to swing 10x
+   from one call to the next, while 1-thread runs agree within a few %. ``--threads 0`` keeps torch's
+   default (one per core), as the worker runs; use it on an idle machine. Reported, as medians:
 
    - inference images/s: ours ``n / EvalOutcome.seconds`` (the inference loop), baseline
      ``n / single_gpu_test`` wall time; ratio ours/baseline. Targets: >= 1.0 on CPU, >= 1.5 on GPU.
    - end to end images/s, for context (no target): the whole ``evaluate`` call (config, dataset, the
      manifest: every val image read and decoded once more, the ground truth as RLE; model, inference,
      predictions, COCO metrics) against the baseline's config + dataset + loader + model + test + evaluate.
+   - the process CPU seconds of the two inference loops (all threads);
    - where the time goes, per phase, and a soundness check: per image, the number of boxes above the
-     score threshold and the sum of their scores must agree between the two sides.
+     score threshold and the sum of their scores must agree between the two sides (at most 2 % of the
+     images may differ, else the row fails).
 
 2. Bytes per prediction artifact. The real CLI, end to end, on each detector's temp work_dir, in a fresh
    data dir with W&B offline: ``python -m mmdet_wandb.cli backfill ROOT --data-dir D --evaluate
@@ -46,6 +52,7 @@ How to run (from the repository root, with the eval stack installed):
     .venv/bin/python benchmarks/evaluator.py                          # both detectors, 100 images, batch 8
     .venv/bin/python benchmarks/evaluator.py --detectors retinanet --batch-size 4 --repeat 5
     .venv/bin/python benchmarks/evaluator.py --skip-bytes --json
+    .venv/bin/python benchmarks/evaluator.py --threads 0                # torch's default threads (idle machine)
 
 Progress goes to stderr; ``--keep`` keeps the temp dir (children's logs, the CLI's data dir).
 Exit status: 0 when every target passes, 1 when one fails, 2 on error.
@@ -165,16 +172,18 @@ class _Phases:
     def __init__(self) -> None:
         self.seconds: dict[str, float] = {}
 
-    def wrap(self, owner: Any, name: str, phase: str | None = None) -> None:
+        self.cpu_seconds: dict[str, float] = {}
+
+    def wrap(self, owner: Any, name: str) -> None:
         original = getattr(owner, name)
 
         def timed(*args: Any, **kwargs: Any) -> Any:
-            t = time.perf_counter()
+            t, c = time.perf_counter(), time.process_time()
             try:
                 return original(*args, **kwargs)
             finally:
-                key = phase or name
-                self.seconds[key] = self.seconds.get(key, 0.0) + time.perf_counter() - t
+                self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - t
+                self.cpu_seconds[name] = self.cpu_seconds.get(name, 0.0) + time.process_time() - c
 
         setattr(owner, name, timed)
 
@@ -196,6 +205,7 @@ def _child_ours(spec: dict[str, Any]) -> Any:
 
     def run(n: int) -> dict[str, Any]:
         phases.seconds.clear()
+        phases.cpu_seconds.clear()
         job = ClaimedJob(id=1, attempts=1, checkpoint_path=spec["checkpoint"], work_dir=spec["work_dir"],
                          config_name=None, config_text=None, num_eval_images=n, bbox_score_thr=BBOX_SCORE_THR)
         _sync(spec["device"])
@@ -205,6 +215,7 @@ def _child_ours(spec: dict[str, Any]) -> Any:
         total = time.perf_counter() - t
         return {
             "images": len(outcome.predictions), "seconds": outcome.seconds, "total": total,
+            "cpu_seconds": phases.cpu_seconds["run_inference"],
             "phases": dict(phases.seconds), "metrics": outcome.metrics,
             "summary": [[len(p.boxes), round(sum(p.scores or []), 3)] for p in outcome.predictions],
         }
@@ -292,10 +303,10 @@ def _child_baseline(spec: dict[str, Any]) -> Any:
         model = build_dp(model, cfg.device, device_ids=cfg.gpu_ids)
         mark("model")
         _sync(device)
-        t_test = time.perf_counter()
+        t_test, c_test = time.perf_counter(), time.process_time()
         outputs = single_gpu_test(model, data_loader)
         _sync(device)
-        seconds = time.perf_counter() - t_test
+        seconds, cpu_seconds = time.perf_counter() - t_test, time.process_time() - c_test
         mark("single_gpu_test")
         eval_kwargs = cfg.get("evaluation", {}).copy()
         for key in HOOK_KEYS_TEST_PY_DROPS:
@@ -309,7 +320,7 @@ def _child_baseline(spec: dict[str, Any]) -> Any:
             bbox = result[0] if isinstance(result, tuple) else result
             scores = [float(s) for per_class in bbox for s in per_class[:, 4] if s > BBOX_SCORE_THR]
             summary.append([len(scores), round(sum(round(s, 4) for s in scores), 3)])
-        return {"images": len(outputs), "seconds": seconds, "total": total, "phases": phases,
+        return {"images": len(outputs), "seconds": seconds, "total": total, "phases": phases, "cpu_seconds": cpu_seconds,
                 "metrics": {k: float(v) if isinstance(v, (int, float)) else str(v) for k, v in metrics.items()},
                 "summary": summary}
 
@@ -322,6 +333,10 @@ def child_main(kind: str, spec_path: str) -> int:
     os.dup2(2, 1)  # everything else printed (mmcv's progress bar, warnings) goes to the child's log
     spec = json.loads(Path(spec_path).read_text(encoding="utf-8"))
     try:
+        import torch
+
+        if spec.get("threads"):
+            torch.set_num_threads(spec["threads"])
         run = _child_ours(spec) if kind == "ours" else _child_baseline(spec)
     except Exception:
         proto.write("@@ERROR " + json.dumps(traceback.format_exc()) + "\n")
@@ -332,10 +347,15 @@ def child_main(kind: str, spec_path: str) -> int:
             continue
         try:
             result = run(int(json.loads(line)["n"]))
+            result["torch_threads"] = torch.get_num_threads()
             proto.write("@@RESULT " + json.dumps(result) + "\n")
         except Exception:
             proto.write("@@ERROR " + json.dumps(traceback.format_exc()) + "\n")
     return 0
+
+
+def thread_env(threads: int | None) -> dict[str, str]:
+    return {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)} if threads else {}
 
 
 class Child:
@@ -345,7 +365,7 @@ class Child:
         spec_path.write_text(json.dumps(spec), encoding="utf-8")
         self.log_path = work / f"{kind}.log"
         self._log = open(self.log_path, "wb")
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", **thread_env(spec.get("threads"))}
         self.proc = subprocess.Popen(
             [sys.executable, str(Path(__file__).resolve()), "--_child", kind, "--_spec", str(spec_path)],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._log, cwd=REPO, env=env, text=True,
@@ -400,7 +420,7 @@ def bench_throughput(args: argparse.Namespace, detector: str, prepared: dict[str
     work = tmp / f"throughput-{detector}-{device.replace(':', '')}"
     work.mkdir()
     base = {"checkpoint": prepared["checkpoint"], "work_dir": prepared["work_dir"], "device": device,
-            "batch_size": args.batch_size, "config_file": str(work / "checkpoint_config.py")}
+            "batch_size": args.batch_size, "config_file": str(work / "checkpoint_config.py"), "threads": args.threads}
     children = {kind: Child(kind, base, work, args.timeout) for kind in ("ours", "baseline")}
     runs: dict[str, list[dict[str, Any]]] = {"ours": [], "baseline": []}
     try:
@@ -416,8 +436,9 @@ def bench_throughput(args: argparse.Namespace, detector: str, prepared: dict[str
             for kind in order:
                 result = children[kind].call(args.num_images)
                 runs[kind].append(result)
-                log(f"{detector}/{device}: rep {rep + 1}/{args.repeat} {kind:8s} inference {result['seconds']:.2f} s, "
-                    f"whole call {result['total']:.2f} s ({result['images']} images)")
+                log(f"{detector}/{device}: rep {rep + 1}/{args.repeat} {kind:8s} inference {result['seconds']:.2f} s "
+                    f"(CPU {result['cpu_seconds']:.2f} s), whole call {result['total']:.2f} s ({result['images']} images), "
+                    f"load {os.getloadavg()[0]:.2f}")
     finally:
         for child in children.values():
             child.close()
@@ -425,6 +446,7 @@ def bench_throughput(args: argparse.Namespace, detector: str, prepared: dict[str
     if any(r["images"] != images for rs in runs.values() for r in rs):
         raise BenchError(f"{detector}/{device}: the two sides did not see the same number of images")
     med = {k: statistics.median(r["seconds"] for r in rs) for k, rs in runs.items()}
+    med_cpu = {k: statistics.median(r["cpu_seconds"] for r in rs) for k, rs in runs.items()}
     med_total = {k: statistics.median(r["total"] for r in rs) for k, rs in runs.items()}
     phases = {k: {p: statistics.median(r["phases"].get(p, 0.0) for r in rs) for p in names}
               for (k, rs), names in zip(runs.items(), (OURS_PHASES, BASELINE_PHASES))}
@@ -436,12 +458,14 @@ def bench_throughput(args: argparse.Namespace, detector: str, prepared: dict[str
     same = count_diff <= max(1, len(ours_sum) // 50)
     return {
         "detector": detector, "device": device, "images": images, "batch_size": args.batch_size,
+        "torch_threads": runs["ours"][0]["torch_threads"],
         "ours_s": med["ours"], "baseline_s": med["baseline"],
         "ours_ips": images / med["ours"], "baseline_ips": images / med["baseline"], "ratio": ratio,
         "target": target, "pass": ratio >= target and same,
         "ours_total_s": med_total["ours"], "baseline_total_s": med_total["baseline"],
         "ours_total_ips": images / med_total["ours"], "baseline_total_ips": images / med_total["baseline"],
         "total_ratio": med_total["baseline"] / med_total["ours"],
+        "ours_cpu_s": med_cpu["ours"], "baseline_cpu_s": med_cpu["baseline"], "cpu_ratio": med_cpu["baseline"] / med_cpu["ours"],
         "ours_all_s": [r["seconds"] for r in runs["ours"]], "baseline_all_s": [r["seconds"] for r in runs["baseline"]],
         "ours_all_total_s": [r["total"] for r in runs["ours"]],
         "baseline_all_total_s": [r["total"] for r in runs["baseline"]],
@@ -512,7 +536,7 @@ def bench_bytes(args: argparse.Namespace, detector: str, prepared: dict[str, Any
     log(f"{detector}: {' '.join(shown)} ({len(prepared['checkpoints'])} checkpoint(s))")
     t = time.perf_counter()
     try:
-        proc = subprocess.run(cmd, env=isolated_env(home), cwd=REPO, capture_output=True, text=True,
+        proc = subprocess.run(cmd, env={**isolated_env(home), **thread_env(args.threads)}, cwd=REPO, capture_output=True, text=True,
                               timeout=args.timeout)
     except subprocess.TimeoutExpired as exc:
         raise BenchError(f"{detector}: backfill timed out after {args.timeout:.0f} s") from exc
@@ -556,7 +580,8 @@ def render(report: dict[str, Any]) -> str:
         lines.append(f"1. Inference throughput: median of {report['repeat']} alternating calls per side, "
                      f"{report['num_images']} images, same subset, same checkpoint")
         lines.append(f"   ours = evaluator.mmdet2.evaluate(batch_size={report['batch_size']}), its `seconds`; "
-                     "baseline = tools/test.py set-up + mmdet.apis.single_gpu_test (samples_per_gpu=1)")
+                     "baseline = tools/test.py set-up + mmdet.apis.single_gpu_test (samples_per_gpu=1); "
+                     f"torch threads per process: {report['throughput'][0]['torch_threads']}")
         head = (f"   {'detector':10s} {'device':7s} {'ours img/s':>10s} {'base img/s':>10s} {'ratio':>6s} {'target':>7s}"
                 f"       | whole call: {'ours img/s':>10s} {'base img/s':>10s} {'ratio':>6s}")
         lines += [head, "   " + "-" * (len(head) - 3)]
@@ -565,6 +590,10 @@ def render(report: dict[str, Any]) -> str:
             lines.append(f"   {e['detector']:10s} {e['device']:7s} {e['ours_ips']:10.1f} {e['baseline_ips']:10.1f} "
                          f"{e['ratio']:6.2f} {'>=' + format(e['target'], '.1f'):>7s} {verdict:5s} | "
                          f"{'':12s}{e['ours_total_ips']:10.1f} {e['baseline_total_ips']:10.1f} {e['total_ratio']:6.2f}")
+        lines.append("   inference CPU seconds (all threads of the process):")
+        for e in report["throughput"]:
+            lines.append(f"     {e['detector']:10s} {e['device']:7s} ours {e['ours_cpu_s']:.2f} s, baseline "
+                         f"{e['baseline_cpu_s']:.2f} s: baseline/ours {e['cpu_ratio']:.2f}")
         lines.append("   each call (s): inference loop / whole call")
         for e in report["throughput"]:
             lines.append(f"     {e['detector']:10s} {e['device']:7s} ours {' '.join(f'{s:.2f}' for s in e['ours_all_s'])}"
@@ -615,6 +644,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0, help="seed of the synthetic val set")
     p.add_argument("--checkpoints", type=int, default=2, help="last epoch checkpoints per work_dir (default 2)")
     p.add_argument("--repeat", type=int, default=3, help="timed calls per side (default 3)")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch/OpenMP threads of each measuring process (default 1; 0: torch's default, one per core)")
     p.add_argument("--devices", default=None, help="comma list (default: cpu, plus cuda:0 when available)")
     p.add_argument("--timeout", type=float, default=600.0, help="seconds allowed to one call / one CLI run")
     p.add_argument("--skip-throughput", action="store_true")
@@ -630,6 +661,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     unknown = [d for d in args.detectors if d not in DETECTORS]
     if unknown:
         p.error(f"unknown detector(s) {unknown}; known: {', '.join(DETECTORS)}")
+    if args.threads < 0:
+        p.error("--threads must be 0 (torch's default) or more")
     if min(args.num_images, args.batch_size, args.repeat, args.checkpoints, args.image_size) < 1:
         p.error("--num-images, --batch-size, --repeat, --checkpoints and --image-size must be positive")
     args.val_size = args.val_size or args.num_images
@@ -659,12 +692,13 @@ def main(argv: list[str]) -> int:
     report: dict[str, Any] = {"repeat": args.repeat, "num_images": args.num_images, "batch_size": args.batch_size,
                               "python": sys.version.split()[0], "cpus": os.cpu_count()}
     started = time.perf_counter()
+    report["load_start"] = os.getloadavg()
     try:
         import torch
 
         devices = args.devices.split(",") if args.devices else ["cpu"] + (["cuda:0"] if torch.cuda.is_available() else [])
         report["devices"] = devices
-        report["torch_threads"] = torch.get_num_threads()
+        report["threads"] = args.threads
         t = time.perf_counter()
         report["data"] = make_val_set(tmp / "data", args.val_size, args.image_size, args.seed, args.jpeg_quality)
         log(f"val set: {args.val_size} images in {time.perf_counter() - t:.1f} s, "
@@ -688,6 +722,7 @@ def main(argv: list[str]) -> int:
         return 2
     finally:
         report["seconds"] = time.perf_counter() - started
+        report["load_end"] = os.getloadavg()
         if args.keep:
             log(f"kept {tmp}")
         else:
@@ -696,7 +731,9 @@ def main(argv: list[str]) -> int:
         print(json.dumps(_finite(report), indent=2, default=str))
     else:
         print(render(report))
-        print(f"\n(total {report['seconds']:.0f} s on {report['cpus']} CPUs, torch threads {report['torch_threads']})")
+        print(f"\n(total {report['seconds']:.0f} s on {report['cpus']} CPUs; "
+              f"load average 1/5/15 min at start {' '.join(f'{x:.2f}' for x in report['load_start'])}, "
+              f"at end {' '.join(f'{x:.2f}' for x in report['load_end'])})")
     passed = [e["pass"] for e in report.get("throughput", [])] + [e["pass"] for e in report.get("bytes", [])]
     return 0 if all(passed) else 1
 
