@@ -261,8 +261,28 @@ def build_model(cfg: Any, checkpoint_path: str, device: str, dataset: Any) -> An
     if device.startswith("cuda"):
         index = int(device.split(":", 1)[1]) if ":" in device else 0
         torch.cuda.set_device(index)
+        _gpu_ids_for_torch_streams()
         return build_dp(model, "cuda", device_ids=[index])
     return build_dp(model, "cpu")
+
+
+def _gpu_ids_for_torch_streams() -> None:
+    """mmcv 1.7's Scatter hands GPU ids (ints) to torch's `_get_stream`, which takes a torch.device in torch 2.x:
+    every GPU batch would fail with "'int' object has no attribute 'type'". Give it the device it expects."""
+    import torch
+    from mmcv.parallel import _functions
+
+    original = _functions._get_stream
+    if getattr(original, "takes_gpu_ids", False):
+        return
+
+    def get_stream(device: Any) -> Any:
+        if isinstance(device, int):
+            device = torch.device("cuda", device) if device >= 0 else torch.device("cpu")
+        return original(device)
+
+    get_stream.takes_gpu_ids = True  # type: ignore[attr-defined]
+    _functions._get_stream = get_stream
 
 
 def take_subset(dataset: Any, indices: list[int]) -> Any:

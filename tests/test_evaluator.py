@@ -295,3 +295,23 @@ def test_a_val_set_smaller_than_num_eval_images_is_clamped_like_the_hook(trained
         rows = table_of(pred, "eval_data")["data"]
         assert len(rows) == 8
         assert all(not row[2]["boxes"]["predictions"] for row in rows), "an empty prediction is a row too"
+
+
+def test_mmcv_scatter_gets_the_torch_device_it_needs():
+    """mmcv 1.7 hands torch 2.x's `_get_stream` an int GPU id (seen failing every batch on an H200); the shim
+    converts it. On CPU, id -1 exercises the same conversion."""
+    from mmcv.parallel import _functions
+
+    from evaluator import mmdet2
+
+    original = _functions._get_stream
+    try:
+        if not getattr(original, "takes_gpu_ids", False):
+            with pytest.raises(AttributeError, match="'int' object has no attribute 'type'"):
+                original(-1)
+        mmdet2._gpu_ids_for_torch_streams()
+        assert _functions._get_stream(-1) is None
+        mmdet2._gpu_ids_for_torch_streams()  # idempotent
+        assert _functions._get_stream.takes_gpu_ids
+    finally:
+        _functions._get_stream = original
