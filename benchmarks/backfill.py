@@ -81,6 +81,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from report import exit_cleanly_on_sigterm, finite  # benchmarks/report.py, beside this script
+
 REPO = Path(__file__).resolve().parents[1]
 REAL_LOGS = Path(os.environ.get("MMDET_WANDB_REAL_LOGS", REPO.parent / "shared" / "real_logs")).resolve()
 DEFAULT_LOGS = (
@@ -716,26 +718,15 @@ def _remove(path: Path) -> None:
     shutil.rmtree(path, onerror=retry)
 
 
-def _finite(value: Any) -> Any:
-    """JSON has no Infinity/NaN: they become null."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_finite(v) for v in value]
-    return value
 
 
-def _on_sigterm(signum: int, _frame: Any) -> None:
-    raise SystemExit(128 + signum)  # run the finally blocks: kill children, remove the temp dir
 
 
 def main(argv: list[str]) -> int:
     args = parse_args(argv)
     if args._child:
         return child_main(args._child, args._spec)
-    signal.signal(signal.SIGTERM, _on_sigterm)
+    exit_cleanly_on_sigterm()
     tmp = Path(tempfile.mkdtemp(prefix="mmdet-wandb-bench-"))
     report: dict[str, Any] = {"repeat": args.repeat, "python": sys.version.split()[0]}
     try:
@@ -762,7 +753,7 @@ def main(argv: list[str]) -> int:
         log(f"error: {exc}")
         report["error"] = str(exc)
         if args.json:
-            print(json.dumps(_finite(report), indent=2, default=str))
+            print(json.dumps(finite(report), indent=2, default=str))
         return 2
     finally:
         if args.keep:
@@ -770,7 +761,7 @@ def main(argv: list[str]) -> int:
         else:
             _remove(tmp)
     if args.json:
-        print(json.dumps(_finite(report), indent=2, default=str))
+        print(json.dumps(finite(report), indent=2, default=str))
     else:
         print(render(report))
     passed = [e["pass"] for e in report.get("backfill", {}).get("logs", [])]

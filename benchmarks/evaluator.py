@@ -64,11 +64,9 @@ import argparse
 import contextlib
 import io
 import json
-import math
 import os
 import select
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
@@ -79,8 +77,11 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:  # tests.mmdet_run is not installed with the project
-    sys.path.insert(0, str(REPO))
+# The repo first: tests.mmdet_run is not installed with the project, and this script's own folder (first on
+# sys.path) must not let this file shadow the `evaluator` package.
+sys.path.insert(0, str(REPO))
+
+from report import exit_cleanly_on_sigterm, finite  # noqa: E402  (benchmarks/report.py, beside this script)
 
 DETECTORS = {"retinanet": "retinanet_epoch", "maskrcnn": "maskrcnn_epoch"}
 TARGET_CPU_RATIO = 1.0
@@ -223,20 +224,6 @@ def _child_ours(spec: dict[str, Any]) -> Any:
     return run
 
 
-def _restricted(dataset: Any, indices: list[int]) -> Any:
-    """data.val with only these images, in this order (what a val annotation file of just them would give)."""
-    import copy
-
-    subset = copy.copy(dataset)
-    subset.data_infos = [dataset.data_infos[i] for i in indices]
-    subset.img_ids = [dataset.img_ids[i] for i in indices]
-    if getattr(dataset, "proposals", None) is not None:
-        subset.proposals = [dataset.proposals[i] for i in indices]
-    if hasattr(dataset, "flag"):
-        subset.flag = dataset.flag[indices]
-    return subset
-
-
 def _child_baseline(spec: dict[str, Any]) -> Any:
     """mmdet 2.28's tools/test.py, non-distributed, on data.val restricted to the subset."""
     import torch
@@ -247,6 +234,7 @@ def _child_baseline(spec: dict[str, Any]) -> Any:
     from mmdet.models import build_detector
     from mmdet.utils import build_dp, compat_cfg, replace_cfg_vals, setup_multi_processes, update_data_root
 
+    from evaluator.mmdet2 import take_subset
     from evaluator.records import subset_indices
     from uploader import ckpt_file
 
@@ -290,7 +278,7 @@ def _child_baseline(spec: dict[str, Any]) -> Any:
         test_loader_cfg = {**test_dataloader_default_args, **cfg.data.get("test_dataloader", {})}
         mark("config")
         dataset = build_dataset(cfg.data.val)
-        subset = _restricted(dataset, subset_indices(len(dataset), min(n, len(dataset))))
+        subset = take_subset(dataset, subset_indices(len(dataset), min(n, len(dataset))))
         mark("dataset")
         data_loader = build_dataloader(subset, **test_loader_cfg)
         mark("dataloader")
@@ -673,25 +661,15 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     return args
 
 
-def _finite(value: Any) -> Any:
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_finite(v) for v in value]
-    return value
 
 
-def _on_sigterm(signum: int, _frame: Any) -> None:
-    raise SystemExit(128 + signum)
 
 
 def main(argv: list[str]) -> int:
     args = parse_args(argv)
     if args._child:
         return child_main(args._child, args._spec)
-    signal.signal(signal.SIGTERM, _on_sigterm)
+    exit_cleanly_on_sigterm()
     tmp = Path(tempfile.mkdtemp(prefix="mmdet-wandb-bench-eval-"))
     report: dict[str, Any] = {"repeat": args.repeat, "num_images": args.num_images, "batch_size": args.batch_size,
                               "python": sys.version.split()[0], "cpus": os.cpu_count()}
@@ -722,7 +700,7 @@ def main(argv: list[str]) -> int:
         log(f"error: {exc}")
         report["error"] = str(exc)
         if args.json:
-            print(json.dumps(_finite(report), indent=2, default=str))
+            print(json.dumps(finite(report), indent=2, default=str))
         return 2
     finally:
         report["seconds"] = time.perf_counter() - started
@@ -732,7 +710,7 @@ def main(argv: list[str]) -> int:
         else:
             shutil.rmtree(tmp, ignore_errors=True)
     if args.json:
-        print(json.dumps(_finite(report), indent=2, default=str))
+        print(json.dumps(finite(report), indent=2, default=str))
     else:
         print(render(report))
         print(f"\n(total {report['seconds']:.0f} s on {report['cpus']} CPUs; "
