@@ -46,6 +46,9 @@ case "${1:-}" in
   run)
     shift
     setup postgres
+    case " $* " in  # the evaluator needs the mmdet stack; the uploader does not
+      " evaluate "*|*" --evaluate "*) setup_eval ;;
+    esac
     exec "$venv/bin/mmdet-wandb" "$@"
     ;;
   test)
@@ -56,7 +59,7 @@ case "${1:-}" in
     exec "$venv/bin/python" -m pytest "$@"
     ;;
   *)
-    echo "usage: ./dev.sh run (watch|backfill|status) ... | ./dev.sh test [pytest args]" >&2
+    echo "usage: ./dev.sh run (watch|backfill|evaluate|status|config|doctor|...) ... | ./dev.sh test [pytest args]" >&2
     exit 2
     ;;
 esac

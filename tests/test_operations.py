@@ -109,6 +109,20 @@ def test_a_backfill_behaves_as_the_hook_entry_says(hooked_work_dir, tmp_path):
         assert {(j.num_eval_images, j.bbox_score_thr) for j in session.scalars(select(EvalJob))} == {(3, 0.5)}
 
 
+def test_env_and_cli_override_the_hook_entry_in_a_real_backfill(hooked_work_dir, tmp_path):
+    home = tmp_path / "home"
+    cli(home, "backfill", str(hooked_work_dir.parent), "--no-progress", "--interval", "12", "--num-eval-images", "0",
+        MMDET_WANDB_LOG_CHECKPOINT="false", WANDB_PROJECT="from-env")
+    (work_dir,) = status(home)["work_dirs"]
+    (run,) = work_dir["runs"]
+    files = offline_run(home, run["wandb_id"])
+    assert {seg.project for seg in files.segments} == {"from-env"} and "hook" in files.segments[0].tags
+    train = [row for row in files.history if any(k.startswith("train/") for k in row)]
+    assert train and all((row["iter"] - (row["epoch"] - 1) * 24) % 12 == 0 for row in train), "the CLI's interval"
+    assert not any(a.type == "model" for seg in files.segments for a in seg.artifacts), "env: log_checkpoint false"
+    assert {c["state"] for c in work_dir["checkpoints"]} == {"done"} and work_dir["eval_jobs"] == []
+
+
 def test_sigterm_during_a_backfill_loses_nothing(real_logs, tmp_path):
     home = tmp_path / "home"
     proc = subprocess.Popen(
