@@ -289,9 +289,9 @@ def _child_baseline(spec: dict[str, Any]) -> Any:
         checkpoint = load_checkpoint(model, spec["checkpoint"], map_location="cpu", logger="silent")
         model.CLASSES = checkpoint.get("meta", {}).get("CLASSES") or dataset.CLASSES
         if cfg.device == "cuda":  # mmcv 1.7's scatter needs this under torch 2.x, for mmdet's own loop too
-            from evaluator.mmdet2 import _gpu_ids_for_torch_streams
+            from evaluator.mmdet2 import pass_gpu_ids_as_torch_devices
 
-            _gpu_ids_for_torch_streams()
+            pass_gpu_ids_as_torch_devices()
         model = build_dp(model, cfg.device, device_ids=cfg.gpu_ids)
         mark("model")
         _sync(device)

@@ -261,12 +261,12 @@ def build_model(cfg: Any, checkpoint_path: str, device: str, dataset: Any) -> An
     if device.startswith("cuda"):
         index = int(device.split(":", 1)[1]) if ":" in device else 0
         torch.cuda.set_device(index)
-        _gpu_ids_for_torch_streams()
+        pass_gpu_ids_as_torch_devices()
         return build_dp(model, "cuda", device_ids=[index])
     return build_dp(model, "cpu")
 
 
-def _gpu_ids_for_torch_streams() -> None:
+def pass_gpu_ids_as_torch_devices() -> None:
     """mmcv 1.7's Scatter hands GPU ids (ints) to torch's `_get_stream`, which takes a torch.device in torch 2.x:
     every GPU batch would fail with "'int' object has no attribute 'type'". Give it the device it expects."""
     import torch

@@ -309,9 +309,9 @@ def test_mmcv_scatter_gets_the_torch_device_it_needs():
         if not getattr(original, "takes_gpu_ids", False):
             with pytest.raises(AttributeError, match="'int' object has no attribute 'type'"):
                 original(-1)
-        mmdet2._gpu_ids_for_torch_streams()
+        mmdet2.pass_gpu_ids_as_torch_devices()
         assert _functions._get_stream(-1) is None
-        mmdet2._gpu_ids_for_torch_streams()  # idempotent
+        mmdet2.pass_gpu_ids_as_torch_devices()  # idempotent
         assert _functions._get_stream.takes_gpu_ids
     finally:
         _functions._get_stream = original

@@ -40,9 +40,9 @@ def enqueue(db: Database, ckpt: checkpoints.CheckpointOptions) -> int:
     """
     queued = 0
     with db.transaction() as session:
-        rows = session.scalars(
+        rows = session.scalars(  # decided while ready: the loop looks at checkpoints before it uploads them
             select(Checkpoint).where(
-                Checkpoint.state.in_((CheckpointState.READY, CheckpointState.UPLOADED)),
+                Checkpoint.state == CheckpointState.READY,
                 Checkpoint.pin_path.is_not(None),
                 Checkpoint.id.not_in(select(EvalJob.checkpoint_id)),
             )
@@ -65,7 +65,7 @@ def enqueue(db: Database, ckpt: checkpoints.CheckpointOptions) -> int:
                     )
                 )
                 queued += 1
-            if not wanted.log_checkpoint and row.state is CheckpointState.READY:
+            if not wanted.log_checkpoint:
                 checkpoints.finish_without_upload(row)
     if queued:
         log.info("queued %d eval job(s)", queued)
