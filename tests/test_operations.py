@@ -3,7 +3,6 @@ docker files. Every test drives the real CLI as a subprocess on real work_dirs."
 from __future__ import annotations
 
 import json
-import os
 import re
 import signal
 import subprocess
