@@ -35,7 +35,7 @@ class LogFormat(str, enum.Enum):
 
 DataDirOpt = Annotated[
     Optional[Path],
-    typer.Option("--data-dir", help="State DB and offline runs [env: MMDET_WANDB_HOME; default ~/.local/share/mmdet-wandb]"),
+    typer.Option("--data-dir", help="State DB and offline runs (env: MMDET_WANDB_HOME; default ~/.local/share/mmdet-wandb)"),
 ]
 FreshOpt = Annotated[
     FreshLaunch,
@@ -44,19 +44,19 @@ FreshOpt = Annotated[
 LogLevelOpt = Annotated[str, typer.Option(help="Log level: DEBUG, INFO, WARNING, ERROR")]
 LogFormatOpt = Annotated[LogFormat, typer.Option(help="Log lines as text, or one JSON object per line")]
 IncompleteAfterOpt = Annotated[float, typer.Option(help="Seconds a checkpoint may stay still but broken before it is marked incomplete")]
-DeviceOpt = Annotated[Optional[str], typer.Option(help="cuda:N or cpu [default: cuda:0 when a GPU is visible, else cpu]")]
+DeviceOpt = Annotated[Optional[str], typer.Option(help="cuda:N or cpu (default: cuda:0 when a GPU is visible, else cpu)")]
 BatchSizeOpt = Annotated[int, typer.Option(help="Images per inference batch (halved on CUDA out of memory)")]
 
 # The hook's options (CLI > MMDET_WANDB_<OPTION> > config file > MMDetWandbHook entry > defaults; see `config show`)
-ConfigOpt = Annotated[Optional[Path], typer.Option("--config", help="TOML or YAML file of the hook's options [env: MMDET_WANDB_CONFIG; default: <data dir>/config.toml if present]")]
-ProjectOpt = Annotated[Optional[str], typer.Option(help="W&B project (init_kwargs.project) [env: WANDB_PROJECT]")]
-EntityOpt = Annotated[Optional[str], typer.Option(help="W&B entity (init_kwargs.entity) [env: WANDB_ENTITY]")]
-InitKwargsOpt = Annotated[Optional[str], typer.Option(help="JSON object passed to wandb.init, as the hook's init_kwargs [env: MMDET_WANDB_INIT_KWARGS]")]
-IntervalOpt = Annotated[Optional[int], typer.Option(help="A train row every k iterations, as the hook's interval [env: MMDET_WANDB_INTERVAL; default: every row of the log]")]
-LogCheckpointOpt = Annotated[Optional[bool], typer.Option("--log-checkpoint/--no-log-checkpoint", help="Each finished checkpoint as a version of run_<id>_model [env: MMDET_WANDB_LOG_CHECKPOINT; default: off]", show_default=False)]
-LogCheckpointMetadataOpt = Annotated[Optional[bool], typer.Option("--log-checkpoint-metadata/--no-log-checkpoint-metadata", help="The eval metrics of the checkpoint's own epoch/iter in its metadata [env: MMDET_WANDB_LOG_CHECKPOINT_METADATA; default: off]", show_default=False)]
-NumEvalImagesOpt = Annotated[Optional[int], typer.Option(help="Val images in the tables; each finished checkpoint gets an eval job; 0 turns tables off [env: MMDET_WANDB_NUM_EVAL_IMAGES; default: 100]")]
-BboxScoreThrOpt = Annotated[Optional[float], typer.Option(help="Predicted boxes and masks with a score above this [env: MMDET_WANDB_BBOX_SCORE_THR; default: 0.3]")]
+ConfigOpt = Annotated[Optional[Path], typer.Option("--config", help="TOML or YAML file of the hook's options (env: MMDET_WANDB_CONFIG; default: <data dir>/config.toml if present)")]
+ProjectOpt = Annotated[Optional[str], typer.Option(help="W&B project (init_kwargs.project) (env: WANDB_PROJECT)")]
+EntityOpt = Annotated[Optional[str], typer.Option(help="W&B entity (init_kwargs.entity) (env: WANDB_ENTITY)")]
+InitKwargsOpt = Annotated[Optional[str], typer.Option(help="JSON object passed to wandb.init, as the hook's init_kwargs (env: MMDET_WANDB_INIT_KWARGS)")]
+IntervalOpt = Annotated[Optional[int], typer.Option(help="A train row every k iterations, as the hook's interval (env: MMDET_WANDB_INTERVAL; default: every row of the log)")]
+LogCheckpointOpt = Annotated[Optional[bool], typer.Option("--log-checkpoint/--no-log-checkpoint", help="Each finished checkpoint as a version of run_<id>_model (env: MMDET_WANDB_LOG_CHECKPOINT; default: off)", show_default=False)]
+LogCheckpointMetadataOpt = Annotated[Optional[bool], typer.Option("--log-checkpoint-metadata/--no-log-checkpoint-metadata", help="The eval metrics of the checkpoint's own epoch/iter in its metadata (env: MMDET_WANDB_LOG_CHECKPOINT_METADATA; default: off)", show_default=False)]
+NumEvalImagesOpt = Annotated[Optional[int], typer.Option(help="Val images in the tables; each finished checkpoint gets an eval job; 0 turns tables off (env: MMDET_WANDB_NUM_EVAL_IMAGES; default: 100)")]
+BboxScoreThrOpt = Annotated[Optional[float], typer.Option(help="Predicted boxes and masks with a score above this (env: MMDET_WANDB_BBOX_SCORE_THR; default: 0.3)")]
 
 
 def _fail(message: str) -> typer.Exit:
@@ -249,7 +249,7 @@ def evaluate(
 
 @app.command()
 def requeue(
-    job_ids: Annotated[Optional[list[int]], typer.Argument(help="Parked (dead) jobs to retry [default: all of them]")] = None,
+    job_ids: Annotated[Optional[list[int]], typer.Argument(help="Parked (dead) jobs to retry (default: all of them)")] = None,
     data_dir: DataDirOpt = None,
 ) -> None:
     """Give parked eval jobs a fresh set of attempts (after fixing what made them fail)."""
@@ -265,7 +265,7 @@ app.add_typer(config_app, name="config")
 
 @config_app.command("show")
 def config_show(
-    roots: Annotated[Optional[list[Path]], typer.Argument(help="Work_dirs (or folders of them) to show [default: every work_dir in the state DB]")] = None,
+    roots: Annotated[Optional[list[Path]], typer.Argument(help="Work_dirs (or folders of them) to show (default: every work_dir in the state DB)")] = None,
     data_dir: DataDirOpt = None,
     config: ConfigOpt = None,
     project: ProjectOpt = None,
