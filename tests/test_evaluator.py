@@ -315,3 +315,26 @@ def test_mmcv_scatter_gets_the_torch_device_it_needs():
         assert _functions._get_stream.takes_gpu_ids
     finally:
         _functions._get_stream = original
+
+
+def test_the_whole_path_on_postgresql(trained_work_dir, tmp_path, postgres_url):
+    """Several nodes share one PostgreSQL: the uploader, a separate worker and the tables, against a real server."""
+    work_dir = trained_work_dir("maskrcnn_epoch")
+    home = tmp_path / "home"
+    args = ("backfill", str(work_dir.parent), "--no-progress", "--num-eval-images", str(NUM))
+    cli(home, *args, MMDET_WANDB_DB_URL=postgres_url)
+    worker = subprocess.run(
+        [sys.executable, "-m", "mmdet_wandb.cli", "evaluate", "--device", "cpu", "--exit-when-idle", "--poll", "0.2"],
+        env=service_env(home, MMDET_WANDB_DB_URL=postgres_url), cwd=REPO, capture_output=True, text=True, timeout=600,
+    )
+    assert worker.returncode == 0, worker.stderr
+    cli(home, *args, MMDET_WANDB_DB_URL=postgres_url)
+    state = json.loads(cli(home, "status", "--json", MMDET_WANDB_DB_URL=postgres_url).stdout)
+    (entry,) = state["work_dirs"]
+    assert {j["state"] for j in entry["eval_jobs"]} == {"done"} and all(j["table_uploaded"] for j in entry["eval_jobs"])
+    assert not (home / "state.db").exists(), "no SQLite file beside PostgreSQL"
+    (run,) = entry["runs"]
+    arts = [a for seg in offline_run(home, run["wandb_id"]).segments for a in seg.artifacts]
+    assert [a.type for a in arts].count("dataset") == 1
+    assert sorted(a.metadata["checkpoint"] for a in arts if a.type == "evaluation") == sorted(
+        p.name for p in work_dir.glob("epoch_*.pth"))
