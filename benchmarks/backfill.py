@@ -718,10 +718,6 @@ def _remove(path: Path) -> None:
     shutil.rmtree(path, onerror=retry)
 
 
-
-
-
-
 def main(argv: list[str]) -> int:
     args = parse_args(argv)
     if args._child:

@@ -661,10 +661,6 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     return args
 
 
-
-
-
-
 def main(argv: list[str]) -> int:
     args = parse_args(argv)
     if args._child:
