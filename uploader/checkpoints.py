@@ -265,13 +265,13 @@ def due_uploads(db: Database, options: CheckpointOptions) -> list[Upload]:
             if run is None:
                 continue
             row.run_id = run.id
-            wanted = settings.for_run(options.layers, run.hook_options_json)
-            if not wanted.log_checkpoint:
+            run_settings = settings.for_run(options.layers, run.hook_options_json)
+            if not run_settings.log_checkpoint:
                 continue
             evaluation = _evaluation(session, run, row)
             if evaluation is _WAIT:
                 continue
-            metadata = _metadata(row, evaluation, wanted.log_checkpoint_metadata)
+            metadata = _metadata(row, evaluation, run_settings.log_checkpoint_metadata)
             uploads.append(Upload(row.id, run.id, Path(row.pin_path or row.path), row.name, _aliases(row), metadata))
     return uploads
 
@@ -352,15 +352,17 @@ def _metadata(row: Checkpoint, evaluation: dict[str, Any] | None, with_metrics: 
     return metadata
 
 
-def evaluable(row: Checkpoint) -> bool:
-    """Regular epoch/iter checkpoints of mmdet 2.x: best_* repeats one of them; mmdet 3.x needs another adapter."""
+def evaluated(row: Checkpoint, run_settings: settings.Settings) -> bool:
+    """Tables are on, and the checkpoint is a regular epoch/iter one of mmdet 2.x: best_* repeats one of them;
+    mmdet 3.x needs another adapter."""
     meta = json.loads(row.meta_json or "{}")
-    return row.kind in ("epoch", "iter") and row.number is not None and "mmengine_version" not in meta
+    evaluable = row.kind in ("epoch", "iter") and row.number is not None and "mmengine_version" not in meta
+    return run_settings.num_eval_images > 0 and evaluable
 
 
-def wanted(row: Checkpoint, options: settings.Settings) -> bool:
+def wanted(row: Checkpoint, run_settings: settings.Settings) -> bool:
     """Logged as a model artifact, or evaluated for the tables."""
-    return options.log_checkpoint or (options.num_eval_images > 0 and evaluable(row))
+    return run_settings.log_checkpoint or evaluated(row, run_settings)
 
 
 def finish_without_upload(row: Checkpoint) -> None:

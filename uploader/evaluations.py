@@ -52,8 +52,8 @@ def enqueue(db: Database, ckpt: checkpoints.CheckpointOptions) -> int:
             if run is None:
                 continue
             row.run_id = run.id
-            wanted = settings.for_run(ckpt.layers, run.hook_options_json)
-            if wanted.num_eval_images > 0 and checkpoints.evaluable(row):
+            run_settings = settings.for_run(ckpt.layers, run.hook_options_json)
+            if checkpoints.evaluated(row, run_settings):
                 link = _link(Path(row.pin_path), ckpt.store_dir / "eval" / f"{row.id}-{row.name}")  # type: ignore[arg-type]
                 if link is None:
                     continue
@@ -61,11 +61,11 @@ def enqueue(db: Database, ckpt: checkpoints.CheckpointOptions) -> int:
                     EvalJob(
                         checkpoint_id=row.id, run_id=run.id, checkpoint_path=str(link), work_dir=str(Path(row.path).parent),
                         unit=checkpoints.unit(row), number=row.number, config_name=run.config_name, config_text=run.config_text,
-                        num_eval_images=wanted.num_eval_images, bbox_score_thr=wanted.bbox_score_thr,
+                        num_eval_images=run_settings.num_eval_images, bbox_score_thr=run_settings.bbox_score_thr,
                     )
                 )
                 queued += 1
-            if not wanted.log_checkpoint:
+            if not run_settings.log_checkpoint:
                 checkpoints.finish_without_upload(row)
     if queued:
         log.info("queued %d eval job(s)", queued)
