@@ -13,8 +13,8 @@ What is measured (one run of this script prints both, side by side with their ba
 
    - "ours": the real backfill in-process: the command function of ``mmdet-wandb backfill ROOT
      --no-progress`` (mmdet_wandb/cli.py) called directly, so its set-up (data dir, Database +
-     migrations, WandbWriter, Uploader with finish_idle_s=0) is the CLI's own; timed from the call until
-     ``Uploader.backfill()`` returns, i.e. until every segment is finished, read back from its ``.wandb``
+     migrations, WandbWriter, Loop with finish_idle_s=0) is the CLI's own; timed from the call until
+     ``Loop.backfill()`` returns, i.e. until every segment is finished, read back from its ``.wandb``
      file and verified (the status table the command prints afterwards is not timed; CPU seconds include
      it). A fresh data dir every repetition.
    - "ceiling" (the BASELINE): the W&B client alone over the SAME rows. The rows the backfill put in
@@ -81,7 +81,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from report import exit_cleanly_on_sigterm, finite  # benchmarks/report.py, beside this script
+from report import (  # benchmarks/report.py, beside this script
+    exit_cleanly_on_sigterm,
+    finite,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 REAL_LOGS = Path(os.environ.get("MMDET_WANDB_REAL_LOGS", REPO.parent / "shared" / "real_logs")).resolve()
@@ -136,16 +139,16 @@ def _child_ours(spec: dict[str, Any]) -> dict[str, Any]:
     from db.models import OutboxRow, Run, Segment, SegmentState
     from db.session import Database
     from mmdet_wandb import cli, paths
-    from uploader import wandb_reader
-    from uploader.service import Uploader
-    from uploader.wandb_writer import WandbWriter
+    from uploader.loop import Loop
+    from uploader.wandb import reader as wandb_reader
+    from uploader.wandb.writer import WandbWriter
 
     phases = _Phases()
     seen: dict[str, Any] = {}
-    original_backfill = Uploader.backfill
+    original_backfill = Loop.backfill
 
     def backfill(self: Any, *args: Any, **kwargs: Any) -> Any:
-        """Marks when the CLI's set-up ends and when Uploader.backfill() returns (the end of the clock)."""
+        """Marks when the CLI's set-up ends and when Loop.backfill() returns (the end of the clock)."""
         seen["entered"] = time.perf_counter()
         seen["uploader"] = self
         try:
@@ -153,9 +156,9 @@ def _child_ours(spec: dict[str, Any]) -> dict[str, Any]:
         finally:
             seen["returned"] = time.perf_counter()
 
-    Uploader.backfill = backfill  # type: ignore[method-assign]
+    Loop.backfill = backfill  # type: ignore[method-assign]
     if not spec.get("profile_out"):  # nested phases are subtracted in the parent (see _phase_medians)
-        phases.wrap(Uploader, "_ingest_one", "ingest")
+        phases.wrap(Loop, "_ingest_one", "ingest")
         phases.wrap(WandbWriter, "drain", "drain")
         phases.wrap(WandbWriter, "_open_segment", "init")
         phases.wrap(wandb, "init", "wandb.init")  # inside "init"; the rest of it: define_metric, config, save
@@ -173,7 +176,7 @@ def _child_ours(spec: dict[str, Any]) -> dict[str, Any]:
         profiler.enable()
     t0, c0 = time.perf_counter(), time.process_time()
     # `mmdet-wandb backfill ROOT --no-progress`, the command function itself: its set-up (data dir, DB and
-    # migrations, writer, service options) is the CLI's own; the clock stops when Uploader.backfill() returns
+    # migrations, writer, service options) is the CLI's own; the clock stops when Loop.backfill() returns
     # (the command then prints a status table, which is not timed).
     cli.backfill(roots=[root], progress=False)
     c1 = time.process_time()
@@ -181,7 +184,7 @@ def _child_ours(spec: dict[str, Any]) -> dict[str, Any]:
         profiler.disable()
         profiler.dump_stats(spec["profile_out"])
     if "returned" not in seen:
-        raise RuntimeError("mmdet_wandb.cli.backfill did not call Uploader.backfill")
+        raise RuntimeError("mmdet_wandb.cli.backfill did not call Loop.backfill")
     t1, t_setup, uploader = seen["returned"], seen["entered"], seen["uploader"]
 
     db = Database(paths.resolve(None).db_url)
@@ -221,7 +224,7 @@ def _writer_settings() -> dict[str, Any]:
     import wandb
 
     from db.models import Run
-    from uploader.wandb_writer import WandbWriter, WriterOptions
+    from uploader.wandb.writer import WandbWriter, WriterOptions
 
     options = WriterOptions(runs_dir=Path(tempfile.gettempdir()), mode="offline")
     try:
@@ -243,7 +246,7 @@ def _writer_settings() -> dict[str, Any]:
 def _child_ceiling(spec: dict[str, Any]) -> dict[str, Any]:
     import wandb
 
-    from uploader import wandb_reader
+    from uploader.wandb import reader as wandb_reader
 
     settings = _writer_settings()
     base = Path(spec["home"]) / "ceiling"
@@ -487,7 +490,7 @@ class WandbPoller(threading.Thread):
             self.stop.wait(self.interval)
 
     def poll(self) -> None:
-        from uploader import wandb_reader
+        from uploader.wandb import reader as wandb_reader
 
         now = time.monotonic()
         try:

@@ -4,9 +4,9 @@ A synthetic checkpoint of ``--size-mb`` MiB (default 1024) is written under one 
 picks its parent: put it on the filesystem of the service's store, since pinning is a hard link). It
 is a torch-format zip as ``torch.save`` lays it out (stored entries ``archive/data.pkl`` with an
 mmcv-like ``meta``, ``archive/data/0`` holding the random bytes, ``archive/version``), written with
-Python's zipfile so that torch is not needed; ``uploader.ckpt_file.check_torch_zip`` accepts it.
+Python's zipfile so that torch is not needed; ``uploader.checkpoint_file.check_torch_zip`` accepts it.
 
-1. Hashing. ``uploader.ckpt_file.hash_file`` (MD5 + SHA-256 in one read, the two hashes in parallel
+1. Hashing. ``uploader.checkpoint_file.hash_file`` (MD5 + SHA-256 in one read, the two hashes in parallel
    threads) against ``md5sum FILE`` (a subprocess on the same file), page cache warm (the file was
    just written and is read once more before timing), ``--repeat`` rounds (default 3), the methods
    rotating their order every round; medians. Target: hash_file ≤ 1.3 × md5sum. For context the same
@@ -34,7 +34,7 @@ Python's zipfile so that torch is not needed; ``uploader.ckpt_file.check_torch_z
 
    - ``add_file``: ``artifact.add_file(link, name="epoch_1.pth", policy="immutable")``, which hashes
      the whole file with MD5 again (``Artifact._calculate_file_digest`` → ``md5_file_b64``);
-   - ``entry``: ``uploader.wandb_writer.add_hashed_file``, the writer's own path: the digest hash_file
+   - ``entry``: ``uploader.wandb.artifacts.add_hashed_file``, the writer's own path: the digest hash_file
      already computed becomes the entry's digest (what ``_add_local_file`` builds from it is
      ``ArtifactManifestEntry(path=..., digest=md5_b64, size=..., local_path=link)``). wandb 0.31.0's
      ``add_file`` is ``_calculate_file_digest`` + ``_add_local_file``, and the latter (immutable
@@ -93,7 +93,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from uploader import ckpt_file, wandb_reader
+from common import checkpoint_file
+from uploader.wandb import reader as wandb_reader
 
 MiB = 1024 * 1024
 TARGET_HASH_RATIO = 1.3
@@ -149,7 +150,7 @@ def _md5sum(path: Path) -> str:
 
 def _hash_file(path: Path) -> str:
     with open(path, "rb") as f:
-        return ckpt_file.hash_file(f).md5_hex
+        return checkpoint_file.hash_file(f).md5_hex
 
 
 def _wandb_md5(path: Path) -> str:
@@ -259,7 +260,9 @@ def run_pipeline(
     import wandb
     from wandb.sdk.artifacts import artifact as artifact_module
 
-    from uploader.wandb_writer import add_hashed_file  # the writer's own path, imported before any clock
+    from uploader.wandb.artifacts import (
+        add_hashed_file,  # the writer's own path, imported before any clock
+    )
 
     run_dir, store = root / f"run-{variant}", root / "store" / variant
     run_dir.mkdir()
@@ -296,22 +299,22 @@ def run_pipeline(
         with open(ckpt, "rb") as f:
             st = os.fstat(f.fileno())
             mark = step("open + fstat", t0)
-            check = ckpt_file.check_torch_zip(f, st.st_size)
+            check = checkpoint_file.check_torch_zip(f, st.st_size)
             assert check.ok, check.reason
             mark = step("check_torch_zip", mark)
-            meta = ckpt_file.read_checkpoint_meta(f)
+            meta = checkpoint_file.read_checkpoint_meta(f)
             assert meta is not None
             mark = step("read_checkpoint_meta", mark)
             os.link(ckpt, link)
             mark = step("pin (hard link)", mark)
-            digests = ckpt_file.hash_file(f)
+            digests = checkpoint_file.hash_file(f)
             mark = step("hash_file", mark)
-        art = wandb.Artifact(ARTIFACT, type="model", metadata=ckpt_file.summarize_meta(meta))
+        art = wandb.Artifact(ARTIFACT, type="model", metadata=checkpoint_file.summarize_meta(meta))
         mark = step("Artifact()", mark)
         if variant == "add_file":
             entry = art.add_file(str(link), name=ENTRY_NAME, policy="immutable")
         else:
-            add_hashed_file(art, link, ENTRY_NAME, digests)
+            add_hashed_file(art, link, ENTRY_NAME, digests.md5_b64)
             entry = art.manifest.entries[ENTRY_NAME]
         mark = step(f"add ({variant})", mark)
         watcher = RecordWatcher(sync_file, ARTIFACT, timeout)

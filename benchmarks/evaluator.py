@@ -197,8 +197,8 @@ def _sync(device: str) -> None:
 
 
 def _child_ours(spec: dict[str, Any]) -> Any:
+    from db.jobs import ClaimedJob
     from evaluator import mmdet2
-    from evaluator.queue import ClaimedJob
 
     phases = _Phases()
     for name in OURS_PHASES:
@@ -232,14 +232,20 @@ def _child_baseline(spec: dict[str, Any]) -> Any:
     from mmdet.apis import single_gpu_test
     from mmdet.datasets import build_dataloader, build_dataset, replace_ImageToTensor
     from mmdet.models import build_detector
-    from mmdet.utils import build_dp, compat_cfg, replace_cfg_vals, setup_multi_processes, update_data_root
+    from mmdet.utils import (
+        build_dp,
+        compat_cfg,
+        replace_cfg_vals,
+        setup_multi_processes,
+        update_data_root,
+    )
 
+    from common import checkpoint_file
+    from common.records import subset_indices
     from evaluator.mmdet2 import take_subset
-    from evaluator.records import subset_indices
-    from uploader import ckpt_file
 
     with open(spec["checkpoint"], "rb") as handle:
-        config_text = ckpt_file.read_checkpoint_meta(handle)["config"]  # the config ours evaluates with
+        config_text = checkpoint_file.read_checkpoint_meta(handle)["config"]  # the config ours evaluates with
     config_file = Path(spec["config_file"])  # tools/test.py reads a config file (replace_cfg_vals needs one)
     config_file.write_text(config_text, encoding="utf-8")
     device = spec["device"]
@@ -517,7 +523,7 @@ def _tree_bytes(path: Path) -> int:
 
 def bench_bytes(args: argparse.Namespace, detector: str, prepared: dict[str, Any], root: Path,
                 tmp: Path) -> dict[str, Any]:
-    from uploader import wandb_reader
+    from uploader.wandb import reader as wandb_reader
 
     home = tmp / f"cli-{detector}"
     data_dir = home / "data"

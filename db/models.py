@@ -49,7 +49,7 @@ class SegmentState(str, enum.Enum):
 class CheckpointState(str, enum.Enum):
     SEEN = "seen"  # found and pinned; not yet known to be complete
     READY = "ready"  # complete and still: waiting for its evaluation line or for the writer
-    UPLOADED = "uploaded"  # in W&B (offline: in a verified segment)
+    UPLOADED = "uploaded"  # its model artifact is in W&B (offline: in a verified segment)
     INCOMPLETE = "incomplete"  # stayed still but never became a valid checkpoint; checked again only if it changes
     MISSED = "missed"  # gone before it could be pinned, or could not be pinned (see reason)
     DONE = "done"  # complete, not logged (log_checkpoint off); its eval job holds a pin of its own
@@ -73,9 +73,11 @@ def _enum(cls: type[enum.Enum]) -> Enum:
 
 class WorkDir(Base):
     __tablename__ = "work_dirs"
+    __table_args__ = (UniqueConstraint("node", "path", name="uq_work_dir_node_path"),)
 
     id: Mapped[int] = mapped_column(primary_key=True)
-    path: Mapped[str] = mapped_column(String(4096), unique=True)
+    node: Mapped[str] = mapped_column(String(255), default="")  # the uploader that owns it (DESIGN 11)
+    path: Mapped[str] = mapped_column(String(4096))
     root: Mapped[str] = mapped_column(String(4096))
     name: Mapped[str] = mapped_column(String(512))
     discovered_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
@@ -91,6 +93,7 @@ class Run(Base):
     __tablename__ = "runs"
 
     id: Mapped[int] = mapped_column(primary_key=True)
+    node: Mapped[str] = mapped_column(String(255), default="")  # the uploader that owns it (DESIGN 11)
     work_dir_id: Mapped[int] = mapped_column(ForeignKey("work_dirs.id"))
     wandb_id: Mapped[str] = mapped_column(String(64), unique=True)
     name: Mapped[str] = mapped_column(String(512))
@@ -109,6 +112,8 @@ class Run(Base):
     state: Mapped[RunState] = mapped_column(_enum(RunState), default=RunState.ACTIVE)
     created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     last_error: Mapped[str | None] = mapped_column(Text, nullable=True)
+    failures: Mapped[int] = mapped_column(Integer, default=0)  # upload failures in a row (reset by a closed segment)
+    retry_at: Mapped[float | None] = mapped_column(Float, nullable=True)  # epoch seconds: no upload try before
 
     work_dir: Mapped[WorkDir] = relationship(back_populates="runs")
     segments: Mapped[list[Segment]] = relationship(back_populates="run", order_by="Segment.seq")
@@ -118,10 +123,12 @@ class Source(Base):
     """A tailed log file: its identity, committed offset and parser state (see uploader/tail.py)."""
 
     __tablename__ = "sources"
+    __table_args__ = (UniqueConstraint("node", "path", name="uq_source_node_path"),)
 
     id: Mapped[int] = mapped_column(primary_key=True)
+    node: Mapped[str] = mapped_column(String(255), default="")  # the uploader that owns it (DESIGN 11)
     work_dir_id: Mapped[int] = mapped_column(ForeignKey("work_dirs.id"))
-    path: Mapped[str] = mapped_column(String(4096), unique=True)
+    path: Mapped[str] = mapped_column(String(4096))
     format: Mapped[str] = mapped_column(String(32))
     launch: Mapped[str] = mapped_column(String(256))
     dev: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
@@ -175,6 +182,7 @@ class Segment(Base):
     __table_args__ = (UniqueConstraint("run_id", "seq", name="uq_segment_seq"),)
 
     id: Mapped[int] = mapped_column(primary_key=True)
+    node: Mapped[str] = mapped_column(String(255), default="")  # the uploader that owns it (DESIGN 11)
     run_id: Mapped[int] = mapped_column(ForeignKey("runs.id"))
     seq: Mapped[int] = mapped_column(Integer)
     dir: Mapped[str] = mapped_column(String(4096))
@@ -193,9 +201,10 @@ class Problem(Base):
     """Bad input seen (a corrupt line, an unreadable file, a symlink out of the root): where and why."""
 
     __tablename__ = "problems"
-    __table_args__ = (UniqueConstraint("path", "byte_offset", "kind", name="uq_problem"),)
+    __table_args__ = (UniqueConstraint("node", "path", "byte_offset", "kind", name="uq_problem"),)
 
     id: Mapped[int] = mapped_column(primary_key=True)
+    node: Mapped[str] = mapped_column(String(255), default="")  # the uploader that owns it (DESIGN 11)
     work_dir_id: Mapped[int | None] = mapped_column(ForeignKey("work_dirs.id"), nullable=True)
     path: Mapped[str] = mapped_column(String(4096))
     byte_offset: Mapped[int] = mapped_column(BigInteger, default=-1)  # -1: the file as a whole
@@ -216,6 +225,7 @@ class Checkpoint(Base):
     __table_args__ = (Index("ix_checkpoints_path", "path"), Index("ix_checkpoints_state", "state"))
 
     id: Mapped[int] = mapped_column(primary_key=True)
+    node: Mapped[str] = mapped_column(String(255), default="")  # the uploader that owns it (DESIGN 11)
     work_dir_id: Mapped[int] = mapped_column(ForeignKey("work_dirs.id"))
     run_id: Mapped[int | None] = mapped_column(ForeignKey("runs.id"), nullable=True)
     path: Mapped[str] = mapped_column(String(4096))
@@ -230,18 +240,15 @@ class Checkpoint(Base):
     pin_by_copy: Mapped[bool] = mapped_column(Boolean, default=False)  # no hard link possible (other fs, read-only)
     state: Mapped[CheckpointState] = mapped_column(_enum(CheckpointState), default=CheckpointState.SEEN)
     reason: Mapped[str | None] = mapped_column(Text, nullable=True)
-    md5_b64: Mapped[str | None] = mapped_column(String(32), nullable=True)
-    sha256: Mapped[str | None] = mapped_column(String(64), nullable=True)
     meta_json: Mapped[str | None] = mapped_column(Text, nullable=True)  # summary of the checkpoint's own meta
-    metadata_json: Mapped[str | None] = mapped_column(Text, nullable=True)  # the artifact metadata, once decided
-    aliases_json: Mapped[str | None] = mapped_column(Text, nullable=True)
-    segment_id: Mapped[int | None] = mapped_column(ForeignKey("segments.id"), nullable=True)
+    md5_b64: Mapped[str | None] = mapped_column(String(32), nullable=True)  # of the pinned file, hashed once
+    sha256: Mapped[str | None] = mapped_column(String(64), nullable=True)
     first_seen: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     updated_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow, onupdate=utcnow)
 
 
 class EvalJob(Base):
-    """Evaluate one checkpoint on the val subset (DESIGN 8: leased, not locked; see evaluator/queue.py).
+    """Evaluate one checkpoint on the val subset (DESIGN 8: leased, not locked; all its SQL is in db/jobs.py).
 
     Everything a worker needs is in the row: a worker on another node reads no uploader state.
     """
@@ -253,7 +260,7 @@ class EvalJob(Base):
     checkpoint_id: Mapped[int] = mapped_column(ForeignKey("checkpoints.id"), unique=True)
     run_id: Mapped[int] = mapped_column(ForeignKey("runs.id"))
     checkpoint_path: Mapped[str] = mapped_column(String(4096))  # the job's own pin in the store
-    pinned: Mapped[bool] = mapped_column(Boolean, default=True)  # False once the uploader removed that pin
+    pinned: Mapped[bool] = mapped_column(Boolean, default=True)  # False once the pin is released (done, or dropped)
     work_dir: Mapped[str] = mapped_column(String(4096))
     unit: Mapped[str] = mapped_column(String(8))  # epoch | iter
     number: Mapped[int] = mapped_column(BigInteger)
@@ -275,8 +282,6 @@ class EvalJob(Base):
     seconds: Mapped[float | None] = mapped_column(Float, nullable=True)  # inference wall time of the last run
     created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     finished_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
-    segment_id: Mapped[int | None] = mapped_column(ForeignKey("segments.id"), nullable=True)  # its pred artifact
-    uploaded: Mapped[bool] = mapped_column(Boolean, default=False)
 
 
 class ValManifest(Base):
@@ -322,17 +327,40 @@ class Prediction(Base):
     result_json: Mapped[str] = mapped_column(Text)  # boxes, scores, 0-based labels, masks as RLE
 
 
-class RunValArtifact(Base):
-    """The `val` artifact a run logged for a manifest: its client id and entries, so that prediction
-    artifacts logged later (even by another uploader process) reference its files instead of copying them."""
+class ArtifactKind(str, enum.Enum):
+    MODEL = "model"  # a checkpoint as a version of run_<id>_model
+    VAL = "val"  # the val subset of a manifest as the `val` dataset artifact (val_data table)
+    PREDICTIONS = "pred"  # what one eval job predicted, as a version of run_<id>_pred (eval_data table)
 
-    __tablename__ = "run_val_artifacts"
-    __table_args__ = (UniqueConstraint("run_id", "manifest_id", name="uq_run_val"),)
+
+class OutboxArtifact(Base):
+    """An artifact waiting for (or done with) its W&B upload: the outbox entry of everything but metric rows.
+
+    Its producer inserts it (the checkpoint follower, the eval-job follower); the writer logs it into the run's
+    open segment, records what it logged (`logged_json`: type, digest, and what later entries reference), and
+    marks it uploaded when that segment is verified and closed, exactly as it does for rows (DESIGN 4).
+    """
+
+    __tablename__ = "outbox_artifacts"
+    __table_args__ = (
+        Index("ix_outbox_artifacts_pending", "run_id", "uploaded", "id"),
+        UniqueConstraint("run_id", "key", name="uq_outbox_artifact"),
+    )
 
     id: Mapped[int] = mapped_column(primary_key=True)
     run_id: Mapped[int] = mapped_column(ForeignKey("runs.id"))
-    manifest_id: Mapped[int] = mapped_column(ForeignKey("val_manifests.id"))
-    segment_id: Mapped[int] = mapped_column(ForeignKey("segments.id"))
-    client_id: Mapped[str] = mapped_column(String(128))
-    artifact_digest: Mapped[str] = mapped_column(String(64))
-    entries_json: Mapped[str] = mapped_column(Text)  # {entry path: digest} of the files in the artifact
+    kind: Mapped[ArtifactKind] = mapped_column(_enum(ArtifactKind))
+    key: Mapped[str] = mapped_column(String(64))  # what it is an upload of (model:<checkpoint>, val:<manifest>, pred:<job>)
+    checkpoint_id: Mapped[int | None] = mapped_column(ForeignKey("checkpoints.id"), nullable=True)  # model
+    eval_job_id: Mapped[int | None] = mapped_column(ForeignKey("eval_jobs.id"), nullable=True)  # pred
+    manifest_id: Mapped[int | None] = mapped_column(ForeignKey("val_manifests.id"), nullable=True)  # val, pred
+    file_path: Mapped[str | None] = mapped_column(String(4096), nullable=True)  # model: the pinned checkpoint
+    file_name: Mapped[str | None] = mapped_column(String(512), nullable=True)  # model: its name in the artifact
+    file_md5: Mapped[str | None] = mapped_column(String(32), nullable=True)  # model: base64 md5, hashed by its producer
+    aliases_json: Mapped[str] = mapped_column(Text, default="[]")
+    metadata_json: Mapped[str] = mapped_column(Text, default="{}")
+    logged_json: Mapped[str | None] = mapped_column(Text, nullable=True)  # set by the writer when it is logged
+    error: Mapped[str | None] = mapped_column(Text, nullable=True)  # the writer could not build it (see producer)
+    segment_id: Mapped[int | None] = mapped_column(ForeignKey("segments.id"), nullable=True)
+    uploaded: Mapped[bool] = mapped_column(Boolean, default=False)
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)

@@ -8,6 +8,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from db.models import Problem, utcnow
+from db.session import node_of
 
 log = logging.getLogger("mmdet_wandb.problems")
 
@@ -18,7 +19,7 @@ def record_problem(
     """Store (or count again) one problem and log it once, when it is new."""
     path = os.fsencode(path).decode("utf-8", "backslashreplace")  # names that are not UTF-8 stay readable
     existing = session.scalar(
-        select(Problem).where(Problem.path == path, Problem.byte_offset == offset, Problem.kind == kind)
+        select(Problem).where(Problem.node == node_of(session), Problem.path == path, Problem.byte_offset == offset, Problem.kind == kind)
     )
     if existing is not None:
         existing.count += 1
@@ -27,4 +28,4 @@ def record_problem(
         return
     where = f"{path}" if offset < 0 else f"{path} at byte {offset}"
     log.warning("%s: %s (%s)", where, message, kind)
-    session.add(Problem(path=path, byte_offset=offset, kind=kind, message=message, work_dir_id=work_dir_id))
+    session.add(Problem(node=node_of(session), path=path, byte_offset=offset, kind=kind, message=message, work_dir_id=work_dir_id))

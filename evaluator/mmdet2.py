@@ -20,9 +20,15 @@ from typing import Any
 
 import numpy as np
 
-from evaluator.queue import ClaimedJob
-from evaluator.records import EvalOutcome, Instances, Manifest, ValImageRecord, subset_indices
-from uploader import ckpt_file
+from common import checkpoint_file, dataset_paths
+from common.records import (
+    EvalOutcome,
+    Instances,
+    Manifest,
+    ValImageRecord,
+    subset_indices,
+)
+from db.jobs import ClaimedJob
 
 log = logging.getLogger("mmdet_wandb.evaluator")
 
@@ -44,9 +50,13 @@ class LeaseLost(Exception):
     """Another worker owns the job now: stop and drop the result."""
 
 
-def evaluate(job: ClaimedJob, device: str, batch_size: int, lease_lost: threading.Event | None = None) -> EvalOutcome:
+def evaluate(
+    job: ClaimedJob, device: str, batch_size: int, lease_lost: threading.Event | None = None,
+    dataset_roots: tuple[Path, ...] = (),
+) -> EvalOutcome:
+    """`dataset_roots`: where relative dataset paths are looked for first (`--dataset-root`)."""
     cfg = load_config(job)
-    dataset = build_val_dataset(cfg, Path(job.work_dir), batched=batch_size > 1)
+    dataset = build_val_dataset(cfg, Path(job.work_dir), batched=batch_size > 1, dataset_roots=dataset_roots)
     count = min(job.num_eval_images, len(dataset))
     note = None
     if count < job.num_eval_images:
@@ -68,7 +78,7 @@ def load_config(job: ClaimedJob) -> Any:
 
     try:
         with open(job.checkpoint_path, "rb") as handle:
-            meta = ckpt_file.read_checkpoint_meta(handle) or {}
+            meta = checkpoint_file.read_checkpoint_meta(handle) or {}
     except OSError as exc:
         raise JobError(f"cannot read the checkpoint {job.checkpoint_path}: {exc.strerror}", retryable=True) from exc
     text, name = meta.get("config"), "checkpoint meta"
@@ -90,25 +100,7 @@ def load_config(job: ClaimedJob) -> Any:
     return cfg
 
 
-def resolve_paths(val_cfg: dict, bases: list[Path]) -> dict:
-    """Relative dataset paths are relative to where training ran: the worker's cwd, or a folder above the
-    work_dir (work_dirs usually sit in the repo that holds `data/`). The first base with the annotations wins."""
-    ann_file = val_cfg.get("ann_file")
-    if not ann_file or os.path.isabs(ann_file):
-        return val_cfg
-    for base in bases:
-        if (base / ann_file).exists():
-            resolved = dict(val_cfg)
-            for key in ("ann_file", "img_prefix", "seg_prefix", "proposal_file"):
-                value = resolved.get(key)
-                if isinstance(value, str) and value and not os.path.isabs(value):
-                    resolved[key] = str(base / value) + ("/" if value.endswith("/") else "")
-            return resolved
-    looked = ", ".join(str(b) for b in bases)
-    raise JobError(f"val annotations {ann_file} not found (relative to any of: {looked})", retryable=False)
-
-
-def build_val_dataset(cfg: Any, work_dir: Path, *, batched: bool) -> Any:
+def build_val_dataset(cfg: Any, work_dir: Path, *, batched: bool, dataset_roots: tuple[Path, ...] = ()) -> Any:
     from mmdet.datasets import build_dataset, replace_ImageToTensor
     from mmdet.utils import compat_cfg
 
@@ -120,7 +112,10 @@ def build_val_dataset(cfg: Any, work_dir: Path, *, batched: bool) -> Any:
     val_cfg["test_mode"] = True
     if batched:
         val_cfg["pipeline"] = replace_ImageToTensor(val_cfg["pipeline"])
-    val_cfg = resolve_paths(val_cfg, [Path.cwd(), *work_dir.resolve().parents])
+    try:
+        val_cfg = dataset_paths.resolve(val_cfg, dataset_paths.candidates(dataset_roots, work_dir))
+    except dataset_paths.AnnotationsNotFound as exc:
+        raise JobError(str(exc), retryable=False) from exc
     for key in ("ann_file", "img_prefix"):
         value = val_cfg.get(key)
         if isinstance(value, str) and value and not os.path.exists(value):

@@ -2,7 +2,8 @@
 
 Any number of workers may share one DB (one per GPU, on any node that sees the checkpoint paths); the
 queue makes sure no two run the same job at once, and a worker that dies leaves a lease that expires.
-The worker never talks to W&B (DESIGN 6): the uploader turns stored predictions into tables.
+The worker never talks to W&B (DESIGN 6): the uploader turns stored predictions into tables. It imports
+`db` and `common` only, never the uploader.
 """
 from __future__ import annotations
 
@@ -14,13 +15,13 @@ import traceback
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
-from sqlalchemy import func, select
-
-from db.models import EvalJob, JobState
+from common import crash_points
+from db import jobs
+from db.jobs import ClaimedJob
 from db.session import Database
-from evaluator import mmdet2, queue
-from evaluator.queue import ClaimedJob
+from evaluator import mmdet2
 
 log = logging.getLogger("mmdet_wandb.evaluator")
 
@@ -42,6 +43,7 @@ class WorkerOptions:
     lease_s: float = 60.0  # renewed every lease_s / 3 while the job runs
     poll_s: float = 2.0
     exit_when_idle: bool = False
+    dataset_roots: tuple[Path, ...] = ()  # tried first for relative dataset paths (--dataset-root)
     worker_id: str = field(default_factory=default_worker_id)
 
 
@@ -59,24 +61,18 @@ class Worker:
             if on_tick is not None:
                 on_tick()
             try:
-                job = queue.claim(self.db, self.options.worker_id, self.options.lease_s)
+                job = jobs.claim(self.db, self.options.worker_id, self.options.lease_s)
             except Exception:  # the DB briefly unavailable: wait and try again
                 log.exception("claim failed; retrying")
                 stop.wait(self.options.poll_s)
                 continue
             if job is None:
-                if self.options.exit_when_idle and not self.jobs_left():
+                if self.options.exit_when_idle and not jobs.unfinished(self.db):
                     break
                 stop.wait(self.options.poll_s)
                 continue
             done += self.run_one(job)
         return done
-
-    def jobs_left(self) -> int:
-        with self.db.transaction() as session:
-            return session.scalar(
-                select(func.count()).where(EvalJob.state.in_((JobState.QUEUED, JobState.RUNNING)))
-            ) or 0
 
     def run_one(self, job: ClaimedJob) -> int:
         log.info("job %s (attempt %s): %s", job.id, job.attempts, job.checkpoint_path)
@@ -86,7 +82,7 @@ class Worker:
                                      name=f"lease-{job.id}")
         heartbeat.start()
         try:
-            outcome = mmdet2.evaluate(job, self.options.device, self.options.batch_size, lease_lost)
+            outcome = mmdet2.evaluate(job, self.options.device, self.options.batch_size, lease_lost, self.options.dataset_roots)
         except mmdet2.LeaseLost:
             log.warning("job %s: lease lost to another worker; result dropped", job.id)
             return 0
@@ -100,16 +96,17 @@ class Worker:
         finally:
             finished.set()
             heartbeat.join()
-        if lease_lost.is_set() or not queue.complete(self.db, job.id, self.options.worker_id, outcome):
+        if lease_lost.is_set() or not jobs.complete(self.db, job.id, self.options.worker_id, outcome):
             log.warning("job %s: lease lost to another worker; result dropped", job.id)
             return 0
+        crash_points.reached("job-completed")
         log.info("job %s done: %d images in %.2f s on %s", job.id, len(outcome.predictions), outcome.seconds, outcome.device)
         return 1
 
     def _renew(self, job_id: int, lease_lost: threading.Event, finished: threading.Event) -> None:
         while not finished.wait(self.options.lease_s / 3):
             try:
-                if not queue.renew(self.db, job_id, self.options.worker_id, self.options.lease_s):
+                if not jobs.renew(self.db, job_id, self.options.worker_id, self.options.lease_s):
                     lease_lost.set()
                     return
             except Exception:  # keep trying until the lease runs out; complete() is fenced anyway
@@ -117,5 +114,5 @@ class Worker:
 
     def _fail(self, job: ClaimedJob, error: str, *, retryable: bool) -> None:
         log.warning("job %s failed (%s): %s", job.id, "will retry" if retryable else "permanent", error.splitlines()[0])
-        if not queue.fail(self.db, job.id, self.options.worker_id, error, retryable=retryable):
+        if not jobs.fail(self.db, job.id, self.options.worker_id, error, retryable=retryable):
             log.warning("job %s: lease lost to another worker before the failure was recorded", job.id)

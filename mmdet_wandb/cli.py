@@ -8,22 +8,31 @@ import os
 import signal
 import sys
 import threading
+import time
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
 from rich.markup import escape
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+)
 from rich.table import Table
 
+from db import nodes
 from db.session import Database
 from mmdet_wandb import heartbeat, logs, paths, status
-from uploader import checkpoints, discovery, runconfig, settings
+from uploader import checkpoints, discovery, hook_options
 from uploader.checkpoints import CheckpointOptions
 from uploader.ingest import FreshLaunch, IngestOptions
-from uploader.service import ServiceOptions, Uploader
-from uploader.wandb_writer import WandbWriter, WriterOptions, resolve_mode
+from uploader.loop import Loop, LoopOptions
+from uploader.parsers import config_dump
+from uploader.wandb.writer import WandbWriter, WriterOptions, resolve_mode
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__, pretty_exceptions_enable=False)
 err = Console(stderr=True, width=None if sys.stderr.isatty() else 160)  # logs and pipes get whole rows
@@ -45,6 +54,8 @@ LogLevelOpt = Annotated[str, typer.Option(help="Log level: DEBUG, INFO, WARNING,
 LogFormatOpt = Annotated[LogFormat, typer.Option(help="Log lines as text, or one JSON object per line")]
 IncompleteAfterOpt = Annotated[float, typer.Option(help="Seconds a checkpoint may stay still but broken before it is marked incomplete")]
 DeviceOpt = Annotated[Optional[str], typer.Option(help="cuda:N or cpu (default: cuda:0 when a GPU is visible, else cpu)")]
+NodeOpt = Annotated[Optional[str], typer.Option("--node", envvar="MMDET_WANDB_NODE", show_envvar=False, help="This uploader's name in a shared state DB: it reads and changes only its own rows (env: MMDET_WANDB_NODE; default: the host name)")]
+DatasetRootOpt = Annotated[Optional[list[Path]], typer.Option("--dataset-root", help="Where relative dataset paths of training configs are looked for first; repeatable (env: MMDET_WANDB_DATASET_ROOTS, separated by ':')")]
 BatchSizeOpt = Annotated[int, typer.Option(help="Images per inference batch (halved on CUDA out of memory)")]
 
 # The hook's options (CLI > MMDET_WANDB_<OPTION> > config file > MMDetWandbHook entry > defaults; see `config show`)
@@ -64,15 +75,26 @@ def _fail(message: str) -> typer.Exit:
     return typer.Exit(2)
 
 
-def _setup(data_dir: Path | None, roots: list[Path], level: str, log_format: LogFormat, service: str) -> tuple[paths.DataDir, Database]:
+_held: list[object] = []  # the uploader lock, held until the process ends
+
+
+def _setup(
+    data_dir: Path | None, roots: list[Path], level: str, log_format: LogFormat, service: str, node: str | None = None,
+) -> tuple[paths.DataDir, Database]:
+    """Logging, the data dir (locked for an uploader: `watch` or `backfill`), and the state DB, migrated; an
+    uploader is the node `node` and adopts rows that predate nodes."""
     logs.setup(level, log_format.value, service)
     home = paths.resolve(data_dir)
     try:
         home.prepare(roots)
+        if service != "evaluator":
+            _held.append(home.lock_uploader("watch" if service == "uploader" else service))
     except paths.DataDirError as exc:
         raise _fail(str(exc)) from None
-    db = Database(home.db_url)
+    db = Database(home.db_url, node=node or nodes.default_node())
     db.upgrade()
+    if service != "evaluator":
+        nodes.adopt_rows_without_node(db)
     return home, db
 
 
@@ -89,23 +111,23 @@ def _layers(
     home: paths.DataDir, config: Path | None, project: str | None, entity: str | None, init_kwargs: str | None,
     interval: int | None, log_checkpoint: bool | None, log_checkpoint_metadata: bool | None,
     num_eval_images: int | None, bbox_score_thr: float | None,
-) -> settings.Layers:
+) -> hook_options.Layers:
     try:
-        init = settings.convert("init_kwargs", init_kwargs) if init_kwargs else {}
+        init = hook_options.convert("init_kwargs", init_kwargs) if init_kwargs else {}
         init.update({k: v for k, v in (("project", project), ("entity", entity)) if v})
         cli = {
             "init_kwargs": init or None, "interval": interval, "log_checkpoint": log_checkpoint,
             "log_checkpoint_metadata": log_checkpoint_metadata, "num_eval_images": num_eval_images,
             "bbox_score_thr": bbox_score_thr,
         }
-        return settings.layers(cli, settings.find_file(config, home.path, os.environ))
-    except settings.SettingsError as exc:
+        return hook_options.layers(cli, hook_options.find_file(config, home.path, os.environ))
+    except hook_options.HookOptionsError as exc:
         raise _fail(str(exc)) from None
 
 
-def _writer(db: Database, home: paths.DataDir, layers: settings.Layers, checkpoints: CheckpointOptions, **extra: float) -> WandbWriter:
+def _writer(db: Database, home: paths.DataDir, layers: hook_options.Layers, **extra: float) -> WandbWriter:
     options = WriterOptions(runs_dir=home.runs_dir, mode=resolve_mode(), layers=layers, media_dir=home.media_dir, **extra)
-    return WandbWriter(db, options, checkpoints)
+    return WandbWriter(db, options)
 
 
 def _stop_on_signals() -> threading.Event:
@@ -137,18 +159,19 @@ def watch(
     segment_idle: Annotated[float, typer.Option(help="Seconds idle after which a W&B segment is closed")] = 30.0,
     checkpoint_settle: Annotated[float, typer.Option(help="Seconds a checkpoint must stay unchanged between two looks")] = 2.0,
     checkpoint_incomplete_after: IncompleteAfterOpt = 600.0,
+    node: NodeOpt = None,
     log_level: LogLevelOpt = "INFO",
     log_format: LogFormatOpt = LogFormat.TEXT,
 ) -> None:
     """Follow every work_dir under the roots, live, until SIGTERM or Ctrl-C."""
     root_paths = _roots(roots)
-    home, db = _setup(data_dir, root_paths, log_level, log_format, "uploader")
+    home, db = _setup(data_dir, root_paths, log_level, log_format, "uploader", node)
     layers = _layers(home, config, project, entity, init_kwargs, interval, log_checkpoint, log_checkpoint_metadata,
                      num_eval_images, bbox_score_thr)
     ckpt = CheckpointOptions(store_dir=home.store_dir, layers=layers, settle_s=checkpoint_settle,
                              incomplete_after_s=checkpoint_incomplete_after)
-    writer = _writer(db, home, layers, ckpt, segment_idle_s=segment_idle)
-    options = ServiceOptions(
+    writer = _writer(db, home, layers, segment_idle_s=segment_idle)
+    options = LoopOptions(
         roots=tuple(root_paths),
         ingest=IngestOptions(fresh_launch=fresh_launch, finish_idle_s=finish_after, layers=layers),
         checkpoints=ckpt,
@@ -158,7 +181,7 @@ def watch(
     )
     stop = _stop_on_signals()
     logging.getLogger("mmdet_wandb").info("watching %s (W&B mode %s, data in %s)", ", ".join(map(str, root_paths)), writer.options.mode, home.path)
-    Uploader(db, writer, options).watch(stop, on_tick=heartbeat.Heartbeat(home.heartbeat("uploader")).beat)
+    Loop(db, writer, options).watch(stop, on_tick=heartbeat.Heartbeat(home.heartbeat("uploader")).beat)
 
 
 @app.command()
@@ -177,27 +200,29 @@ def backfill(
     evaluate: Annotated[bool, typer.Option("--evaluate", help="Run the eval jobs in this process too (needs the eval extra), so the tables go out in this pass")] = False,
     device: DeviceOpt = None,
     batch_size: BatchSizeOpt = 4,
+    dataset_root: DatasetRootOpt = None,
     fresh_launch: FreshOpt = FreshLaunch.NEW_RUN,
     progress: Annotated[bool, typer.Option(help="Show progress bars")] = True,
     checkpoint_incomplete_after: IncompleteAfterOpt = 10.0,
+    node: NodeOpt = None,
     log_level: LogLevelOpt = "WARNING",
     log_format: LogFormatOpt = LogFormat.TEXT,
 ) -> None:
     """Upload finished work_dirs once and exit (running it again uploads nothing twice; SIGTERM stops it
     cleanly with exit status 143, and running it again finishes the work)."""
     root_paths = _roots(roots)
-    home, db = _setup(data_dir, root_paths, log_level, log_format, "backfill")
+    home, db = _setup(data_dir, root_paths, log_level, log_format, "backfill", node)
     layers = _layers(home, config, project, entity, init_kwargs, interval, log_checkpoint, log_checkpoint_metadata,
                      num_eval_images, bbox_score_thr)
     ckpt = CheckpointOptions(store_dir=home.store_dir, layers=layers, incomplete_after_s=checkpoint_incomplete_after)
-    writer = _writer(db, home, layers, ckpt)
-    options = ServiceOptions(
+    writer = _writer(db, home, layers)
+    options = LoopOptions(
         roots=tuple(root_paths), ingest=IngestOptions(fresh_launch=fresh_launch, finish_idle_s=0.0, layers=layers),
         checkpoints=ckpt,
     )
-    uploader = Uploader(db, writer, options)
+    uploader = Loop(db, writer, options)
     stop = _stop_on_signals()
-    run_jobs = _in_process_worker(db, device, batch_size, stop) if evaluate else None
+    run_jobs = _in_process_worker(db, device, batch_size, _dataset_roots(dataset_root), stop) if evaluate else None
     if not progress:
         uploader.backfill(evaluate=run_jobs, stop=stop)
     else:
@@ -210,7 +235,7 @@ def backfill(
                 bar.update(tasks[stage], completed=done, total=max(total, done))
 
             uploader.backfill(on_progress, evaluate=run_jobs, stop=stop)
-    _print_status(db, as_json=False, console=err)
+    _print_status(db, as_json=False, console=err, node=db.node)
     if writer.options.mode == "offline":
         err.print(f"offline runs are in {home.runs_dir}; upload them with: wandb sync {home.runs_dir}/*/*/wandb/offline-run-*")
     if stop.is_set():
@@ -218,11 +243,19 @@ def backfill(
         raise typer.Exit(143)
 
 
-def _in_process_worker(db: Database, device: str | None, batch_size: int, stop: threading.Event):  # type: ignore[no-untyped-def]
+def _in_process_worker(db: Database, device: str | None, batch_size: int, roots: tuple[Path, ...], stop: threading.Event):  # type: ignore[no-untyped-def]
     from evaluator.worker import Worker, WorkerOptions, default_device
 
-    worker = Worker(db, WorkerOptions(device=device or default_device(), batch_size=batch_size, exit_when_idle=True, poll_s=0.5))
+    worker = Worker(db, WorkerOptions(device=device or default_device(), batch_size=batch_size, exit_when_idle=True, poll_s=0.5,
+                                      dataset_roots=roots))
     return lambda: worker.run(stop)
+
+
+def _dataset_roots(given: list[Path] | None) -> tuple[Path, ...]:
+    """--dataset-root (repeatable), else MMDET_WANDB_DATASET_ROOTS (os.pathsep-separated)."""
+    if given:
+        return tuple(p.expanduser().absolute() for p in given)
+    return tuple(Path(p).expanduser().absolute() for p in os.environ.get("MMDET_WANDB_DATASET_ROOTS", "").split(os.pathsep) if p)
 
 
 @app.command()
@@ -233,6 +266,7 @@ def evaluate(
     exit_when_idle: Annotated[bool, typer.Option("--exit-when-idle", help="Stop once no job is queued or running (batch use)")] = False,
     lease: Annotated[float, typer.Option(help="Seconds a claimed job stays ours without renewal (renewed every third of it)")] = 60.0,
     poll: Annotated[float, typer.Option(help="Seconds between looks for a job when the queue is empty")] = 2.0,
+    dataset_root: DatasetRootOpt = None,
     log_level: LogLevelOpt = "INFO",
     log_format: LogFormatOpt = LogFormat.TEXT,
 ) -> None:
@@ -241,7 +275,7 @@ def evaluate(
 
     home, db = _setup(data_dir, [], log_level, log_format, "evaluator")
     options = WorkerOptions(device=device or default_device(), batch_size=batch_size, lease_s=lease, poll_s=poll,
-                            exit_when_idle=exit_when_idle)
+                            exit_when_idle=exit_when_idle, dataset_roots=_dataset_roots(dataset_root))
     stop = _stop_on_signals()
     done = Worker(db, options).run(stop, on_tick=heartbeat.Heartbeat(home.heartbeat("evaluator")).beat)
     err.print(f"worker {options.worker_id}: {done} job(s) done")
@@ -250,13 +284,33 @@ def evaluate(
 @app.command()
 def requeue(
     job_ids: Annotated[Optional[list[int]], typer.Argument(help="Parked (dead) jobs to retry (default: all of them)")] = None,
+    drop: Annotated[bool, typer.Option("--drop", help="Instead of retrying them, release the checkpoint pins they hold (they stay dead)")] = False,
+    data_dir: DataDirOpt = None,
+    node: NodeOpt = None,
+) -> None:
+    """Give parked eval jobs a fresh set of attempts (after fixing what made them fail), or drop their pins."""
+    from db import jobs
+    from uploader import eval_jobs
+
+    db = _existing_db(data_dir, node)
+    if drop:
+        err.print(f"released the checkpoint pins of {eval_jobs.unlink(jobs.drop(db, job_ids or None))} dead job(s)")
+        return
+    requeued, unpinned = jobs.requeue(db, job_ids or None)
+    err.print(f"requeued {requeued} job(s)")
+    if unpinned:
+        err.print(f"not requeued (their checkpoint pin was dropped): {', '.join(map(str, unpinned))}")
+
+
+@app.command()
+def retry(
+    runs: Annotated[Optional[list[str]], typer.Argument(help="W&B run ids to retry (default: every run backing off)")] = None,
     data_dir: DataDirOpt = None,
 ) -> None:
-    """Give parked eval jobs a fresh set of attempts (after fixing what made them fail)."""
-    from evaluator import queue
+    """Try runs that failed to upload again on the uploader's next pass, instead of after their backoff."""
+    from uploader.wandb.writer import retry_now
 
-    db = _existing_db(data_dir)
-    err.print(f"requeued {queue.requeue(db, job_ids or None)} job(s)")
+    err.print(f"{retry_now(_existing_db(data_dir), runs or None)} run(s) will be tried on the next pass")
 
 
 config_app = typer.Typer(no_args_is_help=True, help="The hook's options as the service resolves them")
@@ -283,7 +337,7 @@ def config_show(
     layers = _layers(home, config, project, entity, init_kwargs, interval, log_checkpoint, log_checkpoint_metadata,
                      num_eval_images, bbox_score_thr)
     hooks = _hook_entries(_roots(roots)) if roots else _hook_entries_in_db(home)
-    resolved = {work_dir: settings.resolve(layers, hook, source) for work_dir, (hook, source) in hooks.items()}
+    resolved = {work_dir: hook_options.resolve(layers, hook, source) for work_dir, (hook, source) in hooks.items()}
     if as_json:
         print(json.dumps({w: {"values": s.values, "sources": s.sources} for w, s in resolved.items()}, indent=2, default=str))
         return
@@ -294,7 +348,7 @@ def config_show(
         table = Table(title=work_dir, title_justify="left")
         for column in ("option", "value", "from"):
             table.add_column(column, overflow="fold")
-        for name in settings.OPTIONS:
+        for name in hook_options.OPTIONS:
             table.add_row(name, escape(json.dumps(effective.values[name], default=str)), escape(effective.sources[name]))
         console.print(table)
 
@@ -308,7 +362,7 @@ def _hook_entries(roots: list[Path]) -> dict[str, tuple[dict, str]]:
                 newest[found.work_dir] = found
     entries = {}
     for work_dir, found in sorted(newest.items()):
-        config = runconfig.for_log(found)
+        config = config_dump.for_log(found)
         hook = config.hook_options if config is not None else {}
         entries[str(work_dir)] = (hook, f"hook in {config.name}" if config is not None and hook else "hook (none in the config)")
     return entries
@@ -321,7 +375,7 @@ def _hook_entries_in_db(home: paths.DataDir) -> dict[str, tuple[dict, str]]:
 
     db = _existing_db(home.path)
     entries = {}
-    with db.transaction() as session:
+    with db.read() as session:
         for path, hook_json, config_name in session.execute(
             select(WorkDir.path, Run.hook_options_json, Run.config_name).join(Run, Run.work_dir_id == WorkDir.id).order_by(WorkDir.path, Run.launch)
         ):
@@ -334,11 +388,13 @@ def _hook_entries_in_db(home: paths.DataDir) -> dict[str, tuple[dict, str]]:
 def doctor(
     roots: Annotated[Optional[list[Path]], typer.Argument(help="The roots the service watches")] = None,
     data_dir: DataDirOpt = None,
+    dataset_root: DatasetRootOpt = None,
 ) -> None:
-    """Check the set-up: state DB, W&B mode and credentials, inotify limits, each root's filesystem."""
+    """Check the set-up: state DB, W&B mode and credentials, inotify limits, each root's filesystem, and
+    whether the val annotations of runs with eval jobs to run resolve here."""
     from mmdet_wandb import doctor as checks
 
-    results = checks.run(paths.resolve(data_dir), [r.resolve() for r in roots or []])
+    results = checks.run(paths.resolve(data_dir), [r.resolve() for r in roots or []], _dataset_roots(dataset_root))
     console = Console(width=None if sys.stdout.isatty() else 160)
     table = Table(title="mmdet-wandb doctor")
     for column in ("check", "result", "detail"):
@@ -365,13 +421,17 @@ def health(
     err.print(f"{service}: healthy (last loop pass {age:.1f} s ago)")
 
 
-def _existing_db(data_dir: Path | None) -> Database:
+def _existing_db(data_dir: Path | None, node: str | None = None) -> Database:
+    """The state DB as it is (never migrated here); `node`: whose rows a command that changes some may touch."""
     home = paths.resolve(data_dir)
     if not (home.path / "state.db").exists() and "MMDET_WANDB_DB_URL" not in os.environ:
         err.print(f"no state in {home.path} yet: run `mmdet-wandb watch` or `backfill` first")
         raise typer.Exit(1)
-    db = Database(home.db_url)
-    db.upgrade()
+    db = Database(home.db_url, node=node or nodes.default_node())
+    current, head = db.revisions()
+    if current != head:  # only the services migrate: a command beside a running one must not change the schema
+        err.print(f"the state DB has schema {current}, this mmdet-wandb needs {head}: start `watch` or `backfill` once to upgrade it")
+        raise typer.Exit(1)
     return db
 
 
@@ -379,37 +439,40 @@ def _existing_db(data_dir: Path | None) -> Database:
 def status_command(
     data_dir: DataDirOpt = None,
     as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output")] = False,
+    node: Annotated[Optional[str], typer.Option("--node", help="Only this uploader's work_dirs (default: every node's)")] = None,
 ) -> None:
     """Work_dirs, their W&B runs, rows pending/uploaded, and problems found."""
     db = _existing_db(data_dir)
-    _print_status(db, as_json=as_json, console=Console(width=None if sys.stdout.isatty() else 160))
+    _print_status(db, as_json=as_json, console=Console(width=None if sys.stdout.isatty() else 160), node=node)
 
 
 @app.command("clean-store")
-def clean_store_command(data_dir: DataDirOpt = None) -> None:
+def clean_store_command(data_dir: DataDirOpt = None, node: NodeOpt = None) -> None:
     """Delete pinned checkpoints that `wandb sync` has uploaded (offline mode keeps them until then)."""
-    removed, kept = checkpoints.clean_store(_existing_db(data_dir))
+    removed, kept = checkpoints.clean_store(_existing_db(data_dir, node))
     err.print(f"removed {removed} pinned checkpoint(s); kept {kept} whose segment is not synced yet")
 
 
-def _print_status(db: Database, *, as_json: bool, console: Console) -> None:
-    statuses = status.collect(db)
+def _print_status(db: Database, *, as_json: bool, console: Console, node: str | None = None) -> None:
+    statuses = status.collect(db, node)
     if as_json:
-        print(json.dumps(status.as_json(statuses, status.problems(db)), indent=2))
+        print(json.dumps(status.as_json(statuses, status.problems(db, node)), indent=2))
         return
     table = Table(title="mmdet-wandb status")
-    for column in ("work_dir", "logs", "W&B run", "uploaded", "pending", "checkpoints", "eval jobs", "problems / last error"):
+    several_nodes = len({s.node for s in statuses}) > 1
+    for column in ("node",) * several_nodes + ("work_dir", "logs", "W&B run", "uploaded", "pending", "checkpoints", "eval jobs", "problems / last error"):
         table.add_column(column, overflow="fold")
     for s in statuses:
         runs = s.runs or [None]
         for index, run in enumerate(runs):
             dead_job = next((j for j in reversed(s.eval_jobs) if j["state"] == "dead"), None)
             error = (
-                (run.last_error if run and run.last_error else None)
+                (_run_error(run) if run and run.last_error else None)
                 or (s.last_problem if index == 0 else None)
-                or (f"eval job {dead_job['id']} ({dead_job['checkpoint']}): {dead_job['last_error']}" if index == 0 and dead_job else None)
+                or (_dead_job_line(dead_job, s.eval_jobs) if index == 0 and dead_job else None)
             )
             table.add_row(
+                *((s.node if index == 0 else "",) * several_nodes),
                 s.path if index == 0 else "",
                 str(s.logs) if index == 0 else "",
                 f"{run.wandb_id} {run.name}" if run else "-",
@@ -420,6 +483,19 @@ def _print_status(db: Database, *, as_json: bool, console: Console) -> None:
                 (f"{s.problems} problem(s); " if index == 0 and s.problems else "") + (error or ""),
             )
     console.print(table)
+
+
+def _run_error(run: status.RunStatus) -> str:
+    if run.retry_at is None:
+        return run.last_error or ""
+    wait = max(0.0, run.retry_at - time.time())
+    return f"{run.last_error} (failure {run.failures} in a row; next try in {wait:.0f} s, or now with `mmdet-wandb retry`)"
+
+
+def _dead_job_line(job: dict[str, object], jobs: list[dict[str, object]]) -> str:
+    pinned = sum(1 for j in jobs if j["pin"])
+    held = f" ({pinned} dead job(s) hold their checkpoint pin: `requeue` retries them, `requeue --drop` releases them)" if pinned else ""
+    return f"eval job {job['id']} ({job['checkpoint']}): {job['last_error']}{held}"
 
 
 def main() -> None:

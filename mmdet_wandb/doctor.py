@@ -5,6 +5,7 @@ present, without calling the server.
 """
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import warnings
@@ -12,13 +13,15 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from alembic.runtime.migration import MigrationContext
-from alembic.script import ScriptDirectory
-from sqlalchemy import text
 
-from db.session import MIGRATIONS, Database
+from common import checkpoint_file, dataset_paths
+from db import jobs
+from db.session import Database
 from mmdet_wandb.paths import DataDir
-from uploader.wandb_writer import resolve_mode
+from uploader.parsers import config_dump
+from uploader.wandb.writer import resolve_mode
+
+log = logging.getLogger("mmdet_wandb.doctor")
 
 #: Filesystems whose changes inotify does not see (changes made on another host, or by a FUSE daemon).
 NO_EVENTS = ("nfs", "nfs4", "cifs", "smb3", "smbfs", "9p", "fuse", "ceph", "glusterfs", "lustre", "gpfs", "beegfs", "virtiofs")
@@ -34,13 +37,46 @@ class Check:
     detail: str
 
 
-def run(home: DataDir, roots: list[Path]) -> list[Check]:
+def run(home: DataDir, roots: list[Path], dataset_roots: tuple[Path, ...] = ()) -> list[Check]:
     checks = [_data_dir(home), _database(home), _wandb()]
     checks.extend(_inotify(roots))
     for root in roots:
         checks.extend(_root(root, home))
     checks.append(_evaluator())
+    checks.extend(_val_annotations(home, dataset_roots))
     return checks
+
+
+def _val_annotations(home: DataDir, dataset_roots: tuple[Path, ...]) -> Iterator[Check]:
+    """For each run with eval jobs still to run: do its val annotations resolve here, as a worker started
+    here with these dataset roots would look for them (the config in the checkpoint, else the work_dir's)?"""
+    if home.db_url.startswith("sqlite") and not (home.path / "state.db").exists():
+        return
+    try:
+        waiting = jobs.waiting_per_run(Database(home.db_url))
+    except Exception as exc:  # no such table yet, DB unreachable: the state DB check says so
+        log.debug("no eval jobs to check: %s", exc)
+        return
+    for job in waiting:
+        name = f"val data ({Path(job.work_dir).name})"
+        text = job.config_text
+        try:
+            with open(job.checkpoint_path, "rb") as handle:
+                text = (checkpoint_file.read_checkpoint_meta(handle) or {}).get("config") or text
+        except OSError as exc:
+            yield Check(name, "warn", f"{job.checkpoint_path}: {exc.strerror}: this node cannot read the job's checkpoint")
+        config = config_dump.load_text(text, job.config_name or "config.py") if isinstance(text, str) else None
+        val = (config.values.get("data") or {}).get("val") if config is not None else None
+        if not isinstance(val, dict) or not isinstance(val.get("ann_file"), str):
+            yield Check(name, "warn", "no data.val.ann_file in the training config (an mmdet 3.x or a wrapped dataset?)")
+            continue
+        try:
+            resolved = dataset_paths.resolve(val, dataset_paths.candidates(dataset_roots, Path(job.work_dir)))
+        except dataset_paths.AnnotationsNotFound as exc:
+            yield Check(name, "fail", f"{exc}; give the folder that holds it with --dataset-root")
+            continue
+        found = os.path.exists(resolved["ann_file"])
+        yield Check(name, "ok" if found else "fail", f"{resolved['ann_file']}" + ("" if found else ": not found"))
 
 
 def _data_dir(home: DataDir) -> Check:
@@ -62,13 +98,10 @@ def _database(home: DataDir) -> Check:
         return Check("state DB", "ok", f"{shown}: not created yet (the first watch/backfill creates it)")
     try:
         db = Database(url)
-        with db.engine.connect() as connection:
-            connection.execute(text("SELECT 1"))
-            current = MigrationContext.configure(connection).get_current_revision()
+        current, head = db.revisions()
         db.dispose()
     except Exception as exc:
         return Check("state DB", "fail", f"{shown}: {type(exc).__name__}: {exc}")
-    head = ScriptDirectory(str(MIGRATIONS)).get_current_head()
     if current != head:
         return Check("state DB", "warn", f"{shown}: schema {current}, the next start upgrades it to {head}")
     return Check("state DB", "ok", f"{shown}: reachable, schema {current}")

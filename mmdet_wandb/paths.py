@@ -1,9 +1,11 @@
 """Where the service keeps its state: one data directory, never inside a watched work_dir."""
 from __future__ import annotations
 
+import fcntl
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import IO
 
 from db.session import sqlite_url
 
@@ -39,6 +41,26 @@ class DataDir:
     def heartbeat(self, service: str) -> Path:
         """Touched by each loop pass of a service; `mmdet-wandb health SERVICE` reads its age."""
         return self.path / "heartbeat" / service
+
+    def lock_uploader(self, command: str) -> IO[str]:
+        """One uploader per data dir (DESIGN 11): an advisory lock, held as long as the returned file is open
+        (the kernel drops it when the process dies, SIGKILL included). Raises DataDirError naming the holder."""
+        handle = open(self.path / "uploader.lock", "a+", encoding="utf-8")
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "another process"
+            handle.close()
+            raise DataDirError(
+                f"{self.path} is in use by a running uploader ({holder}): one watch or backfill per data dir; "
+                "stop it first, or give this one another --data-dir"
+            ) from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"`mmdet-wandb {command}`, pid {os.getpid()}\n")
+        handle.flush()
+        return handle
 
     def prepare(self, roots: list[Path]) -> None:
         """Create the directory, refuse one inside a watched root, and keep wandb's own files in it too."""

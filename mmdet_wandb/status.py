@@ -7,7 +7,20 @@ from typing import Any
 
 from sqlalchemy import case, func, select
 
-from db.models import Checkpoint, EvalJob, OutboxRow, Problem, Run, Segment, SegmentState, Source, WorkDir
+from db import outbox
+from db.models import (
+    ArtifactKind,
+    Checkpoint,
+    EvalJob,
+    JobState,
+    OutboxRow,
+    Problem,
+    Run,
+    Segment,
+    SegmentState,
+    Source,
+    WorkDir,
+)
 from db.session import Database
 
 
@@ -21,10 +34,13 @@ class RunStatus:
     segments_closed: int
     last_error: str | None
     closed_segment_dirs: list[str] = field(default_factory=list)  # what `wandb sync` may upload
+    failures: int = 0  # upload failures in a row
+    retry_at: float | None = None  # epoch seconds of the next try after a failure
 
 
 @dataclass
 class WorkDirStatus:
+    node: str  # the uploader that owns it
     path: str
     logs: int
     runs: list[RunStatus] = field(default_factory=list)
@@ -47,12 +63,17 @@ def _count_states(items: list[dict[str, Any]]) -> dict[str, int]:
     return counts
 
 
-def collect(db: Database) -> list[WorkDirStatus]:
-    with db.transaction() as session:
-        work_dirs = {
-            w.id: WorkDirStatus(path=w.path, logs=0) for w in session.scalars(select(WorkDir).order_by(WorkDir.path))
-        }
-        for work_dir_id, count in session.execute(select(Source.work_dir_id, func.count()).group_by(Source.work_dir_id)):
+def collect(db: Database, node: str | None = None) -> list[WorkDirStatus]:
+    """Every node's work_dirs, or one node's."""
+    with db.read() as session:
+        query = select(WorkDir).order_by(WorkDir.node, WorkDir.path)
+        if node is not None:
+            query = query.where(WorkDir.node == node)
+        work_dirs = {w.id: WorkDirStatus(node=w.node, path=w.path, logs=0) for w in session.scalars(query)}
+        ours = list(work_dirs)
+        for work_dir_id, count in session.execute(
+            select(Source.work_dir_id, func.count()).where(Source.work_dir_id.in_(ours)).group_by(Source.work_dir_id)
+        ):
             work_dirs[work_dir_id].logs = count
         counts = {
             run_id: (up or 0, pending or 0)
@@ -69,34 +90,42 @@ def collect(db: Database) -> list[WorkDirStatus]:
             select(Segment.run_id, Segment.dir).where(Segment.state == SegmentState.CLOSED).order_by(Segment.seq)
         ):
             closed.setdefault(run_id, []).append(directory)
-        for run in session.scalars(select(Run).order_by(Run.launch)):
+        for run in session.scalars(select(Run).where(Run.work_dir_id.in_(ours)).order_by(Run.launch)):
             up, pending = counts.get(run.id, (0, 0))
             work_dirs[run.work_dir_id].runs.append(
                 RunStatus(
                     run.wandb_id, run.name, run.job_type, up, pending, len(closed.get(run.id, [])), run.last_error,
-                    closed.get(run.id, []),
+                    closed.get(run.id, []), run.failures, run.retry_at,
                 )
             )
-        for ckpt in session.scalars(select(Checkpoint).order_by(Checkpoint.id)):
+        models = outbox.outcomes(session, ArtifactKind.MODEL)
+        for ckpt in session.scalars(select(Checkpoint).where(Checkpoint.work_dir_id.in_(ours)).order_by(Checkpoint.id)):
+            logged = models[ckpt.id].logged if ckpt.id in models else None
             work_dirs[ckpt.work_dir_id].checkpoints.append(
                 {
                     "name": ckpt.name, "state": ckpt.state.value, "reason": ckpt.reason, "size": ckpt.size,
-                    "sha256": ckpt.sha256, "aliases": json.loads(ckpt.aliases_json) if ckpt.aliases_json else None,
-                    "metadata": json.loads(ckpt.metadata_json) if ckpt.metadata_json else None,
+                    "sha256": ckpt.sha256,
+                    "aliases": models[ckpt.id].aliases if ckpt.id in models else None,
+                    "metadata": logged.get("metadata") if logged else None,
                 }
             )
+        tables = outbox.outcomes(session, ArtifactKind.PREDICTIONS)
         for job, ckpt in session.execute(
-            select(EvalJob, Checkpoint).join(Checkpoint, Checkpoint.id == EvalJob.checkpoint_id).order_by(EvalJob.id)
-        ).tuples():
+            select(EvalJob, Checkpoint)
+            .join(Checkpoint, Checkpoint.id == EvalJob.checkpoint_id)
+            .where(Checkpoint.work_dir_id.in_(ours))
+            .order_by(EvalJob.id)
+        ):
             work_dirs[ckpt.work_dir_id].eval_jobs.append(
                 {
                     "id": job.id, "checkpoint": ckpt.name, "state": job.state.value, "attempts": job.attempts,
                     "last_error": job.last_error, "note": job.note, "device": job.device, "seconds": job.seconds,
-                    "table_uploaded": job.uploaded,
+                    "table_uploaded": job.id in tables and tables[job.id].uploaded,
+                    "pin": job.checkpoint_path if job.pinned and job.state is JobState.DEAD else None,
                     "metrics": json.loads(job.metrics_json) if job.metrics_json else None,
                 }
             )
-        for problem in session.scalars(select(Problem).order_by(Problem.last_seen)):
+        for problem in session.scalars(_problems_of(node).order_by(Problem.last_seen)):
             target = work_dirs.get(problem.work_dir_id) if problem.work_dir_id is not None else None
             target = target or _by_path(work_dirs.values(), problem.path)
             if target is not None:
@@ -106,12 +135,17 @@ def collect(db: Database) -> list[WorkDirStatus]:
         return list(work_dirs.values())
 
 
-def problems(db: Database) -> list[dict[str, Any]]:
-    with db.transaction() as session:
+def problems(db: Database, node: str | None = None) -> list[dict[str, Any]]:
+    with db.read() as session:
         return [
-            {"path": p.path, "offset": p.byte_offset, "kind": p.kind, "message": p.message, "count": p.count}
-            for p in session.scalars(select(Problem).order_by(Problem.path, Problem.byte_offset))
+            {"node": p.node, "path": p.path, "offset": p.byte_offset, "kind": p.kind, "message": p.message, "count": p.count}
+            for p in session.scalars(_problems_of(node).order_by(Problem.node, Problem.path, Problem.byte_offset))
         ]
+
+
+def _problems_of(node: str | None):  # type: ignore[no-untyped-def]
+    query = select(Problem)
+    return query if node is None else query.where(Problem.node == node)
 
 
 def as_json(statuses: list[WorkDirStatus], problem_list: list[dict[str, Any]]) -> dict[str, Any]:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from uploader import wandb_reader
+from uploader.wandb import reader as wandb_reader
 
 REPO = Path(__file__).resolve().parents[1]
 REAL_LOGS = Path(os.environ.get("MMDET_WANDB_REAL_LOGS", REPO.parent / "shared" / "real_logs")).resolve()
@@ -36,6 +36,12 @@ def cli(home: Path, *args: str, check: bool = True, timeout: float = 600, **env:
     if check and proc.returncode != 0:
         raise AssertionError(f"mmdet-wandb {' '.join(args)} exited {proc.returncode}\n{proc.stdout}\n{proc.stderr}")
     return proc
+
+
+def table_column(table: str, index: int) -> str:
+    """The text of one column of a table the CLI printed (rich folds long cells over lines), lines joined."""
+    cells = [line.split("│")[1:-1][index].strip() for line in table.splitlines() if line.count("│") >= 3]
+    return " ".join(cell for cell in cells if cell)
 
 
 def status(home: Path) -> dict:

@@ -174,12 +174,19 @@ def test_a_checkpoint_deleted_right_after_it_appears(live_work_dir):
     vanishing.write_bytes(data)
     vanishing.unlink()  # most likely gone before the first look
     wait_until(lambda: checkpoint_states(home)["epoch_21.pth"][0][0] == "uploaded", 60, "the pinned copy", watch)
-    # Gone before the first look (missed), or pinned just before it went and then uploaded from the pin:
-    # either way it ends there, never half-way.
-    wait_until(lambda: checkpoint_states(home).get("epoch_22.pth", [("missed", None)])[0][0] in {"missed", "uploaded"},
+    # Never seen (gone before the first look), seen but gone before it could be pinned (missed), or pinned
+    # just before it went and then uploaded from the pin: either way it ends there, never half-way.
+    wait_until(lambda: checkpoint_states(home).get("epoch_22.pth", [("unseen", None)])[0][0] in {"unseen", "missed", "uploaded"},
                60, "the vanished checkpoint to be decided", watch)
+    vanished = checkpoint_states(home).get("epoch_22.pth", [("unseen", None)])[0][0]
     artifacts = model_artifacts_after_stop(home, watch)
-    assert artifacts["epoch_21.pth"]["digest"] == base64.b64encode(hashlib.md5(data).digest()).decode()
+    digest = base64.b64encode(hashlib.md5(data).digest()).decode()
+    assert artifacts["epoch_21.pth"]["digest"] == digest
+    if vanished == "uploaded":
+        assert artifacts["epoch_22.pth"]["digest"] == digest
+    else:
+        assert "epoch_22.pth" not in artifacts, f"{vanished}, yet uploaded"
+        assert not list((home / "store").rglob("*-epoch_22.pth")), f"{vanished}, yet a pin is left in the store"
 
 
 def test_a_broken_checkpoint_that_never_completes_is_incomplete(live_work_dir):

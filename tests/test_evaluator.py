@@ -15,12 +15,12 @@ import numpy as np
 import pytest
 from sqlalchemy import select, update
 
+from common.records import Instances, subset_indices
+from db import jobs as queue
 from db.models import EvalJob, JobState, Prediction, ValImage
 from db.session import Database, sqlite_url
-from evaluator import queue
-from evaluator.records import Instances, subset_indices
 from evaluator.worker import Worker, WorkerOptions
-from tests.conftest import REPO, cli, offline_run, service_env, status, wait_until
+from tests.conftest import REPO, cli, offline_run, service_env, status, table_column, wait_until
 
 NUM = 6  # of the 8 val images: a real subset
 THR = 0.3
@@ -101,7 +101,8 @@ def test_backfill_evaluate_logs_val_once_and_predictions_per_checkpoint(trained_
             assert all(gt["masks"] for _, gt, _ in table["data"]), "ground-truth masks drawn"
         assert pred.metadata["subset_metrics"]["bbox_mAP"] >= 0
 
-    assert {j.state for j in jobs(home)} == {JobState.DONE} and all(j.uploaded and not j.pinned for j in jobs(home))
+    assert {j.state for j in jobs(home)} == {JobState.DONE} and not any(j.pinned for j in jobs(home))
+    assert all(j["table_uploaded"] for j in status(home)["work_dirs"][0]["eval_jobs"])
     assert not list((home / "store" / "eval").iterdir()), "the jobs' checkpoint links are gone"
     cli(home, "backfill", str(work_dir.parent), "--no-progress", "--evaluate", "--num-eval-images", str(NUM))
     assert len(artifacts_of(home)) == len(arts), "a second backfill logs nothing"
@@ -338,3 +339,73 @@ def test_the_whole_path_on_postgresql(trained_work_dir, tmp_path, postgres_url):
     assert [a.type for a in arts].count("dataset") == 1
     assert sorted(a.metadata["checkpoint"] for a in arts if a.type == "evaluation") == sorted(
         p.name for p in work_dir.glob("epoch_*.pth"))
+
+
+def test_a_dead_job_keeps_its_pin_and_requeue_evaluates_it_once_the_dataset_is_back(trained_work_dir, tmp_path):
+    """A job parked because its dataset was not reachable is evaluated after `requeue`, from the pin it kept;
+    `requeue --drop` releases the pin of a job nobody will retry."""
+    work_dir = trained_work_dir("retinanet_epoch", writable=True)
+    home, data = tmp_path / "home", tmp_path / "data"
+    dataset_root = Path(val_annotation_path(next(work_dir.glob("*.py")))).parents[1]
+    shutil.copytree(dataset_root, data)
+    retried, dropped = work_dir / "epoch_8.pth", work_dir / "epoch_7.pth"
+    for path in (retried, dropped):
+        rewrite_checkpoint(path, path, lambda meta: {**meta, "config": meta["config"].replace(str(dataset_root), str(data))})
+    (data / "annotations").rename(data / "annotations.unmounted")
+    args = ("backfill", str(work_dir.parent), "--no-progress", "--evaluate", "--num-eval-images", str(NUM))
+    cli(home, *args)
+
+    def job_of(path: Path) -> dict:
+        (entry,) = status(home)["work_dirs"]
+        return next(j for j in entry["eval_jobs"] if j["checkpoint"] == path.name)
+
+    for path in (retried, dropped):
+        job = job_of(path)
+        assert job["state"] == "dead" and "val.json" in job["last_error"], job
+        assert job["pin"] and Path(job["pin"]).exists(), "a dead job keeps its checkpoint pin"
+    assert not [a for _, a in artifacts_of(home) if a.type == "evaluation"], "max_keep_ckpts=2: both jobs are dead"
+    assert "hold their checkpoint pin" in table_column(cli(home, "status").stdout, -1)
+
+    dropped_pin = job_of(dropped)["pin"]
+    assert "released the checkpoint pins of 1 dead job(s)" in cli(home, "requeue", "--drop", str(job_of(dropped)["id"])).stderr
+    assert not Path(dropped_pin).exists() and job_of(dropped)["pin"] is None and job_of(dropped)["state"] == "dead"
+
+    (data / "annotations.unmounted").rename(data / "annotations")
+    out = cli(home, "requeue").stderr
+    assert "requeued 1 job(s)" in out and f"not requeued (their checkpoint pin was dropped): {job_of(dropped)['id']}" in out
+    cli(home, *args)
+    assert job_of(retried)["state"] == "done" and job_of(retried)["table_uploaded"] and job_of(retried)["pin"] is None
+    assert job_of(dropped)["state"] == "dead"
+    epochs = sorted(a.metadata["epoch"] for _, a in artifacts_of(home) if a.type == "evaluation")
+    assert epochs == [8], "the requeued job's table is uploaded, once"
+    assert not list((home / "store" / "eval").iterdir()), "no pin is left behind"
+
+
+def test_a_work_dir_outside_the_training_folder_is_evaluated_with_dataset_root(trained_work_dir, tmp_path):
+    """`tools/train.py cfg --work-dir /scratch/exp1` with relative dataset paths: neither the worker's cwd nor a
+    folder above the work_dir holds `data/`; `--dataset-root` names where it is."""
+    work_dir = trained_work_dir("retinanet_epoch", dest=tmp_path / "scratch", writable=True)
+    home, checkout = tmp_path / "home", tmp_path / "checkout"
+    dataset_root = Path(val_annotation_path(next(work_dir.glob("*.py")))).parents[1]
+    shutil.copytree(dataset_root, checkout / "data" / "coco")
+    checkpoint = work_dir / "epoch_8.pth"
+    rewrite_checkpoint(checkpoint, checkpoint, lambda meta: {**meta, "config": meta["config"].replace(str(dataset_root), "data/coco")})
+    (work_dir / "epoch_7.pth").unlink()
+    args = ("backfill", str(work_dir.parent), "--no-progress", "--num-eval-images", str(NUM))
+    cli(home, *args)  # queues the job
+    doctor = cli(home, "doctor", check=False)
+    assert doctor.returncode == 1 and f"val data ({work_dir.name})" in doctor.stdout
+    assert "data/coco/annotations/val.json not found" in table_column(doctor.stdout, -1)
+    doctor = cli(home, "doctor", "--dataset-root", str(checkout), check=False)
+    assert str(checkout / "data/coco/annotations/val.json") in table_column(doctor.stdout, -1).replace(" ", "")
+
+    args = (*args, "--evaluate")
+    cli(home, *args)
+    (job,) = status(home)["work_dirs"][0]["eval_jobs"]
+    assert job["state"] == "dead" and "data/coco/annotations/val.json not found" in job["last_error"], job
+
+    cli(home, "requeue")
+    cli(home, *args, "--dataset-root", str(checkout))
+    (job,) = status(home)["work_dirs"][0]["eval_jobs"]
+    assert job["state"] == "done" and job["table_uploaded"], job
+    assert [a.metadata["epoch"] for _, a in artifacts_of(home) if a.type == "evaluation"] == [8]

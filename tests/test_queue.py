@@ -20,10 +20,21 @@ import pytest
 from PIL import Image
 from sqlalchemy import func, select
 
-from db.models import Checkpoint, EvalJob, JobState, Prediction, Run, ValImage, ValManifest, WorkDir
+from common.backoff import BACKOFF_BASE_S, BACKOFF_CAP_S, backoff_s
+from common.records import EvalOutcome, Instances, Manifest, ValImageRecord
+from db import eval_results
+from db import jobs as queue
+from db.models import (
+    Checkpoint,
+    EvalJob,
+    JobState,
+    Prediction,
+    Run,
+    ValImage,
+    ValManifest,
+    WorkDir,
+)
 from db.session import Database, sqlite_url
-from evaluator import queue
-from evaluator.records import EvalOutcome, Instances, Manifest, ValImageRecord
 
 T0 = 1_700_000_000.0  # a fixed "now" for the tests that pass the clock
 LEASE = 60.0
@@ -183,11 +194,11 @@ def test_expired_lease_is_reclaimed_and_the_last_one_parks_the_job(db: Database)
 
 def test_backoff_grows_and_is_capped() -> None:
     for attempts in range(1, 13):
-        nominal = min(queue.BACKOFF_CAP_S, queue.BACKOFF_BASE_S * 2 ** (attempts - 1))
-        samples = [queue.backoff_s(attempts) for _ in range(200)]
+        nominal = min(BACKOFF_CAP_S, BACKOFF_BASE_S * 2 ** (attempts - 1))
+        samples = [backoff_s(attempts) for _ in range(200)]
         assert all(0.9 * nominal <= s <= 1.1 * nominal for s in samples), (attempts, min(samples), max(samples))
         assert max(samples) > min(samples)  # jittered, so workers that failed together don't retry together
-    assert queue.BACKOFF_BASE_S * 2 ** 11 > queue.BACKOFF_CAP_S  # so the loop above reached the cap
+    assert BACKOFF_BASE_S * 2 ** 11 > BACKOFF_CAP_S  # so the loop above reached the cap
 
 
 def test_retryable_failures_back_off_until_attempts_run_out(db: Database) -> None:
@@ -202,7 +213,7 @@ def test_retryable_failures_back_off_until_attempts_run_out(db: Database) -> Non
         job = get(db, job_id)
         assert (job.state, job.lease_owner, job.lease_expires_at) == (JobState.QUEUED, None, None)
         assert job.last_error == f"CUDA out of memory #{attempt}"
-        nominal = queue.BACKOFF_BASE_S * 2 ** (attempt - 1)
+        nominal = BACKOFF_BASE_S * 2 ** (attempt - 1)
         assert before + 0.9 * nominal <= job.run_after <= after + 1.1 * nominal
         assert queue.claim(db, "w2", LEASE, now=job.run_after - 0.01) is None  # not due yet
         now = job.run_after
@@ -227,27 +238,27 @@ def test_permanent_failure_parks_the_job_and_requeue_revives_it(db: Database) ->
     assert job.finished_at is not None
     assert queue.claim(db, "w2", LEASE, now=T0 + 10_000) is None  # dead jobs are not claimable
 
-    assert queue.requeue(db, [first]) == 1
+    assert queue.requeue(db, [first]) == (1, [])
     job = get(db, first)
     assert (job.state, job.attempts, job.run_after, job.finished_at) == (JobState.QUEUED, 0, 0.0, None)
     assert get(db, second).state == JobState.DEAD
     claimed = queue.claim(db, "w2", LEASE, now=T0)
     assert claimed is not None and (claimed.id, claimed.attempts) == (first, 1)
 
-    assert queue.requeue(db) == 1  # every dead job: `second`; the running and the done one stay as they are
+    assert queue.requeue(db) == (1, [])  # every dead job: `second`; the running and the done one stay as they are
     assert (get(db, second).state, get(db, second).attempts) == (JobState.QUEUED, 0)
     assert get(db, first).state == JobState.RUNNING
     assert get(db, finished).state == JobState.DONE
-    assert queue.requeue(db) == 0
+    assert queue.requeue(db) == (0, [])
 
 
 def test_complete_stores_a_manifest_once_and_predictions_per_job(db: Database) -> None:
     a, b, c = add_jobs(db, 0.0, 0.0, 0.0)
     assert [queue.claim(db, "w1", LEASE, now=T0).id for _ in range(3)] == [a, b, c]  # type: ignore[union-attr]
     m = manifest()
-    assert not queue.has_manifest(db, m.digest)
+    assert not eval_results.has_manifest(db, m.digest)
     assert queue.complete(db, a, "w1", outcome(manifest(), 1))
-    assert queue.has_manifest(db, m.digest)
+    assert eval_results.has_manifest(db, m.digest)
     assert queue.complete(db, b, "w1", outcome(manifest(), 2))  # equal content in new objects
     assert queue.complete(db, c, "w1", outcome(manifest(("cat", "dog", "bird")), 3))
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import cli, status
-from uploader import wandb_reader
+from uploader.wandb import reader as wandb_reader
 
 BALLOON = "liweiwp__OpenMMLabCamp/mmdet/balloon"
 HOOK = (

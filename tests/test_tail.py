@@ -16,7 +16,14 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
 from uploader import tail
-from uploader.tail import HEAD_MAX, Line, OversizedLine, TailPosition, TailRead, read_lines
+from uploader.tail import (
+    HEAD_MAX,
+    Line,
+    OversizedLine,
+    TailPosition,
+    TailRead,
+    read_lines,
+)
 
 
 def sha(data: bytes) -> str:

@@ -17,7 +17,7 @@ import pytest
 import wandb
 from wandb.sdk.artifacts.artifact_manifest_entry import ArtifactManifestEntry
 
-from uploader.wandb_reader import (
+from uploader.wandb.reader import (
     OfflineRun,
     WandbFileError,
     find_run_files,

@@ -5,8 +5,8 @@ from pathlib import Path
 
 import wandb
 
-from uploader import ckpt_file
-from uploader.wandb_writer import add_hashed_file
+from common import checkpoint_file
+from uploader.wandb.artifacts import add_hashed_file
 
 
 def test_adding_a_hashed_file_equals_add_file(tmp_path: Path, monkeypatch) -> None:
@@ -14,9 +14,9 @@ def test_adding_a_hashed_file_equals_add_file(tmp_path: Path, monkeypatch) -> No
     path = tmp_path / "epoch_3.pth"
     path.write_bytes(b"checkpoint bytes " * 10_000)
     with open(path, "rb") as handle:
-        digests = ckpt_file.hash_file(handle)
+        digests = checkpoint_file.hash_file(handle)
     public, ours = wandb.Artifact("run_x_model", type="model"), wandb.Artifact("run_x_model", type="model")
     public.add_file(str(path), name="epoch_3.pth", policy="immutable")
-    add_hashed_file(ours, path, "epoch_3.pth", digests)
+    add_hashed_file(ours, path, "epoch_3.pth", digests.md5_b64)
     assert ours.manifest.to_manifest_json() == public.manifest.to_manifest_json()
     assert ours.digest == public.digest

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from tests.conftest import offline_run, status, stop, wait_until
 from tests.oracle import assert_history_matches, expected_rows
-from uploader import wandb_reader
+from uploader.wandb import reader as wandb_reader
 
 ELTD = "masati91__ELTD/work_dirs/eltd_r101_fpn_1x_coco/20210427_101754.log.json"
 YOLO = "masati91__ELTD/work_dirs/yolov3_d53_320_273e_coco/20210422_141751.log.json"

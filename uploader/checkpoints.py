@@ -1,5 +1,5 @@
-"""Checkpoints: pin each one as soon as it appears, decide when it is complete (DESIGN 7), and choose what the
-writer logs as a version of `run_<id>_model`.
+"""Checkpoints: pin each one as soon as it appears, decide when it is complete (DESIGN 7), queue the complete
+ones as versions of `run_<id>_model` in the artifact outbox, and follow them up once the writer settled them.
 
 MMDetection writes checkpoints in place, without temp file or rename, and `max_keep_ckpts` deletes old ones;
 so a checkpoint is hard-linked into the service's store at first sight, and only a file whose zip end record
@@ -22,10 +22,21 @@ from typing import Any
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from db.models import Checkpoint, CheckpointState, OutboxRow, Run, Segment, Source, SourceState
-from db.session import Database
-from uploader import ckpt_file, runconfig, settings
+from common import checkpoint_file, crash_points
+from db import outbox
+from db.models import (
+    ArtifactKind,
+    Checkpoint,
+    CheckpointState,
+    Run,
+    Source,
+    SourceState,
+)
+from db.session import Database, node_of
+from uploader.background import Background
+from uploader import hook_options
 from uploader.ingest import work_dir_row
+from uploader.parsers import config_dump
 
 log = logging.getLogger("mmdet_wandb.checkpoints")
 
@@ -36,7 +47,7 @@ OPEN_STATES = (CheckpointState.SEEN, CheckpointState.READY)
 @dataclass(frozen=True)
 class CheckpointOptions:
     store_dir: Path
-    layers: settings.Layers = settings.Layers()  # log_checkpoint & co., resolved per run with its hook entry
+    layers: hook_options.Layers = hook_options.Layers()  # log_checkpoint & co., resolved per run with its hook entry
     settle_s: float = 2.0  # nothing may change between two looks this far apart
     incomplete_after_s: float = 600.0  # still this long but never a valid checkpoint: incomplete
 
@@ -45,18 +56,6 @@ class CheckpointOptions:
 class FoundCheckpoint:
     path: Path
     work_dir: Path
-
-
-@dataclass(frozen=True)
-class Upload:
-    """What the writer logs for one checkpoint."""
-
-    checkpoint_id: int
-    run_id: int
-    path: Path  # the pinned file
-    name: str
-    aliases: list[str]
-    metadata: dict[str, Any]
 
 
 def classify(name: str) -> tuple[str, int | None]:
@@ -82,8 +81,11 @@ def find(work_dirs: set[Path]) -> list[FoundCheckpoint]:
     return found
 
 
-def advance(db: Database, found: list[FoundCheckpoint], options: CheckpointOptions, now: float | None = None) -> None:
-    """One look at every checkpoint: pin new ones, follow changes, and settle complete or broken ones."""
+def advance(
+    db: Database, found: list[FoundCheckpoint], options: CheckpointOptions, background: Background, now: float | None = None,
+) -> None:
+    """One look at every checkpoint: pin new ones, follow changes, and settle complete or broken ones (copies
+    into the store run in `background`)."""
     now = time.time() if now is None else now
     seen_paths = set()
     for item in found:
@@ -94,14 +96,14 @@ def advance(db: Database, found: list[FoundCheckpoint], options: CheckpointOptio
             log.exception("%s: checkpoint look failed", item.path)
     with db.transaction() as session:
         vanished = session.scalars(
-            select(Checkpoint).where(Checkpoint.state.in_(OPEN_STATES), Checkpoint.path.not_in(seen_paths))
+            select(Checkpoint).where(Checkpoint.node == node_of(session), Checkpoint.state.in_(OPEN_STATES), Checkpoint.path.not_in(seen_paths))
         ).all()
         for row in vanished:
             if not (row.pin_path and Path(row.pin_path).exists()):
                 _set(row, CheckpointState.MISSED, "deleted before it could be " + ("copied" if row.pin_by_copy else "pinned"))
             elif row.state is CheckpointState.SEEN:
                 _settle(row, Path(row.pin_path), options, now)
-    copy_pins(db, options)
+    copy_pins(db, options, background)
 
 
 def _look(db: Database, item: FoundCheckpoint, options: CheckpointOptions, now: float) -> None:
@@ -110,34 +112,39 @@ def _look(db: Database, item: FoundCheckpoint, options: CheckpointOptions, now: 
     except FileNotFoundError:
         return  # handled as vanished on the next look
     identity = (st.st_ino, st.st_size, st.st_mtime_ns)
+    pinned = False
     with db.transaction() as session:
         row = session.scalar(
-            select(Checkpoint).where(Checkpoint.path == str(item.path)).order_by(Checkpoint.id.desc()).limit(1)
+            select(Checkpoint).where(Checkpoint.node == node_of(session), Checkpoint.path == str(item.path)).order_by(Checkpoint.id.desc()).limit(1)
         )
         if row is None or (row.state not in OPEN_STATES and (row.ino, row.size, row.mtime_ns) != identity):
             before = row
             row = _new_row(session, item, identity, min(now, st.st_mtime_ns / 1e9))
             if before is not None:
                 row.reason = f"rewritten after it was {before.state.value} (checkpoint #{before.id})"
-            _pin(row, item.path, options)
+            pinned = _pin(row, item.path, options)
         elif row.state in OPEN_STATES and (row.ino, row.size, row.mtime_ns) != identity:
+            if row.run_id is not None:
+                outbox.withdraw(session, row.run_id, _key(row))
             if row.ino != st.st_ino:
                 _unpin(row)
             row.ino, row.size, row.mtime_ns = identity
+            _look_again(row, "changed while being checked")
             row.still_since = now
-            row.state = CheckpointState.SEEN
-            row.reason = "changed while being checked"
             row.meta_json = None
             if row.pin_path is None:
-                _pin(row, item.path, options)
+                pinned = _pin(row, item.path, options)
         if row.state is CheckpointState.SEEN and (row.pin_path is not None or row.pin_by_copy):
             _settle(row, Path(row.pin_path or row.path), options, now)
+    if pinned:
+        crash_points.reached("checkpoint-pinned")
 
 
 def _new_row(session: Session, item: FoundCheckpoint, identity: tuple[int, int, int], still_since: float) -> Checkpoint:
     work_dir = work_dir_row(session, item.work_dir, item.work_dir)
     kind, number = classify(item.path.name)
     row = Checkpoint(
+        node=node_of(session),
         work_dir_id=work_dir.id, path=str(item.path), name=item.path.name, kind=kind, number=number,
         ino=identity[0], size=identity[1], mtime_ns=identity[2], still_since=still_since, state=CheckpointState.SEEN,
     )
@@ -146,65 +153,92 @@ def _new_row(session: Session, item: FoundCheckpoint, identity: tuple[int, int, 
     return row
 
 
-def _pin(row: Checkpoint, path: Path, options: CheckpointOptions) -> None:
-    """Hard-link the file into the store, so that max_keep_ckpts deleting it loses nothing and costs no bytes."""
+def _pin(row: Checkpoint, path: Path, options: CheckpointOptions) -> bool:
+    """Hard-link the file into the store, so that max_keep_ckpts deleting it loses nothing and costs no bytes;
+    True when it is linked."""
     pin = options.store_dir / str(row.work_dir_id) / f"{row.id}-{row.name}"
     pin.parent.mkdir(parents=True, exist_ok=True)
     try:
         os.link(path, pin, follow_symlinks=False)
     except FileNotFoundError:
         _set(row, CheckpointState.MISSED, "deleted before it could be pinned")
-        return
+        return False
     except OSError as exc:
         if exc.errno in (errno.EXDEV, errno.EROFS, errno.EPERM, errno.EACCES):
             # another filesystem or a read-only mount (Docker): copy it into the store once it is complete
             row.pin_by_copy = True
             row.reason = f"no hard link possible ({exc.strerror}): copied into the store once complete"
-            return
+            return False
         _set(row, CheckpointState.MISSED, f"cannot hard-link into the store: {exc.strerror}")
-        return
+        return False
     st = pin.stat()
     if st.st_ino != row.ino:  # replaced between our stat and the link: follow what we pinned
         row.ino, row.size, row.mtime_ns, row.still_since = st.st_ino, st.st_size, st.st_mtime_ns, time.time()
     row.pin_path = str(pin)
+    return True
 
 
-def copy_pins(db: Database, options: CheckpointOptions) -> None:
+def copy_pins(db: Database, options: CheckpointOptions, background: Background) -> None:
     """Copy complete checkpoints that could not be hard-linked into the store, once their run is known to
-    want them (outside any transaction: a multi-GB copy must not hold the DB); a file that changed while
-    being copied is looked at again."""
-    due = []
+    want them: in `background`, since a multi-GB copy must hold neither the loop nor the DB."""
     with db.transaction() as session:
         rows = session.scalars(
-            select(Checkpoint).where(Checkpoint.pin_by_copy.is_(True), Checkpoint.pin_path.is_(None),
+            select(Checkpoint).where(Checkpoint.node == node_of(session), Checkpoint.pin_by_copy.is_(True), Checkpoint.pin_path.is_(None),
                                      Checkpoint.meta_json.is_not(None), Checkpoint.state == CheckpointState.SEEN)
         ).all()
         for row in rows:
             run = run_of(session, row)
             if run is None:
                 continue
-            if not wanted(row, settings.for_run(options.layers, run.hook_options_json)):
+            if not wanted(row, hook_options.for_run(options.layers, run.hook_options_json)):
                 finish_without_upload(row)
                 continue
-            due.append((row.id, row.path, row.name, row.work_dir_id, row.size, row.mtime_ns))
-    for checkpoint_id, path, name, work_dir_id, size, mtime_ns in due:
-        pin = options.store_dir / str(work_dir_id) / f"{checkpoint_id}-{name}"
-        pin.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            shutil.copyfile(path, pin)
-            st = os.stat(path)
-            unchanged = st.st_size == size == pin.stat().st_size and st.st_mtime_ns == mtime_ns
-        except OSError as exc:
-            log.warning("%s: cannot copy into the store: %s", path, exc)
+            pin = options.store_dir / str(row.work_dir_id) / f"{row.id}-{row.name}"
+            background.submit(f"copy:{row.id}", _copy_pin, db, row.id, Path(row.path), pin, row.size, row.mtime_ns)
+
+
+def _copy_pin(db: Database, checkpoint_id: int, path: Path, pin: Path, size: int, mtime_ns: int) -> None:
+    """One copy into the store; a file that changed while being copied is looked at again."""
+    pin.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        shutil.copyfile(path, pin)
+        st = os.stat(path)
+        unchanged = st.st_size == size == pin.stat().st_size and st.st_mtime_ns == mtime_ns
+    except OSError as exc:
+        log.warning("%s: cannot copy into the store: %s", path, exc)
+        pin.unlink(missing_ok=True)
+        return
+    with db.transaction() as session:
+        row = session.get_one(Checkpoint, checkpoint_id)
+        if unchanged and row.state is CheckpointState.SEEN and row.pin_path is None:
+            row.pin_path, row.state, row.reason = str(pin), CheckpointState.READY, None
+        else:
             pin.unlink(missing_ok=True)
-            continue
+            row.meta_json, row.still_since = None, time.time()
+
+
+def _hash_pin(db: Database, checkpoint_id: int, pin: Path) -> None:
+    """md5 (the artifact entry's digest) and sha256 (its metadata) of the pinned file, in one read; a file
+    that changed while being hashed is looked at again from the start."""
+    try:
+        with open(pin, "rb") as handle:
+            digests = checkpoint_file.hash_file(handle)
+    except (OSError, checkpoint_file.ChangedWhileReading) as exc:
         with db.transaction() as session:
             row = session.get_one(Checkpoint, checkpoint_id)
-            if unchanged and row.state is CheckpointState.SEEN:
-                row.pin_path, row.state, row.reason = str(pin), CheckpointState.READY, None
-            else:
-                pin.unlink(missing_ok=True)
-                row.meta_json, row.still_since = None, time.time()
+            if row.state is CheckpointState.READY:
+                _look_again(row, f"cannot hash: {exc}")
+        return
+    with db.transaction() as session:
+        row = session.get_one(Checkpoint, checkpoint_id)
+        if row.state is CheckpointState.READY and row.size == digests.size:
+            row.md5_b64, row.sha256 = digests.md5_b64, digests.sha256_hex
+
+
+def _look_again(row: Checkpoint, reason: str) -> None:
+    """Back to `seen`: it changed under us; its hash no longer holds."""
+    row.state, row.still_since, row.reason = CheckpointState.SEEN, time.time(), reason
+    row.md5_b64 = row.sha256 = None
 
 
 def _unpin(row: Checkpoint) -> None:
@@ -223,13 +257,13 @@ def _settle(row: Checkpoint, pin: Path, options: CheckpointOptions, now: float) 
             if (st.st_size, st.st_mtime_ns) != (row.size, row.mtime_ns):
                 row.size, row.mtime_ns, row.still_since = st.st_size, st.st_mtime_ns, now
                 return
-            check = ckpt_file.check_torch_zip(handle, st.st_size)
-            meta = ckpt_file.read_checkpoint_meta(handle) if check.ok else None
+            check = checkpoint_file.check_torch_zip(handle, st.st_size)
+            meta = checkpoint_file.read_checkpoint_meta(handle) if check.ok else None
     except OSError as exc:
         row.reason = f"cannot read: {exc.strerror}"
         return
     if check.ok:
-        row.meta_json = json.dumps(ckpt_file.summarize_meta(meta) if meta else {}, default=str)
+        row.meta_json = json.dumps(checkpoint_file.summarize_meta(meta) if meta else {}, default=str)
         if row.pin_path is None:  # pin_by_copy: ready once copy_pins() has its copy
             return
         row.state = CheckpointState.READY
@@ -249,31 +283,64 @@ def _set(row: Checkpoint, state: CheckpointState, reason: str) -> None:
         _unpin(row)
 
 
-def due_uploads(db: Database, options: CheckpointOptions) -> list[Upload]:
-    """Ready checkpoints of runs with log_checkpoint whose evaluation line is in (or will never come).
+def queue_uploads(db: Database, options: CheckpointOptions, background: Background) -> int:
+    """Queue ready checkpoints of runs with log_checkpoint whose evaluation line is in (or will never come);
+    returns how many were queued.
 
     Waiting for the val line of the checkpoint's own epoch gives metadata from that evaluation, never an
-    older one, and lets mmengine finish its second write of `epoch_N.pth` after validation.
+    older one, and lets mmengine finish its second write of `epoch_N.pth` after validation. The pinned file is
+    hashed once, in `background`, before it is queued. A best checkpoint is queued before the regular one of
+    the same epoch, so that `latest` ends on the regular one.
     """
-    uploads = []
+    queued = 0
     with db.transaction() as session:
         ready = session.scalars(
-            select(Checkpoint).where(Checkpoint.state == CheckpointState.READY, Checkpoint.segment_id.is_(None))
+            select(Checkpoint).where(
+                Checkpoint.node == node_of(session), Checkpoint.state == CheckpointState.READY,
+                Checkpoint.id.not_in(outbox.queued(ArtifactKind.MODEL)),
+            )
         ).all()
         for row in sorted(ready, key=lambda r: (r.work_dir_id, r.number or 0, not r.kind.startswith("best"), r.id)):
             run = run_of(session, row)
             if run is None:
                 continue
             row.run_id = run.id
-            run_settings = settings.for_run(options.layers, run.hook_options_json)
-            if not run_settings.log_checkpoint:
+            run_options = hook_options.for_run(options.layers, run.hook_options_json)
+            if not run_options.log_checkpoint:
                 continue
             evaluation = _evaluation(session, run, row)
             if evaluation is _WAIT:
                 continue
-            metadata = _metadata(row, evaluation, run_settings.log_checkpoint_metadata)
-            uploads.append(Upload(row.id, run.id, Path(row.pin_path or row.path), row.name, _aliases(row), metadata))
-    return uploads
+            pin = Path(row.pin_path or row.path)
+            if row.md5_b64 is None:
+                background.submit(f"hash:{row.id}", _hash_pin, db, row.id, pin)
+                continue
+            queued += outbox.add_artifact(
+                session, run.id, ArtifactKind.MODEL, _key(row), checkpoint_id=row.id, file_path=str(pin), file_name=row.name,
+                file_md5=row.md5_b64, aliases=_aliases(row), metadata=_metadata(row, evaluation, run_options.log_checkpoint_metadata),
+            )
+    return queued
+
+
+def follow_up(db: Database) -> None:
+    """Settle ready checkpoints by what became of their outbox entry: uploaded (online, W&B has the bytes and
+    the pin can go; offline, `wandb sync` still reads the pinned file, so it stays until `clean-store`), or
+    not buildable (the file moved under us while it was hashed: look at it again from the start)."""
+    with db.transaction() as session:
+        ready = {row.id: row for row in session.scalars(select(Checkpoint).where(Checkpoint.node == node_of(session), Checkpoint.state == CheckpointState.READY))}
+        for checkpoint_id, outcome in outbox.outcomes(session, ArtifactKind.MODEL, list(ready)).items():
+            row = ready[checkpoint_id]
+            if outcome.uploaded:
+                row.state, row.reason = CheckpointState.UPLOADED, None
+                if outcome.segment_mode == "online":
+                    _unpin(row)
+            elif outcome.error is not None:
+                outbox.withdraw(session, outcome.run_id, outcome.key)
+                _look_again(row, outcome.error)
+
+
+def _key(row: Checkpoint) -> str:
+    return f"model:{row.id}"
 
 
 _WAIT = object()
@@ -285,10 +352,8 @@ def run_of(session: Session, row: Checkpoint) -> Run | None:
         select(Run).where(Run.work_dir_id == row.work_dir_id, Run.job_type == "train").order_by(Run.launch.desc())
     ).all()
     if row.number is not None:
-        axis = OutboxRow.epoch if unit(row) == "epoch" else OutboxRow.iter
         for run in runs:
-            hit = session.scalar(select(OutboxRow.id).where(OutboxRow.run_id == run.id, axis == row.number).limit(1))
-            if hit is not None:
+            if outbox.reached(session, run.id, unit(row), row.number):
                 return run
     return runs[0] if runs else None
 
@@ -297,15 +362,9 @@ def _evaluation(session: Session, run: Run, row: Checkpoint) -> Any:
     """The val row of the checkpoint's own epoch/iteration, None when none belongs to it, or _WAIT."""
     if row.number is None:
         return None
-    axis = OutboxRow.epoch if unit(row) == "epoch" else OutboxRow.iter
-    found = session.scalar(
-        select(OutboxRow.payload_json)
-        .where(OutboxRow.run_id == run.id, OutboxRow.kind == "val", axis == row.number)
-        .order_by(OutboxRow.step.desc())
-        .limit(1)
-    )
+    found = outbox.val_values_at(session, run.id, unit(row), row.number)
     if found is not None:
-        return json.loads(found)
+        return found
     interval = _eval_interval(run.config_text, run.config_name or "config.py") if run.config_text else None
     if interval is None or row.number % interval != 0:
         return None
@@ -317,7 +376,7 @@ def _evaluation(session: Session, run: Run, row: Checkpoint) -> Any:
 @functools.lru_cache(maxsize=64)
 def _eval_interval(config_text: str, name: str) -> int | None:
     """Evaluated once per config: waiting checkpoints ask on every pass of the loop."""
-    config = runconfig.load_text(config_text, name)
+    config = config_dump.load_text(config_text, name)
     return config.eval_interval if config is not None else None
 
 
@@ -348,21 +407,21 @@ def _metadata(row: Checkpoint, evaluation: dict[str, Any] | None, with_metrics: 
             metadata["eval"] = None
         else:
             metadata.update({k[len("val/"):]: v for k, v in evaluation.items() if k.startswith("val/")})
-    metadata["checkpoint"] = {"file": row.name, **json.loads(row.meta_json or "{}")}  # size, sha256: the writer's
+    metadata["checkpoint"] = {"file": row.name, **json.loads(row.meta_json or "{}"), "size": row.size, "sha256": row.sha256}
     return metadata
 
 
-def evaluated(row: Checkpoint, run_settings: settings.Settings) -> bool:
+def evaluated(row: Checkpoint, run_options: hook_options.HookOptions) -> bool:
     """Tables are on, and the checkpoint is a regular epoch/iter one of mmdet 2.x: best_* repeats one of them;
     mmdet 3.x needs another adapter."""
     meta = json.loads(row.meta_json or "{}")
     evaluable = row.kind in ("epoch", "iter") and row.number is not None and "mmengine_version" not in meta
-    return run_settings.num_eval_images > 0 and evaluable
+    return run_options.num_eval_images > 0 and evaluable
 
 
-def wanted(row: Checkpoint, run_settings: settings.Settings) -> bool:
+def wanted(row: Checkpoint, run_options: hook_options.HookOptions) -> bool:
     """Logged as a model artifact, or evaluated for the tables."""
-    return run_settings.log_checkpoint or evaluated(row, run_settings)
+    return run_options.log_checkpoint or evaluated(row, run_options)
 
 
 def finish_without_upload(row: Checkpoint) -> None:
@@ -370,25 +429,6 @@ def finish_without_upload(row: Checkpoint) -> None:
     row.state = CheckpointState.DONE
     row.reason = None
     _unpin(row)
-
-
-def recheck(db: Database, checkpoint_id: int, reason: str) -> None:
-    """The file moved under us while it was hashed: look at it again from the start."""
-    with db.transaction() as session:
-        row = session.get_one(Checkpoint, checkpoint_id)
-        row.state = CheckpointState.SEEN
-        row.still_since = time.time()
-        row.reason = reason
-
-
-def mark_uploaded(session: Session, segment_id: int, *, unpin: bool) -> None:
-    """The segment holding these checkpoints is verified. Online, W&B has the bytes and the pin can go;
-    offline, `wandb sync` still reads the pinned file, so it stays until `mmdet-wandb clean-store`."""
-    for row in session.scalars(select(Checkpoint).where(Checkpoint.segment_id == segment_id)):
-        row.state = CheckpointState.UPLOADED
-        row.reason = None
-        if unpin:
-            _unpin(row)
 
 
 def undecided(db: Database) -> int:
@@ -405,13 +445,12 @@ def clean_store(db: Database) -> tuple[int, int]:
     removed = kept = 0
     with db.transaction() as session:
         rows = session.scalars(
-            select(Checkpoint).where(Checkpoint.state == CheckpointState.UPLOADED, Checkpoint.pin_path.is_not(None))
+            select(Checkpoint).where(Checkpoint.node == node_of(session), Checkpoint.state == CheckpointState.UPLOADED, Checkpoint.pin_path.is_not(None))
         ).all()
+        uploads = outbox.outcomes(session, ArtifactKind.MODEL, [row.id for row in rows])
         for row in rows:
-            segment = session.get(Segment, row.segment_id) if row.segment_id is not None else None
-            synced = segment is not None and any(
-                Path(f"{path}.synced").exists() for path in Path(segment.dir).rglob("run-*.wandb")
-            )
+            directory = uploads[row.id].segment_dir if row.id in uploads else None
+            synced = directory is not None and any(Path(f"{path}.synced").exists() for path in Path(directory).rglob("run-*.wandb"))
             if synced:
                 _unpin(row)
                 removed += 1

@@ -10,7 +10,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from uploader.records import LogFormat
+from common.records import LogFormat
 
 TIMESTAMP = re.compile(r"^\d{8}_\d{6}$")
 SKIPPED_DIRS = frozenset({"wandb", ".eval_hook", "__pycache__", ".git", "vis_image"})

@@ -16,17 +16,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import func, select
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from db.models import OutboxRow, Run, Source, SourceState, WorkDir
+from common.records import LineageBreak, LogFormat, MetricRow, ParseState, RowKind
+from db import outbox
+from db.models import Run, Source, SourceState, WorkDir
 from db.problems import record_problem
-from db.session import Database
-from uploader import runconfig, settings, tail
+from db.session import Database, node_of
+from uploader import hook_options, tail
 from uploader.discovery import FoundLog
-from uploader.parsers import LineError, decode_line, parse_line
+from uploader.parsers import LineError, config_dump, decode_line, parse_line
 from uploader.parsers.common import note_iters_per_epoch
-from uploader.records import LineageBreak, LogFormat, MetricRow, ParseState, RowKind
 from uploader.textlog import iters_per_epoch
 
 
@@ -40,7 +41,7 @@ class FreshLaunch(str, enum.Enum):
 @dataclass(frozen=True)
 class IngestOptions:
     fresh_launch: FreshLaunch = FreshLaunch.NEW_RUN
-    layers: settings.Layers = settings.Layers()  # for the hook's `interval`, resolved per run
+    layers: hook_options.Layers = hook_options.Layers()  # for the hook's `interval`, resolved per run
     finish_idle_s: float = 600.0  # a log untouched this long is finished: its last unterminated line is taken
     max_bytes: int = 8 << 20
 
@@ -85,7 +86,7 @@ def initial_state(found: FoundLog) -> ParseState:
     state = ParseState()
     _learn_iters_per_epoch(state, found)
     if found.config is not None:
-        config = runconfig.load_file(found.config)
+        config = config_dump.load_file(found.config)
         if config is not None:
             state.by_epoch = config.by_epoch
             state.momentum = config.momentum
@@ -108,11 +109,12 @@ def _idle_for(path: Path) -> float:
 
 
 def _source_for(session: Session, found: FoundLog, root: Path) -> Source:
-    source = session.scalar(select(Source).where(Source.path == str(found.path)))
+    source = session.scalar(select(Source).where(Source.node == node_of(session), Source.path == str(found.path)))
     if source is not None:
         return source
     work_dir = work_dir_row(session, found.work_dir, root)
     source = Source(
+        node=node_of(session),
         work_dir_id=work_dir.id,
         path=str(found.path),
         format=found.format.value,
@@ -126,9 +128,9 @@ def _source_for(session: Session, found: FoundLog, root: Path) -> Source:
 
 def work_dir_row(session: Session, path: Path, root: Path) -> WorkDir:
     """The work_dir's row, created the first time a log or checkpoint of it is seen."""
-    work_dir = session.scalar(select(WorkDir).where(WorkDir.path == str(path)))
+    work_dir = session.scalar(select(WorkDir).where(WorkDir.node == node_of(session), WorkDir.path == str(path)))
     if work_dir is None:
-        work_dir = WorkDir(path=str(path), root=str(root), name=path.name or str(path))
+        work_dir = WorkDir(node=node_of(session), path=str(path), root=str(root), name=path.name or str(path))
         session.add(work_dir)
         session.flush()
     return work_dir
@@ -181,7 +183,7 @@ def _commit(
     run = session.get(Run, source.run_id) if source.run_id is not None else None
     intervals: dict[int, int | None] = {}
     summary: dict[str, Any] | None = None
-    outbox: list[dict[str, Any]] = []
+    new_rows: list[dict[str, Any]] = []
     added = 0
     for line in parsed:
         for record in line.records:
@@ -198,14 +200,13 @@ def _commit(
                 if summary is None:
                     summary = json.loads(run.summary_json)
                 if run.id not in intervals:
-                    intervals[run.id] = settings.for_run(options.layers, run.hook_options_json).interval
+                    intervals[run.id] = hook_options.for_run(options.layers, run.hook_options_json).interval
                 if not on_interval(record, intervals[run.id], state):
                     continue
-                _append(outbox, run, source, read.position.generation, line, record, summary)
+                _append(new_rows, run, source, read.position.generation, line, record, summary)
                 added += 1
     _flush_summary(run, summary)
-    if outbox:
-        session.connection().execute(OutboxRow.__table__.insert(), outbox)  # Core executemany: no ORM per row
+    outbox.add_rows(session, new_rows)
     if run is not None:
         source.run_id = run.id
         run.by_epoch = state.by_epoch if state.by_epoch is not None else run.by_epoch
@@ -230,23 +231,16 @@ def _stored_lines(session: Session, source_id: int, parsed: list[_ParsedLine]) -
     """Lines of this batch that are already in the outbox (the file was replaced and is being re-read)."""
     if not parsed:
         return set()
-    rows = session.execute(
-        select(OutboxRow.byte_offset, OutboxRow.line_hash).where(
-            OutboxRow.source_id == source_id,
-            OutboxRow.byte_offset >= parsed[0].offset,
-            OutboxRow.byte_offset <= parsed[-1].offset,
-        )
-    )
-    return {(offset, digest) for offset, digest in rows}
+    return outbox.stored_lines(session, source_id, parsed[0].offset, parsed[-1].offset)
 
 
 def _append(
-    outbox: list[dict[str, Any]], run: Run, source: Source, generation: int, line: _ParsedLine, row: MetricRow,
+    new_rows: list[dict[str, Any]], run: Run, source: Source, generation: int, line: _ParsedLine, row: MetricRow,
     summary: dict[str, Any],
 ) -> None:
     """Queue one outbox row (inserted in bulk by the caller) and give it the run's next step."""
     payload = row.wandb_payload()
-    outbox.append(
+    new_rows.append(
         dict(
             run_id=run.id, step=run.next_step, source_id=source.id, generation=generation, byte_offset=line.offset,
             line_hash=line.line_hash, kind=row.kind.value, epoch=row.epoch, iter=row.iter,
@@ -304,6 +298,7 @@ def _new_run(session: Session, source: Source, found: FoundLog, state: ParseStat
     launch = source.launch if lineage == 0 else f"{source.launch}#{lineage + 1}"
     is_test = found.format is LogFormat.MMENGINE_TEST
     run = Run(
+        node=node_of(session),
         work_dir_id=work_dir.id,
         wandb_id=_new_wandb_id(),
         name=f"{work_dir.name}-{launch}" + ("-test" if is_test else ""),
@@ -322,13 +317,39 @@ def _new_run(session: Session, source: Source, found: FoundLog, state: ParseStat
 
 
 def _attach_config(run: Run, found: FoundLog) -> None:
-    config = runconfig.for_log(found)
-    if config is None:
-        return
+    config = config_dump.for_log(found)
+    if config is not None:
+        _take_config(run, config)
+
+
+def _take_config(run: Run, config: config_dump.RunConfig) -> None:
     run.config_json = json.dumps(config.values, default=str)
     run.config_name = config.name
     run.config_text = config.text
     run.hook_options_json = json.dumps(config.hook_options, default=str)
+
+
+def refresh_failing_configs(db: Database, logs: list[FoundLog]) -> int:
+    """A run may fail to upload because of its training config (a hook entry whose init_kwargs W&B refuses):
+    re-read the config of every run that is failing, and when it changed, take it and try the run again at
+    once. Returns how many runs changed."""
+    by_path = {str(found.path): found for found in logs}
+    with db.transaction() as session:
+        failing = session.execute(
+            select(Source.path, Run.id, Run.config_text).join(Run, Run.id == Source.run_id).where(Run.node == node_of(session), Run.failures > 0)
+        ).all()
+    fresh = {}
+    for path, run_id, text in failing:
+        if path in by_path and run_id not in fresh:
+            config = config_dump.for_log(by_path[path])
+            if config is not None and config.text != text:
+                fresh[run_id] = config
+    with db.transaction() as session:
+        for run_id, config in fresh.items():
+            run = session.get_one(Run, run_id)
+            _take_config(run, config)
+            run.retry_at = None
+    return len(fresh)
 
 
 def _new_wandb_id() -> str:
@@ -356,13 +377,13 @@ def _unreadable(db: Database, source_id: int, message: str) -> None:
 def mark_gone(db: Database, path: str) -> None:
     """A log that disappeared between scans stays as a tombstone with its rows, and is reported."""
     with db.transaction() as session:
-        source = session.scalar(select(Source).where(Source.path == path))
+        source = session.scalar(select(Source).where(Source.node == node_of(session), Source.path == path))
         if source is not None and source.state is not SourceState.GONE:
             _gone(session, source)
 
 
 def _gone(session: Session, source: Source) -> None:
-    rows = session.scalar(select(func.count()).select_from(OutboxRow).where(OutboxRow.source_id == source.id))
+    rows = outbox.rows_of_source(session, source.id)
     source.state = SourceState.GONE
     source.last_error = "file deleted"
     record_problem(session, source.path, "gone", f"log deleted while watched; its {rows} rows are kept",

@@ -54,13 +54,19 @@ def main(argv: list[str] | None = None) -> None:
     import torch
     from mmcv import Config, DictAction
     from mmcv.utils import get_git_hash
-
     from mmdet import __version__
     from mmdet.apis import init_random_seed, set_random_seed, train_detector
     from mmdet.datasets import build_dataset
     from mmdet.models import build_detector
-    from mmdet.utils import (collect_env, get_device, get_root_logger, replace_cfg_vals, rfnext_init_model,
-                             setup_multi_processes, update_data_root)
+    from mmdet.utils import (
+        collect_env,
+        get_device,
+        get_root_logger,
+        replace_cfg_vals,
+        rfnext_init_model,
+        setup_multi_processes,
+        update_data_root,
+    )
 
     cfg = Config.fromfile(args.config)
     # replace the ${key} with the value of cfg.key

@@ -10,8 +10,8 @@ from typing import Any
 
 import orjson
 
+from common.records import LogFormat, ParseState, Record
 from uploader.parsers import mmdet2, mmengine
-from uploader.records import LogFormat, ParseState, Record
 
 
 class LineError(ValueError):

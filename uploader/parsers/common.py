@@ -1,28 +1,14 @@
 """Mapping rules shared by the mmdet 2.x and mmengine parsers."""
 from __future__ import annotations
 
-import math
 from typing import Any
 
-from uploader import runconfig
-from uploader.records import ParseState
+from common.numbers import is_number
+from common.records import ParseState
+from uploader.parsers import config_dump
 
 # Timing and memory keys: logged under the row's mode prefix (beyond what MMDetWandbHook sends).
 TIMING_KEYS = ("time", "data_time", "memory")
-
-
-NUMBER_TYPES = (int, float)  # exact types: bool is an int subclass but no metric
-
-
-def is_number(value: Any) -> bool:
-    return type(value) in NUMBER_TYPES
-
-
-def as_int(value: Any) -> int | None:
-    """An axis value as int; logs sometimes carry floats like 12.0."""
-    if is_number(value) and math.isfinite(value) and float(value).is_integer():
-        return int(value)
-    return None
 
 
 def learning_rates(lr: Any) -> dict[str, Any]:
@@ -47,12 +33,12 @@ def optimizer_values(state: ParseState, obj: dict[str, Any]) -> dict[str, Any]:
 
 def prefixed_numbers(obj: dict[str, Any], prefix: str, skip: frozenset[str]) -> dict[str, Any]:
     """Every numeric value of a line under `<prefix>/<key>`; strings (e.g. bbox_mAP_copypaste) are dropped."""
-    return {f"{prefix}/{k}": v for k, v in obj.items() if type(v) in NUMBER_TYPES and k not in skip}
+    return {f"{prefix}/{k}": v for k, v in obj.items() if is_number(v) and k not in skip}
 
 
 def apply_config_text(state: ParseState, text: str | None, filename: str) -> None:
     """Learn the runner type and momentum from a dumped config, unless the work_dir already told us."""
-    config = runconfig.load_text(text, filename) if text else None
+    config = config_dump.load_text(text, filename) if text else None
     if config is None:
         return
     if state.by_epoch is None:

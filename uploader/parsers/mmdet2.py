@@ -8,14 +8,14 @@ from __future__ import annotations
 
 from typing import Any
 
+from common.numbers import as_int
+from common.records import Header, MetricRow, ParseState, Record, RowKind
 from uploader.parsers.common import (
     apply_config_text,
-    as_int,
-    optimizer_values,
     note_iters_per_epoch,
+    optimizer_values,
     prefixed_numbers,
 )
-from uploader.records import Header, MetricRow, ParseState, Record, RowKind
 
 NOT_METRICS = frozenset({"mode", "epoch", "iter", "lr", "momentum"})
 

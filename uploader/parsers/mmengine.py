@@ -8,8 +8,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from uploader.parsers.common import as_int, optimizer_values, prefixed_numbers
-from uploader.records import LineageBreak, MetricRow, ParseState, Record, RowKind
+from common.numbers import as_int
+from common.records import LineageBreak, MetricRow, ParseState, Record, RowKind
+from uploader.parsers.common import optimizer_values, prefixed_numbers
 
 NOT_METRICS = frozenset({"step", "epoch", "iter", "lr", "momentum"})
 

@@ -1,19 +1,32 @@
-"""Read a dumped OpenMMLab training config without mmcv and without running it.
+"""The training config of a run (`RunConfig`): where it is found, how it is read, what the sidecar takes from it.
 
-MMDetection 2.x dumps the fully merged config as Python source (`work_dir/<name>.py` and the `config`
-string of the first `.log.json` line); mmengine dumps `<ts>/vis_data/config.py`. `MMDetWandbHook` imported
-that module and copied its top-level variables into `wandb.config`. The sidecar must reproduce those values
-without torch/mmcv and without executing user code, so it walks the syntax tree and evaluates only
-literal-like expressions; whatever would need real execution is reported per variable instead.
+This module owns everything about dumped OpenMMLab configs: finding a run's config (`for_log`: mmdet 2.x
+`work_dir/<exp_name>` or the `config` string of the first `.log.json` line; mmengine `<ts>/vis_data/config.py`),
+evaluating it (`evaluate_config`), and the settings read off it (runner type, momentum, intervals, the W&B
+hook's options). `MMDetWandbHook` imported the dumped module and copied its top-level variables into
+`wandb.config`. The sidecar must reproduce those values without torch/mmcv and without executing user code,
+so it walks the syntax tree and evaluates only literal-like expressions; whatever would need real execution
+is reported per variable instead.
 """
 from __future__ import annotations
 
 import ast
 import copy
+import json
 import operator
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
+
+from common.numbers import as_int, is_number
+from common.records import LogFormat
+from uploader.discovery import FoundLog
+from uploader.tail import read_head
+
+MAX_CONFIG_BYTES = 16 << 20
+# What torch puts into param_groups when a config leaves momentum/betas out; the hook logged these values.
+TORCH_DEFAULT_MOMENTUM = {"SGD": 0.0, "Adam": 0.9, "AdamW": 0.9, "Adamax": 0.9, "NAdam": 0.9, "RAdam": 0.9}
 
 # Guards so that a hostile or degenerate file cannot exhaust memory or time while being "evaluated".
 _MAX_INT_BITS = 4096
@@ -88,10 +101,6 @@ def _snippet(node: ast.AST) -> str:
 
 def _unsupported(node: ast.AST, why: str) -> _Unsupported:
     return _Unsupported(f"line {getattr(node, 'lineno', '?')}: `{_snippet(node)}` is not evaluated ({why})")
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def _to_json(value: Any) -> Any:
@@ -425,10 +434,6 @@ def _entries(value: Any) -> list[Any]:
     return list(value) if isinstance(value, (list, tuple)) else []
 
 
-def _as_int(value: Any) -> int | None:
-    return value if isinstance(value, int) and not isinstance(value, bool) else None
-
-
 def _loop_by_epoch(entry: Any) -> bool | None:
     """Epoch- or iteration-based from a runner (mmcv) or train loop (mmengine) entry."""
     if not isinstance(entry, Mapping):
@@ -450,21 +455,27 @@ def runner_by_epoch(cfg: Mapping[str, Any]) -> bool | None:
         by_epoch = _loop_by_epoch(entry)
         if by_epoch is not None:
             return by_epoch
-    return True if _is_number(cfg.get("total_epochs")) else None  # mmdet 2.x before `runner` existed
+    return True if is_number(cfg.get("total_epochs")) else None  # mmdet 2.x before `runner` existed
 
 
-def optimizer_momentum(cfg: Mapping[str, Any]) -> float | None:
-    """The `momentum` MMDetWandbHook logged with every row (no log file carries it)."""
+def _optimizer(cfg: Mapping[str, Any]) -> Mapping[str, Any] | None:
+    """`optim_wrapper.optimizer` (mmengine) or `optimizer` (mmcv)."""
     optimizer = _get(cfg, "optim_wrapper", "optimizer")
     if not isinstance(optimizer, Mapping):
         optimizer = cfg.get("optimizer")
-    if not isinstance(optimizer, Mapping):
+    return optimizer if isinstance(optimizer, Mapping) else None
+
+
+def optimizer_momentum(cfg: Mapping[str, Any]) -> float | None:
+    """The `momentum` (or first of `betas`) the config sets; None where it leaves it to torch."""
+    optimizer = _optimizer(cfg)
+    if optimizer is None:
         return None
     momentum = optimizer.get("momentum")
-    if _is_number(momentum):
+    if is_number(momentum):
         return float(momentum)
     betas = optimizer.get("betas")
-    if isinstance(betas, (list, tuple)) and betas and _is_number(betas[0]):
+    if isinstance(betas, (list, tuple)) and betas and is_number(betas[0]):
         return float(betas[0])
     return None
 
@@ -491,51 +502,97 @@ def wandb_hook_options(cfg: Mapping[str, Any]) -> dict[str, Any] | None:
 
 def checkpoint_interval(cfg: Mapping[str, Any]) -> int | None:
     """CheckpointHook interval: which checkpoints exist and when the hook uploaded them."""
-    interval = _as_int(_get(cfg, "checkpoint_config", "interval"))
-    return interval if interval is not None else _as_int(_get(cfg, "default_hooks", "checkpoint", "interval"))
+    interval = as_int(_get(cfg, "checkpoint_config", "interval"))
+    return interval if interval is not None else as_int(_get(cfg, "default_hooks", "checkpoint", "interval"))
 
 
 def evaluation_interval(cfg: Mapping[str, Any]) -> int | None:
     """Validation interval: when val rows and prediction tables are expected."""
-    interval = _as_int(_get(cfg, "evaluation", "interval"))
-    return interval if interval is not None else _as_int(_get(cfg, "train_cfg", "val_interval"))
+    interval = as_int(_get(cfg, "evaluation", "interval"))
+    return interval if interval is not None else as_int(_get(cfg, "train_cfg", "val_interval"))
 
 
 def log_interval(cfg: Mapping[str, Any]) -> int | None:
     """Logger interval: how many iterations one train row stands for."""
-    interval = _as_int(_get(cfg, "log_config", "interval"))
-    return interval if interval is not None else _as_int(_get(cfg, "default_hooks", "logger", "interval"))
+    interval = as_int(_get(cfg, "log_config", "interval"))
+    return interval if interval is not None else as_int(_get(cfg, "default_hooks", "logger", "interval"))
 
 
+# -- the run's config ----------------------------------------------------------------------------------
 @dataclass(frozen=True)
-class TrainingConfig:
-    """A dumped config together with the settings the sidecar needs to replay MMDetWandbHook."""
+class RunConfig:
+    """A run's evaluated config and the settings the sidecar needs to replay MMDetWandbHook."""
 
-    filename: str
+    name: str  # the file name the config is uploaded as
     text: str
     values: dict[str, Any]
-    skipped: dict[str, str]
     by_epoch: bool | None
-    momentum: float | None
-    wandb_hook: dict[str, Any] | None
-    checkpoint_interval: int | None
-    evaluation_interval: int | None
+    momentum: float | None  # what the hook logged with every row (no log file carries it)
     log_interval: int | None
+    eval_interval: int | None  # validation every N epochs (or iterations); None: no validation configured
+    hook_options: dict[str, Any]
 
 
-def load_training_config(source: str, filename: str = "<config>") -> TrainingConfig:
-    """Evaluate `source` and extract everything once; raises ConfigParseError on invalid Python."""
-    dump = evaluate_config(source, filename)
-    values = dump.values
-    return TrainingConfig(
-        filename=filename,
-        text=source,
-        values=values,
-        skipped=dump.skipped,
-        by_epoch=runner_by_epoch(values),
-        momentum=optimizer_momentum(values),
-        wandb_hook=wandb_hook_options(values),
-        checkpoint_interval=checkpoint_interval(values),
-        evaluation_interval=evaluation_interval(values),
-        log_interval=log_interval(values),
+def load_text(text: str, name: str) -> RunConfig | None:
+    """The config in `text`; None when it is not valid Python."""
+    try:
+        values = evaluate_config(text, name).values
+    except ConfigParseError:
+        return None
+    return RunConfig(
+        name=name, text=text, values=values, by_epoch=runner_by_epoch(values),
+        momentum=_momentum(values), log_interval=log_interval(values),
+        eval_interval=_eval_interval(values), hook_options=wandb_hook_options(values) or {},
     )
+
+
+def _eval_interval(values: dict[str, Any]) -> int | None:
+    """mmdet 2.x validates every epoch when `evaluation` gives no interval; mmengine when a val loop exists."""
+    interval = evaluation_interval(values)
+    if interval is not None:
+        return interval
+    return 1 if isinstance(values.get("evaluation"), dict) or isinstance(values.get("val_cfg"), dict) else None
+
+
+def _momentum(values: dict[str, Any]) -> float | None:
+    """The config's momentum, else torch's default for the optimizer type."""
+    found = optimizer_momentum(values)
+    if found is not None:
+        return found
+    kind = _get(_optimizer(values), "type")
+    return TORCH_DEFAULT_MOMENTUM.get(kind) if isinstance(kind, str) else None
+
+
+def load_file(path: Path) -> RunConfig | None:
+    try:
+        text = read_head(path, MAX_CONFIG_BYTES).decode("utf-8", errors="replace")
+    except OSError:
+        return None
+    return load_text(text, path.name)
+
+
+def for_log(found: FoundLog) -> RunConfig | None:
+    """mmdet 2.x: `work_dir/<exp_name>` or the header's config; mmengine: `vis_data/config.py`."""
+    if found.format is LogFormat.MMENGINE_SCALARS and found.config is not None:
+        return load_file(found.config)
+    if found.format is not LogFormat.MMDET2_LOGJSON:
+        return None
+    header = _first_line(found.path)
+    exp_name = header.get("exp_name")
+    if isinstance(exp_name, str) and exp_name and "/" not in exp_name:
+        config = load_file(found.work_dir / exp_name)
+        if config is not None:
+            return config
+    text = header.get("config")
+    if isinstance(text, str):
+        return load_text(text, exp_name if isinstance(exp_name, str) and exp_name else "config.py")
+    return None
+
+
+def _first_line(path: Path) -> dict[str, Any]:
+    try:
+        line = read_head(path, MAX_CONFIG_BYTES).split(b"\n", 1)[0]
+        header = json.loads(line)
+    except (OSError, ValueError):
+        return {}
+    return header if isinstance(header, dict) else {}

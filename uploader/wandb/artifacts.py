@@ -1,4 +1,6 @@
-"""The val table and the prediction tables, as the hook builds them (mmdet-wandb-hook.md §1.10–§1.12).
+"""W&B artifacts built from stored data: checkpoint versions, the val table and the prediction tables, as the
+hook builds them (mmdet-wandb-hook.md §1.10–§1.12). The writer hands each outbox entry to `ArtifactBuilder`
+and logs what comes back; nothing here decides when an artifact is due.
 
 Images and ground-truth masks are written once per manifest into the data dir, under stable names, so that
 any uploader process builds byte-identical media: a prediction artifact then lists the val artifact's files
@@ -13,15 +15,16 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import orjson
 import wandb
 from PIL import Image as PILImage
-from sqlalchemy import select
 from wandb.sdk.artifacts.artifact_manifest_entry import ArtifactManifestEntry
+from wandb.sdk.lib.paths import LogicalPath
 
-from db.models import Prediction, ValImage, ValManifest
+from common.records import Instances
+from db import eval_results
+from db.models import ArtifactKind
+from db.outbox import PendingArtifact
 from db.session import Database
-from evaluator.records import Instances
 
 VAL_ARTIFACT = "val"
 VAL_TABLE = "val_data"
@@ -52,31 +55,22 @@ class ValMedia:
 
 def materialize(db: Database, manifest_id: int, media_root: Path) -> ValMedia:
     """Write the manifest's images and ground-truth masks under `<media_root>/<digest>/` (kept; idempotent)."""
-    with db.transaction() as session:
-        manifest = session.get_one(ValManifest, manifest_id)
-        images = session.execute(
-            select(ValImage.position, ValImage.image_name, ValImage.file_ext, ValImage.width, ValImage.height,
-                   ValImage.image_bytes, ValImage.ground_truth_json)
-            .where(ValImage.manifest_id == manifest_id)
-            .order_by(ValImage.position)
-        ).all()
-        digest, classes = manifest.digest, orjson.loads(manifest.classes_json)
-    directory = media_root / digest[:32]
+    manifest = eval_results.load_manifest(db, manifest_id)
+    directory = media_root / manifest.digest[:32]
     rows = []
-    for position, image_name, file_ext, width, height, image_bytes, gt_json in images:
-        folder = directory / f"{position:05d}"
-        stem = Path(image_name).stem or f"img_{position}"
-        image_path = folder / f"{stem}.{file_ext}"
-        _write_once(image_path, image_bytes)
-        ground_truth = Instances.from_json(gt_json)
+    for image in manifest.images:
+        folder = directory / f"{image.position:05d}"
+        stem = Path(image.image_name).stem or f"img_{image.position}"
+        image_path = folder / f"{stem}.{image.file_ext}"
+        _write_once(image_path, image.image_bytes)
         gt_masks = {}
-        for name, mask in merged_masks(ground_truth, height, width, classes).items():
-            mask_path = folder / f"gt-{classes.index(name) + 1}.mask.png"
+        for name, mask in merged_masks(image.ground_truth, image.height, image.width, manifest.classes).items():
+            mask_path = folder / f"gt-{manifest.classes.index(name) + 1}.mask.png"
             if not mask_path.exists():
                 _write_once(mask_path, _png_bytes(mask))
             gt_masks[name] = mask_path
-        rows.append(ValRow(position, image_name, image_path, width, height, ground_truth, gt_masks))
-    return ValMedia(manifest_id, digest, directory, classes, rows)
+        rows.append(ValRow(image.position, image.image_name, image_path, image.width, image.height, image.ground_truth, gt_masks))
+    return ValMedia(manifest_id, manifest.digest, directory, manifest.classes, rows)
 
 
 def _write_once(path: Path, data: bytes) -> None:
@@ -202,7 +196,56 @@ def prediction_artifact(
     return artifact
 
 
-def predictions_of(db: Database, job_id: int) -> list[Instances]:
-    with db.transaction() as session:
-        texts = session.scalars(select(Prediction.result_json).where(Prediction.job_id == job_id).order_by(Prediction.position)).all()
-    return [Instances.from_json(t) for t in texts]
+def add_hashed_file(artifact: wandb.Artifact, path: Path, name: str, md5_b64: str) -> None:
+    """What `add_file(path, name, policy="immutable")` does, minus its second read of a multi-GB file:
+    the md5 the checkpoint follower computed is the entry's digest. (`add_file` is exactly LogicalPath + md5 +
+    `_add_local_file`; tests/test_wandb_writer.py checks the entries stay identical on wandb upgrades.)"""
+    artifact._add_local_file(LogicalPath(name), str(path), digest=md5_b64, policy="immutable")
+
+
+class NotBuildable(RuntimeError):
+    """The entry cannot become an artifact now (its pinned file is gone)."""
+
+
+@dataclass(frozen=True)
+class Built:
+    artifact: wandb.Artifact
+    record: dict[str, Any]  # what the outbox keeps once it is logged: type and digest, and what others need
+
+
+class ArtifactBuilder:
+    """Turns outbox entries into artifacts, from the pinned files and the stored val data and predictions."""
+
+    def __init__(self, db: Database, media_dir: Path) -> None:
+        self.db = db
+        self.media_dir = media_dir
+        self._media: dict[int, ValMedia] = {}
+
+    def build(self, entry: PendingArtifact, wandb_id: str, val_record: dict[str, Any] | None) -> Built:
+        """`val_record`: for a prediction table, the record of the run's `val` artifact it references."""
+        if entry.kind is ArtifactKind.MODEL:
+            return self._model(entry, wandb_id)
+        media = self._media_of(entry.manifest_id)  # type: ignore[arg-type]
+        if entry.kind is ArtifactKind.VAL:
+            artifact = val_artifact(media)
+            return Built(artifact, {"type": artifact.type, "client_id": artifact._client_id, **val_entries(artifact, media)})
+        if val_record is None:
+            raise RuntimeError(f"prediction table {entry.id}: the run's val table is not logged")
+        predictions = eval_results.predictions_of(self.db, entry.eval_job_id)  # type: ignore[arg-type]
+        artifact = prediction_artifact(f"run_{wandb_id}_pred", media, predictions, val_record["client_id"], val_record, entry.metadata)
+        return Built(artifact, {"type": artifact.type})
+
+    def _model(self, entry: PendingArtifact, wandb_id: str) -> Built:
+        """The pinned file, with the md5 its producer computed (no second read of a multi-GB file here)."""
+        path = Path(entry.file_path)  # type: ignore[arg-type]
+        artifact = wandb.Artifact(f"run_{wandb_id}_model", type="model", metadata=entry.metadata)
+        try:
+            add_hashed_file(artifact, path, entry.file_name or path.name, entry.file_md5)  # type: ignore[arg-type]
+        except OSError as exc:
+            raise NotBuildable(f"the pinned file {path}: {exc.strerror or exc}") from exc
+        return Built(artifact, {"type": artifact.type, "md5": entry.file_md5, "metadata": entry.metadata})
+
+    def _media_of(self, manifest_id: int) -> ValMedia:
+        if manifest_id not in self._media:
+            self._media[manifest_id] = materialize(self.db, manifest_id, self.media_dir)
+        return self._media[manifest_id]

@@ -1,4 +1,4 @@
-"""The loop that ties the uploader together: scan → ingest → drain → close segments.
+"""The loop that ties the uploader together: scan → ingest → checkpoints and eval jobs → drain → close segments.
 
 One process serves every work_dir under its roots. The periodic scan is the truth; watchdog events and a
 cheap stat poll of known logs only make it react sooner. A failure in one work_dir is recorded and the loop
@@ -14,22 +14,21 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from sqlalchemy import func, select
-
-from db.models import OutboxRow
+from db import outbox
 from db.problems import record_problem
 from db.session import Database
-from uploader import checkpoints, discovery, evaluations
+from uploader import checkpoints, discovery, eval_jobs
+from uploader.background import Background
 from uploader.checkpoints import CheckpointOptions
 from uploader.discovery import FoundLog
-from uploader.ingest import IngestOptions, ingest, mark_gone
-from uploader.wandb_writer import WandbWriter
+from uploader.ingest import IngestOptions, ingest, mark_gone, refresh_failing_configs
+from uploader.wandb.writer import WandbWriter, retry_now
 
 log = logging.getLogger("mmdet_wandb.service")
 
 
 @dataclass(frozen=True)
-class ServiceOptions:
+class LoopOptions:
     roots: tuple[Path, ...]
     ingest: IngestOptions = field(default_factory=IngestOptions)
     checkpoints: CheckpointOptions | None = None  # None: checkpoints are not followed at all
@@ -38,8 +37,10 @@ class ServiceOptions:
     use_events: bool = True
 
 
-class Uploader:
-    def __init__(self, db: Database, writer: WandbWriter, options: ServiceOptions) -> None:
+class Loop:
+    """The uploader process: follows the roots, feeds the outbox and lets the writer drain it."""
+
+    def __init__(self, db: Database, writer: WandbWriter, options: LoopOptions) -> None:
         self.db = db
         self.writer = writer
         self.options = options
@@ -47,6 +48,7 @@ class Uploader:
         self._newer: dict[Path, bool] = {}
         self._seen_stat: dict[Path, tuple[int, int, int]] = {}
         self._finished: dict[Path, tuple[int, int, int]] = {}  # stat of a log when it was read as finished
+        self.background = Background()  # checkpoint copies and hashes, off the loop's thread
 
     def scan(self) -> list[FoundLog]:
         """Discover every log under the roots, record what is wrong, and tombstone logs that disappeared."""
@@ -61,6 +63,8 @@ class Uploader:
             self._seen_stat.pop(path, None)
         self._logs = current
         self._newer = _newer_launch_flags(found)
+        if refresh_failing_configs(self.db, found):
+            log.info("the training config of a failing run changed; trying it again")
         return found
 
     def ingest_changed(self) -> int:
@@ -98,15 +102,20 @@ class Uploader:
         self.writer.close_idle()
 
     def look_at_checkpoints(self) -> None:
+        """Pin and settle checkpoints, then queue what is due: eval jobs, model artifacts and tables."""
         if self.options.checkpoints is not None:
             work_dirs = {f.work_dir for f in self._logs.values()}
-            checkpoints.advance(self.db, checkpoints.find(work_dirs), self.options.checkpoints)
-            self.queue_evaluations()
+            checkpoints.advance(self.db, checkpoints.find(work_dirs), self.options.checkpoints, self.background)
+            self.queue_artifacts()
 
-    def queue_evaluations(self) -> None:
+    def queue_artifacts(self) -> None:
+        """The producers of the artifact outbox, and the follow-up of what the writer settled."""
         if self.options.checkpoints is not None:
-            evaluations.enqueue(self.db, self.options.checkpoints)
-            evaluations.release_pins(self.db)
+            checkpoints.follow_up(self.db)
+            eval_jobs.enqueue(self.db, self.options.checkpoints)
+            checkpoints.queue_uploads(self.db, self.options.checkpoints, self.background)
+            eval_jobs.release_pins(self.db)
+            eval_jobs.queue_tables(self.db)
 
     def backfill(
         self, on_progress: Callable[[str, int, int], None] | None = None, evaluate: Callable[[], None] | None = None,
@@ -124,6 +133,7 @@ class Uploader:
         stop = stop or threading.Event()
         self.writer.warm_up()
         self.writer.recover()
+        retry_now(self.db)  # a new command tries every run once; the backoff protects the loop within it
         logs = self.scan()
         reading = threading.Thread(target=self._read_all, args=(logs, on_progress, stop), name="backfill-read")
         reading.start()
@@ -137,17 +147,22 @@ class Uploader:
                 reading.join(0.05)
         reading.join()
         if stop.is_set():
+            self.background.shutdown()
             self.writer.close_all()
             return
         self._settle_checkpoints()
         if evaluate is not None:
             evaluate()
-            self.queue_evaluations()
+        self.queue_artifacts()
+        self.background.wait()  # the hashes of the checkpoints just queued
+        self.queue_artifacts()
         while not stop.is_set() and (logged := self.writer.drain()):
             uploaded += logged
             if on_progress:
                 on_progress("upload", uploaded, uploaded + _pending_rows(self.db))
+        self.background.shutdown()
         self.writer.close_all()
+        self.queue_artifacts()  # follow-up of what the last segments settled
 
     def _read_all(self, logs: list[FoundLog], on_progress: Callable[[str, int, int], None] | None, stop: threading.Event) -> None:
         for index, found in enumerate(logs, 1):
@@ -177,6 +192,7 @@ class Uploader:
         touched: set[Path] = set()
         observer = self._start_observer(wake, touched) if self.options.use_events else None
         last_scan = 0.0
+        last_failure: str | None = None  # the same failure again is one line, not another traceback
         try:
             while not stop.is_set():
                 hinted = set(touched)
@@ -188,14 +204,21 @@ class Uploader:
                     self.step()
                     if on_tick is not None:
                         on_tick()
-                except Exception:  # e.g. the DB briefly unavailable: log, wait, try again; never exit
-                    log.exception("watch loop iteration failed; retrying")
+                except Exception as exc:  # e.g. the DB unavailable or its disk full: log, wait, try again; never exit
+                    if repr(exc) != last_failure:
+                        log.exception("watch loop iteration failed; retrying")
+                    else:
+                        log.warning("watch loop iteration failed again: %s", exc)
+                    last_failure = repr(exc)
                     stop.wait(self.options.scan_interval_s)
+                else:
+                    last_failure = None
                 wake.wait(self.options.poll_interval_s)
                 wake.clear()
         finally:
             if observer is not None:
                 observer.stop()
+            self.background.shutdown()
             self.writer.close_all()
 
     def _start_observer(self, wake: threading.Event, touched: set[Path]):  # type: ignore[no-untyped-def]
@@ -241,5 +264,5 @@ def _stat(path: Path) -> tuple[int, int, int] | None:
 
 def _pending_rows(db: Database) -> int:
     with db.transaction() as session:
-        return session.scalar(select(func.count()).select_from(OutboxRow).where(OutboxRow.uploaded.is_(False))) or 0
+        return outbox.pending_row_count(session)
 

@@ -33,7 +33,7 @@ CONFIG_ENV = "MMDET_WANDB_CONFIG"
 TRUE, FALSE = {"1", "true", "yes", "on"}, {"0", "false", "no", "off", ""}
 
 
-class SettingsError(ValueError):
+class HookOptionsError(ValueError):
     pass
 
 
@@ -48,7 +48,7 @@ class Layers:
 
 
 @dataclass(frozen=True)
-class Settings:
+class HookOptions:
     """Effective options of one work_dir, each with where it came from."""
 
     values: dict[str, Any]
@@ -80,7 +80,7 @@ class Settings:
         return self.values["bbox_score_thr"]
 
 
-def resolve(layers: Layers, hook: Mapping[str, Any] | None, hook_source: str = "hook") -> Settings:
+def resolve(layers: Layers, hook: Mapping[str, Any] | None, hook_source: str = "hook") -> HookOptions:
     named = [("cli", layers.cli), ("env", layers.env), (f"file {layers.file_path}", layers.file),
              (hook_source, _hook_layer(hook or {}))]
     values: dict[str, Any] = {}
@@ -101,7 +101,7 @@ def resolve(layers: Layers, hook: Mapping[str, Any] | None, hook_source: str = "
             if name in layer:
                 values[name], sources[name] = layer[name], label
                 break
-    return Settings(values, sources)
+    return HookOptions(values, sources)
 
 
 def _hook_layer(hook: Mapping[str, Any]) -> dict[str, Any]:
@@ -111,7 +111,7 @@ def _hook_layer(hook: Mapping[str, Any]) -> dict[str, Any]:
         if name in hook:
             try:
                 layer[name] = convert(name, hook[name])
-            except SettingsError:
+            except HookOptionsError:
                 continue
     return layer
 
@@ -140,7 +140,7 @@ def convert(name: str, value: Any) -> Any:
             return number
         return float(value)
     except (TypeError, ValueError) as exc:
-        raise SettingsError(f"{name}: {value!r}: {exc}") from None
+        raise HookOptionsError(f"{name}: {value!r}: {exc}") from None
 
 
 def from_env(environ: Mapping[str, str]) -> dict[str, Any]:
@@ -161,18 +161,18 @@ def load_file(path: Path) -> dict[str, Any]:
     try:
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
-        raise SettingsError(f"config file {path}: {exc.strerror}") from None
+        raise HookOptionsError(f"config file {path}: {exc.strerror}") from None
     try:
         data = tomllib.loads(text) if path.suffix == ".toml" else yaml.safe_load(text)
     except (tomllib.TOMLDecodeError, yaml.YAMLError) as exc:
-        raise SettingsError(f"config file {path}: {exc}") from None
+        raise HookOptionsError(f"config file {path}: {exc}") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
-        raise SettingsError(f"config file {path}: a table of options is expected")
+        raise HookOptionsError(f"config file {path}: a table of options is expected")
     unknown = sorted(set(data) - set(OPTIONS))
     if unknown:
-        raise SettingsError(f"config file {path}: unknown option(s) {', '.join(unknown)}; known: {', '.join(OPTIONS)}")
+        raise HookOptionsError(f"config file {path}: unknown option(s) {', '.join(unknown)}; known: {', '.join(OPTIONS)}")
     return {name: convert(name, value) for name, value in data.items()}
 
 
@@ -188,8 +188,8 @@ def find_file(given: Path | None, data_dir: Path, environ: Mapping[str, str]) ->
     return None
 
 
-def for_run(layers: Layers, hook_options_json: str | None) -> Settings:
-    """The settings of one run, its hook entry as stored at ingest."""
+def for_run(layers: Layers, hook_options_json: str | None) -> HookOptions:
+    """The hook options of one run, its hook entry as stored at ingest."""
     return resolve(layers, json.loads(hook_options_json or "{}"), "hook in the training config")
 
 

@@ -1,4 +1,4 @@
-"""uploader.mmcv_config: evaluating dumped OpenMMLab configs from their syntax tree, and reading settings off them."""
+"""uploader.parsers.config_dump: evaluating dumped OpenMMLab configs from their syntax tree; settings read off them."""
 from __future__ import annotations
 
 import ast
@@ -12,15 +12,15 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import uploader.mmcv_config as mmcv_config
-from uploader.mmcv_config import (
+from uploader.parsers import config_dump
+from uploader.parsers.config_dump import (
     ConfigDump,
     ConfigParseError,
-    TrainingConfig,
+    RunConfig,
     checkpoint_interval,
     evaluate_config,
     evaluation_interval,
-    load_training_config,
+    load_text,
     log_interval,
     optimizer_momentum,
     runner_by_epoch,
@@ -71,6 +71,12 @@ def _skipped(source: str) -> dict[str, str]:
     return evaluate_config(source).skipped
 
 
+def _config(source: str, name: str = "config.py") -> RunConfig:
+    config = load_text(source, name)
+    assert config is not None
+    return config
+
+
 # -- the real corpus ---------------------------------------------------------------------------------
 def test_corpus_is_present() -> None:
     # 8 dumped .py files and 15 log.json headers with a config (one header, DGFormer ADE20k, has none).
@@ -100,15 +106,17 @@ def test_real_config_runner_type_matches_text(text: str, name: str) -> None:
 
 @pytest.mark.parametrize(("text", "name"), REAL_CONFIGS)
 def test_real_config_settings_match_text(text: str, name: str) -> None:
-    config = load_training_config(text, name)
+    config = _config(text, name)
     momentum = re.search(r"type='SGD',[^)]*?momentum=([\d.]+)", text)  # Adam(W) configs here set no betas
-    assert config.momentum == (float(momentum.group(1)) if momentum else None)
+    assert optimizer_momentum(config.values) == (float(momentum.group(1)) if momentum else None)
+    assert config.momentum == (float(momentum.group(1)) if momentum else 0.9)  # torch's Adam(W) default
     logger = re.search(
         r"^log_config = dict\(\s*interval=(\d+)|logger=dict\(type='LoggerHook', interval=(\d+)", text, re.M
     )
     assert config.log_interval == int(logger.group(1) or logger.group(2))  # type: ignore[union-attr]
-    assert config.wandb_hook is None  # nobody in the corpus used W&B
-    assert config.text == text and config.filename == name
+    assert wandb_hook_options(config.values) is None  # nobody in the corpus used W&B
+    assert config.hook_options == {}
+    assert config.text == text and config.name == name
 
 
 def test_dump_beside_log_and_log_header_agree() -> None:
@@ -130,13 +138,11 @@ def test_mmseg_log_header_has_fields_the_dump_lacks() -> None:
 
 
 def test_mmseg_iter_based_pspnet() -> None:
-    config = load_training_config(
-        _real("liweiwp__OpenMMLabCamp/mmseg/voc2012/pspnet_r50-d8_512x512_20k_voc12.py"), "pspnet.py"
-    )
+    config = _config(_real("liweiwp__OpenMMLabCamp/mmseg/voc2012/pspnet_r50-d8_512x512_20k_voc12.py"), "pspnet.py")
     assert config.by_epoch is False
     assert config.momentum == 0.9
-    assert config.checkpoint_interval == 2000
-    assert config.evaluation_interval == 2000
+    assert checkpoint_interval(config.values) == 2000
+    assert evaluation_interval(config.values) == 2000 and config.eval_interval == 2000
     assert config.log_interval == 50
     assert config.values["runner"] == {"type": "IterBasedRunner", "max_iters": 20000}
     assert config.values["crop_size"] == [512, 512]
@@ -149,15 +155,17 @@ def test_mmdet2_mask_rcnn_with_adamw_and_range_gpu_ids() -> None:
     text = _real(
         "ISCLab-Bistu__DGFormer/detection/work_dirs/mask_rcnn_dgformer_fpn_1x_coco/mask_rcnn_dgformer_fpn_1x_coco.py"
     )
-    config = load_training_config(text, "mask_rcnn.py")
+    config = _config(text, "mask_rcnn.py")
     assert "gpu_ids = range(0, 4)" in text  # mmdet's train.py sets cfg.gpu_ids = range(world_size)
     assert config.values["gpu_ids"] == [0, 1, 2, 3]
-    assert config.momentum is None  # AdamW without betas in the config
+    assert optimizer_momentum(config.values) is None  # AdamW without betas in the config
+    assert config.momentum == 0.9  # ... so the hook logged torch's default
     assert config.by_epoch is True
     assert config.values["runner"]["max_epochs"] == 12
-    assert config.evaluation_interval is None  # evaluation = dict(metric=['bbox', 'segm'])
+    assert evaluation_interval(config.values) is None  # evaluation = dict(metric=['bbox', 'segm'])
+    assert config.eval_interval == 1  # ... which mmdet 2.x runs every epoch
     assert config.values["evaluation"] == {"metric": ["bbox", "segm"]}
-    assert config.checkpoint_interval == 1
+    assert checkpoint_interval(config.values) == 1
     rpn = config.values["model"]["train_cfg"]["rpn"]
     assert rpn["assigner"]["ignore_iof_thr"] == -1 and rpn["allowed_border"] == -1
 
@@ -185,12 +193,13 @@ def test_cornernet_adam_without_betas() -> None:
 
 
 def test_mmengine_rtmdet_dump() -> None:
-    config = load_training_config(_real("Rogerlv51__OpenMMlab_HW/lab_third_assignment/train_log/vis_data/config.py"))
+    config = _config(_real("Rogerlv51__OpenMMlab_HW/lab_third_assignment/train_log/vis_data/config.py"))
     assert config.by_epoch is True
-    assert config.checkpoint_interval == 10
-    assert config.evaluation_interval == 10
+    assert checkpoint_interval(config.values) == 10
+    assert evaluation_interval(config.values) == 10 and config.eval_interval == 10
     assert config.log_interval == 5
-    assert config.momentum is None  # optim_wrapper.optimizer is AdamW without betas
+    assert optimizer_momentum(config.values) is None  # optim_wrapper.optimizer is AdamW without betas
+    assert config.momentum == 0.9  # torch's AdamW default
     assert config.values["train_cfg"]["dynamic_intervals"] == [[280, 1]]
     assert config.values["img_scales"] == [[640, 640], [320, 320], [960, 960]]
     tta = config.values["tta_pipeline"][1]["transforms"]
@@ -440,7 +449,7 @@ def test_nothing_is_executed(tmp_path: Path) -> None:
 
 
 def test_module_never_uses_exec_eval_or_imports_at_runtime() -> None:
-    tree = ast.parse(Path(mmcv_config.__file__).read_text(encoding="utf-8"))
+    tree = ast.parse(Path(config_dump.__file__).read_text(encoding="utf-8"))
     called = {n.func.id for n in ast.walk(tree) if isinstance(n, ast.Call) and isinstance(n.func, ast.Name)}
     assert not called & {"exec", "eval", "compile", "__import__"}
     imported = {a.name for n in ast.walk(tree) if isinstance(n, (ast.Import, ast.ImportFrom)) for a in n.names}
@@ -514,8 +523,8 @@ log_config = dict(
 
 
 def test_mmdet_wandb_hook_from_docs() -> None:
-    config = load_training_config(MMDET_DOCS_WANDB, "docs.py")
-    assert config.wandb_hook == {
+    config = _config(MMDET_DOCS_WANDB, "docs.py")
+    assert config.hook_options == wandb_hook_options(config.values) == {
         "type": "MMDetWandbHook",
         "init_kwargs": {"project": "mmdetection"},
         "interval": 10,
@@ -555,7 +564,7 @@ def test_mmengine_wandb_vis_backend() -> None:
 vis_backends = [dict(type='LocalVisBackend'), dict(type='WandbVisBackend', init_kwargs=dict(project='mmdet3'))]
 visualizer = dict(type='DetLocalVisualizer', vis_backends=vis_backends, name='visualizer')
 """
-    options = load_training_config(source).wandb_hook
+    options = _config(source).hook_options
     assert options == {"type": "WandbVisBackend", "init_kwargs": {"project": "mmdet3"}}
     single = {"visualizer": {"vis_backends": {"type": "mmengine.WandbVisBackend"}}}
     assert wandb_hook_options(single) == {"type": "mmengine.WandbVisBackend"}
@@ -616,11 +625,13 @@ def test_intervals_mmdet2_and_mmengine() -> None:
         "default_hooks": 3,
     }
     assert (checkpoint_interval(odd), evaluation_interval(odd), log_interval(odd)) == (None, None, None)
+    integral = {"checkpoint_config": {"interval": 2.0}, "evaluation": {"interval": 1.5}, "log_config": {"interval": 5}}
+    assert (checkpoint_interval(integral), evaluation_interval(integral), log_interval(integral)) == (2, None, 5)
     assert (checkpoint_interval({}), evaluation_interval({}), log_interval({})) == (None, None, None)
 
 
-def test_training_config_is_frozen() -> None:
-    config = load_training_config("runner = dict(type='EpochBasedRunner')\n", "x.py")
-    assert isinstance(config, TrainingConfig)
+def test_run_config_is_frozen() -> None:
+    config = load_text("runner = dict(type='EpochBasedRunner')\n", "x.py")
+    assert isinstance(config, RunConfig)
     with pytest.raises(AttributeError):
         config.by_epoch = False  # type: ignore[misc]

@@ -1,4 +1,4 @@
-"""uploader.ckpt_file on real ``torch.save`` files, hostile files and changing files.
+"""common.checkpoint_file on real ``torch.save`` files, hostile files and changing files.
 
 Tests that need torch to *write* a checkpoint skip when torch is not importable;
 the module under test never imports torch itself (checked in a subprocess).
@@ -24,7 +24,7 @@ from typing import Any
 
 import pytest
 
-from uploader.ckpt_file import (
+from common.checkpoint_file import (
     ChangedWhileReading,
     Digests,
     ZipCheck,
@@ -473,10 +473,10 @@ def test_module_imports_neither_torch_nor_numpy(torch: Any, np: Any, tmp_path: P
     save_like_mmcv(torch, {"meta": meta, "state_dict": state_dict(torch, 0.01)}, path)
     code = (
         "import sys, json; sys.modules['torch'] = None; sys.modules['numpy'] = None\n"
-        "from uploader import ckpt_file\n"
+        "from common import checkpoint_file\n"
         f"f = open({str(path)!r}, 'rb')\n"
-        "import os; assert ckpt_file.check_torch_zip(f, os.fstat(f.fileno()).st_size).ok\n"
-        "print(json.dumps(ckpt_file.read_checkpoint_meta(f)))\n"
+        "import os; assert checkpoint_file.check_torch_zip(f, os.fstat(f.fileno()).st_size).ok\n"
+        "print(json.dumps(checkpoint_file.read_checkpoint_meta(f)))\n"
     )
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
     assert json.loads(out.stdout) == expected_json(meta)

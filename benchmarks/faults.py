@@ -1,0 +1,214 @@
+"""Fault injection: SIGKILL the uploader at seeded random moments and at every named crash point, restart it,
+and check that every log line reached W&B exactly once (DESIGN 5, 10).
+
+    .venv/bin/python benchmarks/faults.py [--trials 20] [--seed 1] [--quick]
+
+Trials, each in a fresh data dir, on copies of real logs from ../shared/real_logs (MMDET_WANDB_REAL_LOGS):
+
+- ``backfill``: `mmdet-wandb backfill` killed 1–3 times at random moments, then run to the end.
+- ``watch``: a live `watch` while the logs are appended at 200–400 lines/s, killed 1–3 times at random
+  moments and restarted; the second log is a resumed lineage (its header is a checkpoint's meta).
+- ``point:<name>``: the process kills itself at a named crash point (common/crash_points.py), the boundary
+  between a DB commit and the filesystem step that follows it, where random kills almost never land;
+  `segment-discarded` is reached by a restart that finds the segment a first crash left open.
+
+"Exactly once" is checked against the logs themselves, not the service's DB: for every log, the run's
+history read back from the closed `.wandb` segments has one row per data line, in order, with the line's own
+`iter`/`epoch`; and no step stands twice in all the `.wandb` files of a run, so `wandb sync` of the whole
+runs folder uploads nothing twice. Prints `K/N exactly-once` per kind, and the seed of every failing trial.
+`--quick` (CI) runs two random trials per kind and each crash point once; it asserts that the suite runs
+and reports, never a figure.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from report import exit_cleanly_on_sigterm
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from uploader.wandb import reader  # noqa: E402  (the repo, not this folder, holds the packages)
+
+REAL_LOGS = Path(os.environ.get("MMDET_WANDB_REAL_LOGS", REPO.parent / "shared" / "real_logs")).resolve()
+LOGS = {  # a fresh launch and a resumed lineage (part 2 continues part 1 from epoch 5) in two work_dirs
+    "eltd": ["masati91__ELTD/work_dirs/eltd_r101_fpn_1x_coco/20210427_101754.log.json"],
+    "retina": [
+        "ISCLab-Bistu__DGFormer/detection/work_dirs/retinanet_dgformer_dga_effn_fpn_1x_coco/20230720_210124.log.json",
+        "ISCLab-Bistu__DGFormer/detection/work_dirs/retinanet_dgformer_dga_effn_fpn_1x_coco/20230721_082820.log.json",
+    ],
+}
+UPLOADER_POINTS = ("segment-recorded", "rows-logged", "segment-closing", "segment-closed", "segment-discarded")
+
+
+def cli(home: Path, *args: str, crash_at: str | None = None, wait: bool = True) -> subprocess.Popen[str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
+    env.update(MMDET_WANDB_HOME=str(home), WANDB_MODE="offline", WANDB_SILENT="true")
+    env.pop("MMDET_WANDB_CRASH_AT", None)
+    if crash_at:
+        env["MMDET_WANDB_CRASH_AT"] = crash_at
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mmdet_wandb.cli", *args], cwd=REPO, env=env, stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE, text=True, start_new_session=True,
+    )
+    if wait:
+        proc.communicate(timeout=600)
+    return proc
+
+
+def kill(proc: subprocess.Popen[str]) -> None:
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.communicate(timeout=60)
+
+
+def data_lines(log: Path) -> list[dict[str, Any]]:
+    return [line for raw in log.read_bytes().splitlines() if raw.strip() and "mode" in (line := json.loads(raw))]
+
+
+def check(home: Path, root: Path) -> str | None:
+    """None when every log line is in W&B exactly once; else what is wrong."""
+    state = json.loads(subprocess.run(
+        [sys.executable, "-m", "mmdet_wandb.cli", "status", "--json"], cwd=REPO, capture_output=True, text=True,
+        env={**os.environ, "MMDET_WANDB_HOME": str(home)}, check=True,
+    ).stdout)
+    for work_dir in state["work_dirs"]:
+        name = Path(work_dir["path"]).name
+        expected = [line for rel in LOGS[name] for line in data_lines(root / name / Path(rel).name)]
+        if len(work_dir["runs"]) != 1:
+            return f"{name}: {len(work_dir['runs'])} runs, one lineage expected"
+        run = work_dir["runs"][0]
+        if run["rows_pending"]:
+            return f"{name}: {run['rows_pending']} rows pending"
+        history = [row for d in run["closed_segment_dirs"] for f in reader.find_run_files(d) for row in reader.read_run(f).history]
+        if len(history) != len(expected):
+            return f"{name}: {len(history)} rows in W&B, {len(expected)} lines in the logs"
+        for row, line in zip(history, expected):
+            key = "loss" if line["mode"] == "train" else "bbox_mAP"
+            if row.get("epoch") != line["epoch"] or row.get(f"{line['mode']}/{key}") != line.get(key):
+                return f"{name}: row {row.get('_step')} is not the line {line}"
+        steps = [
+            record.history.step.num
+            for f in reader.find_run_files(home / "wandb" / run["wandb_id"])
+            for record in reader.iter_records(f)
+            if record.WhichOneof("record_type") == "history"
+        ]
+        if len(steps) != len(set(steps)):
+            return f"{name}: a step stands twice in the runs folder (wandb sync of the folder would upload it twice)"
+    if len(state["work_dirs"]) != len(LOGS):
+        return f"{len(state['work_dirs'])} work_dirs, {len(LOGS)} expected"
+    return None
+
+
+def lay_out(root: Path) -> None:
+    for name, rels in LOGS.items():
+        (root / name).mkdir(parents=True)
+        for rel in rels:
+            shutil.copy(REAL_LOGS / rel, root / name)
+
+
+def trial_backfill(tmp: Path, rng: random.Random) -> str | None:
+    root, home = tmp / "work_dirs", tmp / "home"
+    lay_out(root)
+    for _ in range(rng.randint(1, 3)):
+        proc = cli(home, "backfill", str(root), "--no-progress", wait=False)
+        time.sleep(rng.uniform(0.3, 6.0))
+        kill(proc)
+    proc = cli(home, "backfill", str(root), "--no-progress")
+    return check(home, root) if proc.returncode == 0 else f"the last backfill exited {proc.returncode}: {proc.stderr[-500:]}"
+
+
+def trial_watch(tmp: Path, rng: random.Random) -> str | None:
+    """Lines appended at 200–400 lines/s while watch is killed and restarted 1–3 times."""
+    root, home = tmp / "work_dirs", tmp / "home"
+    sources = [(REAL_LOGS / rel, root / name / Path(rel).name) for name, rels in LOGS.items() for rel in rels]
+    for _, target in sources:
+        target.parent.mkdir(parents=True, exist_ok=True)
+    args = ("watch", str(root), "--poll-interval", "0.2", "--scan-interval", "1", "--segment-idle", "2", "--finish-after", "3")
+    watch = cli(home, *args, wait=False)
+    kills = sorted(rng.uniform(0.5, 8.0) for _ in range(rng.randint(1, 3)))
+    started = time.monotonic()
+    for source, target in sources:  # the resumed launch is written after its first part, as in training
+        lines = source.read_bytes().splitlines(keepends=True)
+        rate = rng.uniform(200, 400)
+        with open(target, "ab") as out:
+            for i in range(0, len(lines), 20):
+                out.write(b"".join(lines[i:i + 20]))
+                out.flush()
+                time.sleep(20 / rate)
+                if kills and time.monotonic() - started >= kills[0]:
+                    kills.pop(0)
+                    kill(watch)
+                    watch = cli(home, *args, wait=False)
+        time.sleep(1.1)  # a later launch gets a later mtime and name order, as in training
+    time.sleep(6)  # finish-after, segment-idle
+    watch.send_signal(signal.SIGTERM)
+    watch.communicate(timeout=120)
+    return check(home, root) if watch.returncode == 0 else f"watch exited {watch.returncode}: {watch.stderr[-500:]}"
+
+
+def trial_point(tmp: Path, point: str) -> str | None:
+    root, home = tmp / "work_dirs", tmp / "home"
+    lay_out(root)
+    backfill = ("backfill", str(root), "--no-progress")
+    if point == "segment-discarded":  # a segment left open, then a restart that discards it, killed there
+        crashes = [cli(home, *backfill, crash_at="segment-closing"), cli(home, *backfill, crash_at=point)]
+    else:
+        crashes = [cli(home, *backfill, crash_at=point)]
+    if any(proc.returncode != -signal.SIGKILL for proc in crashes):
+        return f"the crash point was not reached: {[p.returncode for p in crashes]}"
+    proc = cli(home, *backfill)
+    return check(home, root) if proc.returncode == 0 else f"the restart exited {proc.returncode}: {proc.stderr[-500:]}"
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--trials", type=int, default=20, help="random trials per kind")
+    parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--quick", action="store_true", help="CI: 2 random trials per kind, each crash point once")
+    args = parser.parse_args(argv)
+    if not REAL_LOGS.is_dir():
+        parser.error(f"the real logs are missing: {REAL_LOGS} (set MMDET_WANDB_REAL_LOGS)")
+    exit_cleanly_on_sigterm()
+    trials = 2 if args.quick else args.trials
+    results: dict[str, list[tuple[str, str | None]]] = {}
+    tmp = Path(tempfile.mkdtemp(prefix="mmdet-wandb-faults-"))
+    try:
+        for kind, run in (("backfill", trial_backfill), ("watch", trial_watch)):
+            for n in range(trials):
+                seed = args.seed * 1000 + n
+                directory = tmp / f"{kind}-{seed}"
+                outcome = run(directory, random.Random(seed))
+                results.setdefault(kind, []).append((f"seed {seed}", outcome))
+                shutil.rmtree(directory, ignore_errors=True)
+        for point in UPLOADER_POINTS:
+            directory = tmp / point
+            results.setdefault("crash points", []).append((point, trial_point(directory, point)))
+            shutil.rmtree(directory, ignore_errors=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    failed = 0
+    print(f"{'kind':<14} exactly-once")
+    for kind, outcomes in results.items():
+        good = sum(1 for _, outcome in outcomes if outcome is None)
+        failed += len(outcomes) - good
+        print(f"{kind:<14} {good}/{len(outcomes)}")
+        for label, outcome in outcomes:
+            if outcome is not None:
+                print(f"  FAILED {kind} {label}: {outcome}")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,435 @@
+"""W&B writer: drains the outbox (rows and artifacts) into W&B runs, one segment at a time (DESIGN 4–6).
+
+The service is the only writer of each run it owns. `_step` is the per-run counter handed out at ingest,
+so a segment only ever holds steps above every earlier one. An entry counts as uploaded only once W&B has
+it: offline, when its segment is finished, read back from the `.wandb` file and found to hold exactly what
+was logged; online, once `finish()` returned, or when a resumed run reports a starting step past it.
+The writer knows W&B, segments and the outbox: producers decide what is due, `artifacts` builds it.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import threading
+import time
+from concurrent.futures import Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import wandb
+from sqlalchemy import func, select, update
+
+from common import crash_points
+from common.backoff import BACKOFF_BASE_S, backoff_s
+from db import outbox
+from db.models import ArtifactKind, Run, Segment, SegmentState, utcnow
+from db.outbox import PendingArtifact
+from db.session import Database, node_of
+from uploader import hook_options
+from uploader.wandb import reader, verify
+from uploader.wandb.artifacts import ArtifactBuilder, NotBuildable
+
+log = logging.getLogger("mmdet_wandb.writer")
+
+DEFAULT_PROJECT = "mmdet-wandb"
+# init_kwargs keys the service must own: one run id per lineage, our own segment directories and settings.
+RESERVED_INIT_KWARGS = frozenset({"id", "resume", "dir", "reinit", "settings", "mode", "config", "resume_from", "fork_from"})
+
+
+def resolve_mode() -> str:
+    """Offline is the embedded default; an API key (or WANDB_MODE) turns on online uploads unchanged."""
+    mode = os.environ.get("WANDB_MODE", "").strip().lower()
+    if mode in {"online", "offline", "disabled"}:
+        return mode
+    if mode == "dryrun":
+        return "offline"
+    return "online" if os.environ.get("WANDB_API_KEY") else "offline"
+
+
+@dataclass(frozen=True)
+class WriterOptions:
+    runs_dir: Path  # segment directories: <runs_dir>/<wandb id>/<seq>/wandb/...
+    mode: str = "offline"
+    layers: hook_options.Layers = hook_options.Layers()  # init_kwargs (project, entity, tags, ...), resolved per run
+    flush_interval_s: float = 0.5  # how long a logged row may sit in wandb-core before reaching the file
+    segment_idle_s: float = 30.0  # an idle segment is closed so that its rows count as uploaded
+    segment_max_rows: int = 200_000
+    batch_rows: int = 5_000  # rows per run per drain call, so that one big backfill does not starve live runs
+    exit_timeout_s: float = 120.0
+    media_dir: Path | None = None  # where val images and masks are written for the tables (default: next to runs_dir)
+
+
+@dataclass
+class _OpenSegment:
+    segment_id: int
+    run_id: int
+    handle: Any  # wandb.Run
+    sync_file: Path | None
+    steps: list[int] = field(default_factory=list)
+    last_activity: float = field(default_factory=time.monotonic)
+
+
+class WandbWriter:
+    def __init__(self, db: Database, options: WriterOptions) -> None:
+        self.db = db
+        self.options = options
+        self._open: dict[int, _OpenSegment] = {}
+        self._closing: dict[int, Future[None]] = {}  # run → its finished segment being read back (off the loop)
+        self._undiscarded: set[int] = set()  # segments whose discard could not be recorded (disk full): retried
+        self._not_before: dict[int, float] = {}  # backoff of runs whose failure could not be recorded
+        self._verifier = ThreadPoolExecutor(1, thread_name_prefix="verify")
+        self._artifacts = ArtifactBuilder(db, options.media_dir or options.runs_dir.parent / "media")
+
+    def warm_up(self) -> None:
+        """Start wandb-core in the background (the first wandb.init of a process pays ~0.5 s for it),
+        so that it overlaps with reading the logs instead of delaying the first row."""
+        threading.Thread(target=wandb.setup, name="wandb-setup", daemon=True).start()
+
+    def recover(self) -> None:
+        """Settle what a previous process left, reading each file once and waiting for nothing: an open segment
+        whose file is complete and holds what was logged is closed; any other (incomplete, truncated,
+        unreadable, missing) is rebuilt from the DB. Then every segment directory that no open or closed
+        segment owns (a crash between `wandb.init` and recording the segment, or between discarding one and
+        deleting it) is deleted, so that `wandb sync` of the whole folder never uploads a step twice."""
+        with self.db.transaction() as session:
+            stale = session.scalars(select(Segment).where(Segment.node == node_of(session), Segment.state == SegmentState.OPEN)).all()
+            leftovers = [(s.id, s.run_id, Path(s.dir), s.mode) for s in stale if s.run_id not in self._open]
+        for segment_id, run_id, directory, mode in leftovers:
+            try:
+                if mode == "offline":
+                    self._verify_and_close(segment_id, self._sync_file_in(directory), wait=False)
+                    log.info("segment %s of run %s was complete; kept", segment_id, run_id)
+                    continue
+            except (verify.SegmentVerificationError, OSError, reader.WandbFileError) as exc:
+                log.info("segment %s of run %s not complete (%s); rebuilding it from the DB", segment_id, run_id, exc)
+            self._discard(segment_id, directory)
+        self._delete_unowned_segment_dirs()
+
+    def _delete_unowned_segment_dirs(self) -> None:
+        with self.db.transaction() as session:
+            owned = {
+                Path(d) for d in session.scalars(select(Segment.dir).where(Segment.node == node_of(session), Segment.state.in_((SegmentState.OPEN, SegmentState.CLOSED))))
+            }
+            runs = set(session.scalars(select(Run.wandb_id).where(Run.node == node_of(session))))
+        root = self.options.runs_dir
+        for run_dir in sorted(root.iterdir()) if root.is_dir() else []:
+            if run_dir.name not in runs or not run_dir.is_dir():
+                continue
+            for directory in sorted(run_dir.iterdir()):
+                if directory.is_dir() and directory not in owned:
+                    log.info("deleting %s: no segment of the state DB owns it", directory)
+                    shutil.rmtree(directory, ignore_errors=True)
+
+    def drain(self) -> int:
+        """Log one batch of pending rows, then the pending artifacts, of every run that has some and is not
+        backing off after a failure; returns how many entries were logged."""
+        for segment_id in sorted(self._undiscarded):
+            self._discard_or_remember(segment_id)
+        with self.db.transaction() as session:
+            runs = outbox.pending_runs(session)
+            waiting = set(session.scalars(select(Run.id).where(Run.id.in_(runs), Run.retry_at > time.time())))
+        waiting |= {run_id for run_id, until in self._not_before.items() if until > time.time()}
+        logged = 0
+        for run_id in runs:
+            if run_id in waiting or self._still_closing(run_id):
+                continue
+            try:
+                logged += self._drain_run(run_id)
+            except Exception as exc:  # one broken run must not stop the others
+                log.exception("run %s: upload failed", run_id)
+                self._fail_run(run_id, exc)
+        return logged
+
+    def close_idle(self) -> None:
+        now = time.monotonic()
+        for run_id, seg in list(self._open.items()):
+            if now - seg.last_activity >= self.options.segment_idle_s or len(seg.steps) >= self.options.segment_max_rows:
+                self.close(run_id)
+
+    def close_all(self) -> None:
+        """Close every open segment and wait until each is read back (shutdown, end of a backfill)."""
+        for run_id in list(self._open):
+            self.close(run_id)
+        wait(self._closing.values())
+        self._closing.clear()
+
+    def close(self, run_id: int) -> None:
+        """Finish the run's segment; reading it back happens off the loop's thread (wandb-core may take a
+        while to write the end of a big segment), and the run takes no new segment until that is settled."""
+        seg = self._open.pop(run_id)
+        try:
+            with self.db.transaction() as session:
+                summary = json.loads(session.get_one(Run, run_id).summary_json)
+            seg.handle.summary.update(summary)
+            crash_points.reached("segment-closing")
+            seg.handle.finish()
+        except Exception as exc:
+            log.exception("run %s: closing segment %s failed; it will be rebuilt", run_id, seg.segment_id)
+            self._discard_or_remember(seg.segment_id)
+            self._fail_run(run_id, exc)
+            return
+        self._closing[run_id] = self._verifier.submit(self._settle_finished, seg)
+
+    def _settle_finished(self, seg: _OpenSegment) -> None:
+        """In the verifier thread: files and the DB only."""
+        try:
+            self._verify_and_close(seg.segment_id, seg.sync_file)
+        except Exception as exc:
+            log.exception("run %s: segment %s did not verify; it will be rebuilt", seg.run_id, seg.segment_id)
+            self._discard_or_remember(seg.segment_id)
+            self._record_failure(seg.run_id, exc)
+
+    def _still_closing(self, run_id: int) -> bool:
+        future = self._closing.get(run_id)
+        if future is not None and future.done():
+            del self._closing[run_id]
+            return False
+        return future is not None
+
+    def _drain_run(self, run_id: int) -> int:
+        with self.db.transaction() as session:
+            rows = outbox.pending_rows(session, run_id, self.options.batch_rows)
+            entries = outbox.pending_artifacts(session, run_id)
+        if not rows and not entries:
+            return 0
+        seg = self._open.get(run_id) or self._open_segment(run_id, rows[0].step if rows else None)
+        if rows:
+            if seg.steps and rows[0].step <= seg.steps[-1]:
+                raise RuntimeError(f"run {run_id}: step {rows[0].step} is not above {seg.steps[-1]}")
+            for row in rows:
+                seg.handle.log(json.loads(row.payload_json), step=row.step, commit=True)
+                seg.steps.append(row.step)
+            with self.db.transaction() as session:
+                outbox.assign_rows(session, [r.id for r in rows], seg.segment_id)
+            crash_points.reached("rows-logged")
+        logged = len(rows) + sum(self._log_artifact(seg, entry) for entry in entries)
+        seg.last_activity = time.monotonic()
+        return logged
+
+    def _init(self, kwargs: dict[str, Any]) -> Any:
+        """`wandb.init`; a start that failed half-way (e.g. the disk full while wandb-core set the run up) leaves
+        the run id "in use" in wandb-core for good, so wandb-core is restarted (the other runs' open segments are
+        rebuilt from the DB) and the start tried once more."""
+        try:
+            return wandb.init(**kwargs)
+        except Exception as exc:
+            if "is in use" not in str(exc):
+                raise
+            log.warning("wandb-core still holds run %s from a failed start; restarting wandb-core (open segments of "
+                        "other runs are rebuilt from the DB)", kwargs["id"])
+        for run_id in list(self._open):
+            seg = self._open.pop(run_id)
+            _abandon(seg.handle, None)
+            self._discard_or_remember(seg.segment_id)
+        wandb.teardown()
+        return wandb.init(**kwargs)
+
+    def _log_artifact(self, seg: _OpenSegment, entry: PendingArtifact) -> int:
+        with self.db.transaction() as session:
+            wandb_id = session.get_one(Run, entry.run_id).wandb_id
+            val_record = outbox.logged_val(session, entry.run_id, entry.manifest_id) if entry.kind is ArtifactKind.PREDICTIONS else None  # type: ignore[arg-type]
+        try:
+            built = self._artifacts.build(entry, wandb_id, val_record)
+        except NotBuildable as exc:
+            log.warning("run %s: %s %s not logged: %s", wandb_id, entry.kind.value, entry.file_name or entry.id, exc)
+            with self.db.transaction() as session:
+                outbox.reject(session, entry.id, str(exc))
+            return 0
+        seg.handle.log_artifact(built.artifact, aliases=entry.aliases or None)
+        with self.db.transaction() as session:
+            outbox.logged(session, entry.id, seg.segment_id, {**built.record, "digest": built.artifact.digest})
+        crash_points.reached("artifact-logged")
+        log.info("run %s: logged %s %s", wandb_id, built.artifact.name, ", ".join(entry.aliases))
+        return 1
+
+    def _open_segment(self, run_id: int, first_step: int | None) -> _OpenSegment:
+        """Start a new segment of the run. Its row is recorded only once `wandb.init` succeeded (DESIGN 10): a
+        run that W&B refuses leaves nothing behind, and a crash in between leaves a directory that no segment
+        owns, which `recover` deletes."""
+        with self.db.transaction() as session:
+            run = session.get_one(Run, run_id)
+            done = session.scalar(
+                select(func.max(Segment.last_step)).where(Segment.run_id == run_id, Segment.state == SegmentState.CLOSED)
+            )
+            if done is not None and first_step is not None and first_step <= done:
+                raise RuntimeError(f"run {run.wandb_id}: pending step {first_step} is not above uploaded step {done}")
+            seq = (session.scalar(select(func.max(Segment.seq)).where(Segment.run_id == run_id)) or 0) + 1
+            directory = self.options.runs_dir / run.wandb_id / f"{seq:04d}"
+            init = self._init_kwargs(run, directory)
+            config = json.loads(run.config_json) if run.config_json else {}
+            config_file = (run.config_name, run.config_text) if done is None and run.config_text else None
+            by_epoch = run.by_epoch
+        shutil.rmtree(directory, ignore_errors=True)  # a leftover that no segment owns
+        directory.mkdir(parents=True)
+        try:
+            handle = self._init(init)
+        except BaseException:
+            shutil.rmtree(directory, ignore_errors=True)
+            raise
+        try:
+            with self.db.transaction() as session:
+                segment = Segment(node=node_of(session), run_id=run_id, seq=seq, dir=str(directory), mode=self.options.mode)
+                session.add(segment)
+                session.flush()
+                segment_id = segment.id
+        except BaseException:
+            _abandon(handle, directory)
+            raise
+        crash_points.reached("segment-recorded")
+        seg = _OpenSegment(segment_id=segment_id, run_id=run_id, handle=handle, sync_file=None)
+        self._open[run_id] = seg
+        _define_metrics(handle, by_epoch)
+        if config:
+            handle.config.update(config, allow_val_change=True)
+        if config_file is not None:
+            _save_config_file(handle, directory, *config_file)
+        if self.options.mode == "online":
+            self._mark_already_on_server(run_id, handle.step)
+        seg.sync_file = Path(handle.settings.sync_file) if self.options.mode == "offline" else None
+        log.info("run %s: opened segment %s in %s", init["id"], seq, directory)
+        return seg
+
+    def _init_kwargs(self, run: Run, directory: Path) -> dict[str, Any]:
+        """init_kwargs merged key by key: CLI > environment (WANDB_PROJECT, ...) > config file > the hook's > ours."""
+        merged = hook_options.for_run(self.options.layers, run.hook_options_json).init_kwargs
+        kwargs: dict[str, Any] = {"name": run.name, "group": run.group, "job_type": run.job_type, "project": DEFAULT_PROJECT}
+        kwargs.update({k: v for k, v in merged.items() if k not in RESERVED_INIT_KWARGS})
+        kwargs.update(
+            id=run.wandb_id,
+            resume="allow",
+            dir=str(directory),
+            settings=wandb.Settings(
+                mode=self.options.mode,
+                console="off",
+                silent=True,
+                reinit="create_new",
+                x_disable_stats=True,
+                x_save_requirements=False,
+                disable_git=True,
+                disable_code=True,
+                x_transaction_log_flush_interval=self.options.flush_interval_s,
+            ),
+        )
+        return kwargs
+
+    def _mark_already_on_server(self, run_id: int, server_step: int) -> None:
+        with self.db.transaction() as session:
+            outbox.mark_below_step(session, run_id, server_step)
+
+    def _verify_and_close(self, segment_id: int, sync_file: Path | None, *, wait: bool = True) -> None:
+        """`wait`: the segment was just finished by this process, and wandb-core may still be writing its end."""
+        with self.db.transaction() as session:
+            content = outbox.content(session, segment_id)
+        if sync_file is not None:
+            if wait:
+                reader.wait_for_exit(sync_file, self.options.exit_timeout_s)
+            verify.check_segment(sync_file, content)
+        with self.db.transaction() as session:
+            segment = session.get_one(Segment, segment_id)
+            segment.state = SegmentState.CLOSED
+            segment.closed_at = utcnow()
+            segment.rows = len(content.steps)
+            segment.first_step = content.steps[0] if content.steps else None
+            segment.last_step = content.steps[-1] if content.steps else None
+            outbox.settle_uploaded(session, segment_id)
+            run = session.get_one(Run, segment.run_id)
+            run.last_error, run.failures, run.retry_at = None, 0, None
+        crash_points.reached("segment-closed")
+
+    def _discard(self, segment_id: int, directory: Path | None) -> None:
+        """An unverified segment is never synced: delete its files and give what it held back to the outbox."""
+        with self.db.transaction() as session:
+            segment = session.get_one(Segment, segment_id)
+            segment.state = SegmentState.DISCARDED
+            segment.closed_at = utcnow()
+            directory = directory or Path(segment.dir)
+            outbox.release(session, segment_id)
+        crash_points.reached("segment-discarded")
+        if segment.mode == "offline":
+            shutil.rmtree(directory, ignore_errors=True)
+
+    def _fail_run(self, run_id: int, exc: BaseException) -> None:
+        """Contain a failure to its run: its open segment is discarded (rebuilt later from the DB), and the run
+        waits before its next try, twice as long after each failure in a row (capped), with the error shown in
+        `status`; every other run goes on."""
+        seg = self._open.pop(run_id, None)
+        if seg is not None:
+            _abandon(seg.handle, None)
+            self._discard_or_remember(seg.segment_id)
+        self._record_failure(run_id, exc)
+
+    def _record_failure(self, run_id: int, exc: BaseException) -> None:
+        """The run's backoff and error, in the DB (`status`); in memory only when the DB cannot be written."""
+        try:
+            with self.db.transaction() as session:
+                run = session.get_one(Run, run_id)
+                run.failures += 1
+                run.retry_at = time.time() + backoff_s(run.failures)
+                run.last_error = f"{type(exc).__name__}: {exc}"
+                log.warning("run %s: failure %d in a row; next try in %.0f s", run.wandb_id, run.failures, run.retry_at - time.time())
+        except Exception:  # e.g. the disk is full
+            log.exception("run %s: the failure could not be recorded; backing off in memory", run_id)
+            self._not_before[run_id] = time.time() + BACKOFF_BASE_S
+        else:
+            self._not_before.pop(run_id, None)
+
+    def _discard_or_remember(self, segment_id: int) -> None:
+        """Discard a segment; when even that cannot be recorded (the disk full), try again on the next pass.
+        Meanwhile its rows stay with it, counted as not uploaded."""
+        try:
+            self._discard(segment_id, None)
+        except Exception as exc:
+            if segment_id in self._undiscarded:
+                log.debug("segment %s still cannot be discarded: %s", segment_id, exc)
+            else:
+                log.exception("segment %s could not be discarded yet; trying again on every pass", segment_id)
+            self._undiscarded.add(segment_id)
+        else:
+            self._undiscarded.discard(segment_id)
+
+    @staticmethod
+    def _sync_file_in(directory: Path) -> Path:
+        files = reader.find_run_files(directory)
+        if len(files) != 1:
+            raise FileNotFoundError(f"{directory}: expected one .wandb file, found {len(files)}")
+        return files[0]
+
+
+def retry_now(db: Database, wandb_ids: list[str] | None = None) -> int:
+    """Operator command: runs backing off after a failure (all, or the ones named) are tried on the next pass."""
+    with db.transaction() as session:
+        stmt = update(Run).where(Run.retry_at.is_not(None))
+        if wandb_ids:
+            stmt = stmt.where(Run.wandb_id.in_(wandb_ids))
+        return session.execute(stmt.values(retry_at=None)).rowcount
+
+
+def _abandon(handle: Any, directory: Path | None) -> None:
+    """End a run object that will not be verified, and delete what it wrote when no segment owns it."""
+    try:
+        handle.finish(exit_code=1)
+    except Exception:  # the run object is already broken
+        log.debug("finish of an abandoned run object raised", exc_info=True)
+    if directory is not None:
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+def _define_metrics(handle: Any, by_epoch: bool | None) -> None:
+    """x-axes: train curves over the global iteration, val curves over the epoch (or iteration, iter-based)."""
+    handle.define_metric("iter")
+    handle.define_metric("epoch")
+    handle.define_metric("train/*", step_metric="iter")
+    handle.define_metric("learning_rate*", step_metric="iter")
+    handle.define_metric("momentum", step_metric="iter")
+    handle.define_metric("val/*", step_metric="iter" if by_epoch is False else "epoch")
+
+
+def _save_config_file(handle: Any, directory: Path, name: str | None, text: str) -> None:
+    """Upload the training config as a run file, from our own copy (nothing is written in the work_dir)."""
+    copy = directory / "config" / (name or "config.py")
+    copy.parent.mkdir(parents=True, exist_ok=True)
+    copy.write_text(text, encoding="utf-8")
+    handle.save(str(copy), base_path=str(copy.parent), policy="now")
