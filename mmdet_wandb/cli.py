@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import enum
+import functools
+import inspect
 import json
 import logging
 import os
@@ -9,8 +11,10 @@ import signal
 import sys
 import threading
 import time
+import typing
 from pathlib import Path
-from typing import Annotated, Optional
+from collections.abc import Callable
+from typing import Annotated, Any, Optional
 
 import typer
 from rich.console import Console
@@ -107,20 +111,39 @@ def _roots(given: list[Path]) -> list[Path]:
     return roots
 
 
-def _layers(
-    home: paths.DataDir, config: Path | None, project: str | None, entity: str | None, init_kwargs: str | None,
-    interval: int | None, log_checkpoint: bool | None, log_checkpoint_metadata: bool | None,
-    num_eval_images: int | None, bbox_score_thr: float | None,
-) -> hook_options.Layers:
+HOOK_FLAGS = {  # name → the typer parameter: what `with_hook_options` adds to watch, backfill and config show
+    "config": ConfigOpt, "project": ProjectOpt, "entity": EntityOpt, "init_kwargs": InitKwargsOpt, "interval": IntervalOpt,
+    "log_checkpoint": LogCheckpointOpt, "log_checkpoint_metadata": LogCheckpointMetadataOpt,
+    "num_eval_images": NumEvalImagesOpt, "bbox_score_thr": BboxScoreThrOpt,
+}
+HookFlags = Optional[dict]
+
+
+def with_hook_options(command: Callable[..., None]) -> Callable[..., None]:
+    """Give a command the hook's options as flags (typer has no parameter groups); the command receives them
+    as one dict, `hook_flags`, in place of its parameter of that name."""
+    hints = typing.get_type_hints(command, include_extras=True)
+    params = [p.replace(annotation=hints[p.name]) for p in inspect.signature(command).parameters.values()]
+    at = [p.name for p in params].index("hook_flags")
+    flags = [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=None, annotation=kind) for name, kind in HOOK_FLAGS.items()]
+    rest = [p.replace(kind=inspect.Parameter.KEYWORD_ONLY) if p.default is not inspect.Parameter.empty else p for p in params[at + 1:]]
+
+    @functools.wraps(command)
+    def wrapper(*args: Any, **kwargs: Any) -> None:
+        command(*args, hook_flags={name: kwargs.pop(name) for name in HOOK_FLAGS}, **kwargs)
+
+    parameters = params[:at] + flags + rest
+    wrapper.__signature__ = inspect.Signature(parameters, return_annotation=None)  # type: ignore[attr-defined]
+    wrapper.__annotations__ = {p.name: p.annotation for p in parameters}
+    return wrapper
+
+
+def _layers(home: paths.DataDir, flags: dict[str, Any]) -> hook_options.Layers:
     try:
-        init = hook_options.convert("init_kwargs", init_kwargs) if init_kwargs else {}
-        init.update({k: v for k, v in (("project", project), ("entity", entity)) if v})
-        cli = {
-            "init_kwargs": init or None, "interval": interval, "log_checkpoint": log_checkpoint,
-            "log_checkpoint_metadata": log_checkpoint_metadata, "num_eval_images": num_eval_images,
-            "bbox_score_thr": bbox_score_thr,
-        }
-        return hook_options.layers(cli, hook_options.find_file(config, home.path, os.environ))
+        init = hook_options.convert("init_kwargs", flags["init_kwargs"]) if flags["init_kwargs"] else {}
+        init.update({k: flags[k] for k in ("project", "entity") if flags[k]})
+        cli = {name: flags[name] for name in hook_options.OPTIONS if name != "init_kwargs"} | {"init_kwargs": init or None}
+        return hook_options.layers(cli, hook_options.find_file(flags["config"], home.path, os.environ))
     except hook_options.HookOptionsError as exc:
         raise _fail(str(exc)) from None
 
@@ -139,18 +162,11 @@ def _stop_on_signals() -> threading.Event:
 
 
 @app.command()
+@with_hook_options
 def watch(
     roots: Annotated[list[Path], typer.Argument(help="Work_dirs, or folders of work_dirs, to follow")],
     data_dir: DataDirOpt = None,
-    config: ConfigOpt = None,
-    project: ProjectOpt = None,
-    entity: EntityOpt = None,
-    init_kwargs: InitKwargsOpt = None,
-    interval: IntervalOpt = None,
-    log_checkpoint: LogCheckpointOpt = None,
-    log_checkpoint_metadata: LogCheckpointMetadataOpt = None,
-    num_eval_images: NumEvalImagesOpt = None,
-    bbox_score_thr: BboxScoreThrOpt = None,
+    hook_flags: HookFlags = None,  # the hook's options: see with_hook_options
     fresh_launch: FreshOpt = FreshLaunch.NEW_RUN,
     poll: Annotated[bool, typer.Option("--poll", help="No filesystem events (NFS, FUSE): poll and scan only")] = False,
     scan_interval: Annotated[float, typer.Option(help="Seconds between full scans of the roots")] = 10.0,
@@ -166,8 +182,7 @@ def watch(
     """Follow every work_dir under the roots, live, until SIGTERM or Ctrl-C."""
     root_paths = _roots(roots)
     home, db = _setup(data_dir, root_paths, log_level, log_format, "uploader", node)
-    layers = _layers(home, config, project, entity, init_kwargs, interval, log_checkpoint, log_checkpoint_metadata,
-                     num_eval_images, bbox_score_thr)
+    layers = _layers(home, hook_flags)
     ckpt = CheckpointOptions(store_dir=home.store_dir, layers=layers, settle_s=checkpoint_settle,
                              incomplete_after_s=checkpoint_incomplete_after)
     writer = _writer(db, home, layers, segment_idle_s=segment_idle)
@@ -185,18 +200,11 @@ def watch(
 
 
 @app.command()
+@with_hook_options
 def backfill(
     roots: Annotated[list[Path], typer.Argument(help="Finished work_dirs, or folders of them")],
     data_dir: DataDirOpt = None,
-    config: ConfigOpt = None,
-    project: ProjectOpt = None,
-    entity: EntityOpt = None,
-    init_kwargs: InitKwargsOpt = None,
-    interval: IntervalOpt = None,
-    log_checkpoint: LogCheckpointOpt = None,
-    log_checkpoint_metadata: LogCheckpointMetadataOpt = None,
-    num_eval_images: NumEvalImagesOpt = None,
-    bbox_score_thr: BboxScoreThrOpt = None,
+    hook_flags: HookFlags = None,  # the hook's options: see with_hook_options
     evaluate: Annotated[bool, typer.Option("--evaluate", help="Run the eval jobs in this process too (needs the eval extra), so the tables go out in this pass")] = False,
     device: DeviceOpt = None,
     batch_size: BatchSizeOpt = 4,
@@ -212,8 +220,7 @@ def backfill(
     cleanly with exit status 143, and running it again finishes the work)."""
     root_paths = _roots(roots)
     home, db = _setup(data_dir, root_paths, log_level, log_format, "backfill", node)
-    layers = _layers(home, config, project, entity, init_kwargs, interval, log_checkpoint, log_checkpoint_metadata,
-                     num_eval_images, bbox_score_thr)
+    layers = _layers(home, hook_flags)
     ckpt = CheckpointOptions(store_dir=home.store_dir, layers=layers, incomplete_after_s=checkpoint_incomplete_after)
     writer = _writer(db, home, layers)
     options = LoopOptions(
@@ -318,24 +325,16 @@ app.add_typer(config_app, name="config")
 
 
 @config_app.command("show")
+@with_hook_options
 def config_show(
     roots: Annotated[Optional[list[Path]], typer.Argument(help="Work_dirs (or folders of them) to show (default: every work_dir in the state DB)")] = None,
     data_dir: DataDirOpt = None,
-    config: ConfigOpt = None,
-    project: ProjectOpt = None,
-    entity: EntityOpt = None,
-    init_kwargs: InitKwargsOpt = None,
-    interval: IntervalOpt = None,
-    log_checkpoint: LogCheckpointOpt = None,
-    log_checkpoint_metadata: LogCheckpointMetadataOpt = None,
-    num_eval_images: NumEvalImagesOpt = None,
-    bbox_score_thr: BboxScoreThrOpt = None,
+    hook_flags: HookFlags = None,  # the hook's options: see with_hook_options
     as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output")] = False,
 ) -> None:
     """The effective options of each work_dir and where each one comes from (given the same flags)."""
     home = paths.resolve(data_dir)
-    layers = _layers(home, config, project, entity, init_kwargs, interval, log_checkpoint, log_checkpoint_metadata,
-                     num_eval_images, bbox_score_thr)
+    layers = _layers(home, hook_flags)
     hooks = _hook_entries(_roots(roots)) if roots else _hook_entries_in_db(home)
     resolved = {work_dir: hook_options.resolve(layers, hook, source) for work_dir, (hook, source) in hooks.items()}
     if as_json:
