@@ -294,3 +294,7 @@ def main(argv: list[str]) -> int:
     if killed is not None and clean is not None:
         print(f"what settling the {runs} open segments costs: {killed - clean:+.2f} s (target: restart -> row < 2 s)")
     return 1 if failed or killed is None else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

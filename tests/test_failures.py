@@ -57,12 +57,14 @@ def test_a_run_wandb_refuses_backs_off_alone_and_uploads_once_its_config_is_fixe
 
     proc = watcher(home, root, "--segment-idle", "1")
     wait_until(lambda: runs_by_work_dir(home).get("balloon", {}).get("failures", 0) >= 1, 60, "the refused run to fail", proc)
+    refused = runs_by_work_dir(home)["balloon"]
+    first_wait, failures = refused["retry_at"] - time.time(), refused["failures"]
+    assert first_wait <= 11 * 2 ** (failures - 1), (first_wait, failures)  # 10 s, doubled per failure, ±10 %
+    assert "Invalid project name 'team/det'" in refused["last_error"]
     wait_until(lambda: runs_by_work_dir(home).get("eltd", {}).get("rows_pending") == 0
                and runs_by_work_dir(home)["eltd"]["rows_uploaded"] > 0, 60, "the other work_dir to upload", proc)
     refused = runs_by_work_dir(home)["balloon"]
-    assert "Invalid project name 'team/det'" in refused["last_error"] and refused["rows_uploaded"] == 0
-    first_wait, failures = refused["retry_at"] - time.time(), refused["failures"]
-    assert 0 < first_wait <= 11 * 2 ** (failures - 1), (first_wait, failures)  # 10 s, doubled per failure, ±10 %
+    assert refused["rows_uploaded"] == 0 and refused["rows_pending"] > 0
     assert segment_rows(home, refused["wandb_id"]) == [], "no segment row for a run W&B did not open"
     assert not (home / "wandb" / refused["wandb_id"]).exists() or not any((home / "wandb" / refused["wandb_id"]).iterdir())
     assert "next try in" in table_column(cli(home, "status").stdout, -1)

@@ -109,7 +109,7 @@ class WandbWriter:
         self._delete_unowned_segment_dirs()
 
     def _delete_unowned_segment_dirs(self) -> None:
-        with self.db.transaction() as session:
+        with self.db.read() as session:
             owned = {
                 Path(d) for d in session.scalars(select(Segment.dir).where(Segment.node == node_of(session), Segment.state.in_((SegmentState.OPEN, SegmentState.CLOSED))))
             }
@@ -128,7 +128,7 @@ class WandbWriter:
         backing off after a failure; returns how many entries were logged."""
         for segment_id in sorted(self._undiscarded):
             self._discard_or_remember(segment_id)
-        with self.db.transaction() as session:
+        with self.db.read() as session:
             runs = outbox.pending_runs(session)
             waiting = set(session.scalars(select(Run.id).where(Run.id.in_(runs), Run.retry_at > time.time())))
         waiting |= {run_id for run_id, until in self._not_before.items() if until > time.time()}
@@ -161,7 +161,7 @@ class WandbWriter:
         while to write the end of a big segment), and the run takes no new segment until that is settled."""
         seg = self._open.pop(run_id)
         try:
-            with self.db.transaction() as session:
+            with self.db.read() as session:
                 summary = json.loads(session.get_one(Run, run_id).summary_json)
             seg.handle.summary.update(summary)
             crash_points.reached("segment-closing")
@@ -190,7 +190,7 @@ class WandbWriter:
         return future is not None
 
     def _drain_run(self, run_id: int) -> int:
-        with self.db.transaction() as session:
+        with self.db.read() as session:
             rows = outbox.pending_rows(session, run_id, self.options.batch_rows)
             entries = outbox.pending_artifacts(session, run_id)
         if not rows and not entries:
@@ -228,7 +228,7 @@ class WandbWriter:
         return wandb.init(**kwargs)
 
     def _log_artifact(self, seg: _OpenSegment, entry: PendingArtifact) -> int:
-        with self.db.transaction() as session:
+        with self.db.read() as session:
             wandb_id = session.get_one(Run, entry.run_id).wandb_id
             val_record = outbox.logged_val(session, entry.run_id, entry.manifest_id) if entry.kind is ArtifactKind.PREDICTIONS else None  # type: ignore[arg-type]
         try:
@@ -249,7 +249,7 @@ class WandbWriter:
         """Start a new segment of the run. Its row is recorded only once `wandb.init` succeeded (DESIGN 10): a
         run that W&B refuses leaves nothing behind, and a crash in between leaves a directory that no segment
         owns, which `recover` deletes."""
-        with self.db.transaction() as session:
+        with self.db.read() as session:
             run = session.get_one(Run, run_id)
             done = session.scalar(
                 select(func.max(Segment.last_step)).where(Segment.run_id == run_id, Segment.state == SegmentState.CLOSED)
@@ -321,7 +321,7 @@ class WandbWriter:
 
     def _verify_and_close(self, segment_id: int, sync_file: Path | None, *, wait: bool = True) -> None:
         """`wait`: the segment was just finished by this process, and wandb-core may still be writing its end."""
-        with self.db.transaction() as session:
+        with self.db.read() as session:
             content = outbox.content(session, segment_id)
         if sync_file is not None:
             if wait:

@@ -1,0 +1,263 @@
+"""Online mode, with the real wandb 0.31 client, against the W&B stand-in of tests/wandb_standin.py.
+
+The stand-in is a loopback server written for these tests, not W&B: what is checked here is that the real
+client (wandb-core) gets what it needs from it, and that the rows, config, summary and artifacts arrive
+there exactly once and in order. Every process gets `WandbStandin.env()`, so nothing leaves 127.0.0.1
+(the proxy variables point at the stand-in, which records and refuses any such attempt).
+"""
+from __future__ import annotations
+
+import base64
+import http.client
+import json
+import math
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.conftest import REAL_LOGS, cli, status
+from tests.oracle import assert_history_matches, expected_rows
+from tests.wandb_standin import WandbStandin, b64_md5
+
+CLIENT_TIMEOUT_S = 120
+ELTD_LOG = REAL_LOGS / "masati91__ELTD/work_dirs/eltd_r101_fpn_1x_coco/20210427_101754.log.json"
+
+# A process of its own per wandb session: wandb-core is started with the stand-in's environment, the
+# test process's wandb singleton stays untouched, and a hang is bounded by the subprocess timeout.
+CLIENT = r"""
+import json, sys
+import wandb
+
+mode, run_id = sys.argv[1], sys.argv[2]
+if mode == "log":
+    run = wandb.init(project="standin-proj", id=run_id, config={"lr": 0.02, "arch": "r101"})
+    for i in range(50):
+        run.log({"loss": 1.0 / (i + 1), "acc": i / 50}, step=i)
+    run.config.update({"epochs": 12})
+    run.summary["best_acc"] = 0.98
+    run.finish()
+    print(json.dumps({"exit": 0}))
+elif mode == "resume":
+    run = wandb.init(project="standin-proj", id=run_id, resume="allow")
+    out = {"starting_step": run.starting_step, "resumed": run.resumed, "step": run.step}
+    run.log({"loss": 0.001}, step=run.starting_step)
+    run.finish()
+    print(json.dumps(out))
+elif mode == "artifact":
+    run = wandb.init(project="standin-proj", id=run_id)
+    artifact = wandb.Artifact("standin-model", type="model")
+    artifact.add_file(sys.argv[3], name="weights.bin")
+    run.log_artifact(artifact, aliases=["best", "epoch_3"])
+    run.finish()
+    print(json.dumps({"digest": artifact.digest, "name": artifact.name}))
+"""
+
+
+def start_client(standin: WandbStandin, tmp_path: Path, *args: str, fast_retries: bool = False) -> subprocess.Popen[str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("WANDB_", "MMDET_WANDB_"))}
+    env.update(standin.env(tmp_path / "wandb-home", fast_retries=fast_retries), WANDB_DIR=str(tmp_path))
+    return subprocess.Popen([sys.executable, "-c", CLIENT, *args], env=env, cwd=tmp_path, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def client_result(proc: subprocess.Popen[str]) -> dict[str, Any]:
+    try:
+        out, err = proc.communicate(timeout=CLIENT_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        out, err = proc.communicate()
+        raise AssertionError(f"client did not finish within {CLIENT_TIMEOUT_S} s\n{out}\n{err}") from None
+    assert proc.returncode == 0, f"client {proc.args[3:]} exited {proc.returncode}\n{out}\n{err}"
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def run_client(standin: WandbStandin, tmp_path: Path, *args: str, fast_retries: bool = False) -> dict[str, Any]:
+    return client_result(start_client(standin, tmp_path, *args, fast_retries=fast_retries))
+
+
+def assert_nothing_unexpected(standin: WandbStandin) -> None:
+    assert standin.unknown_operations == []
+    assert standin.outbound == [], "the client tried to reach something other than the stand-in"
+    assert standin.unauthorized == []
+
+
+def test_client_logs_history_config_summary_then_resumes_from_the_server(wandb_standin: WandbStandin, tmp_path):
+    run_client(wandb_standin, tmp_path, "log", "standinrun1")
+
+    run = wandb_standin.run("standinrun1")
+    assert (run.entity, run.project) == ("standin-entity", "standin-proj")
+    assert run.history_offsets == list(range(50))
+    assert len(run.history_writes) == 50, "each row was sent once"
+    assert run.steps == list(range(50))
+    for i, row in enumerate(run.history):
+        assert math.isclose(row["loss"], 1.0 / (i + 1)) and math.isclose(row["acc"], i / 50)
+    assert run.config == {"lr": 0.02, "arch": "r101", "epochs": 12}
+    assert run.summary["best_acc"] == 0.98 and run.summary["_step"] == 49
+    assert run.complete and run.exitcode == 0
+    assert "config.yaml" in run.files and "wandb-summary.json" in run.files
+    assert_nothing_unexpected(wandb_standin)
+
+    resumed = run_client(wandb_standin, tmp_path, "resume", "standinrun1")
+    assert resumed["resumed"] is True
+    assert resumed["starting_step"] == 50, "wandb-core derives it from the stand-in's RunResumeStatus answer"
+    assert run.resume_queries == 1
+    assert run.history_offsets == list(range(51)), "the resumed run appends at the server's history line count"
+    assert run.steps == list(range(51))
+    assert run.config == {"lr": 0.02, "arch": "r101", "epochs": 12}, "config kept across the resume"
+    assert_nothing_unexpected(wandb_standin)
+
+
+def test_client_artifact_is_committed_with_its_digest_and_aliases(wandb_standin: WandbStandin, tmp_path):
+    payload = os.urandom(4096)
+    (tmp_path / "weights.bin").write_bytes(payload)
+    logged = run_client(wandb_standin, tmp_path, "artifact", "standinrun2", str(tmp_path / "weights.bin"))
+
+    [artifact] = wandb_standin.artifacts_named("standin-model")
+    assert artifact.state == "COMMITTED"
+    assert artifact.type == "model" and artifact.run == "standinrun2"
+    assert artifact.digest == logged["digest"]
+    assert set(artifact.entries) == {"weights.bin"}
+    assert artifact.entries["weights.bin"]["digest"] == b64_md5(payload)
+    assert artifact.entries["weights.bin"]["size"] == len(payload)
+    assert artifact.files == {"weights.bin": payload}
+    assert set(artifact.aliases) == {"latest", "best", "epoch_3"}
+    assert_nothing_unexpected(wandb_standin)
+
+
+def test_client_retries_refused_and_lost_file_stream_requests(wandb_standin: WandbStandin, tmp_path):
+    """Fault injection with the real client: the file_stream request that carries the history is refused
+    twice (500), then taken by the stand-in with its answer lost; wandb-core retries it, re-sending the same
+    offsets, which overwrite rather than append."""
+    def carries_history(record) -> bool:
+        return "wandb-history.jsonl" in record.variables["files"]
+
+    wandb_standin.fail("file_stream", 500, times=2, when=carries_history)
+    wandb_standin.drop("file_stream", times=1, apply=True, when=carries_history)  # tried after the 500s are used up
+    run_client(wandb_standin, tmp_path, "log", "standinrun3", fast_retries=True)
+
+    run = wandb_standin.run("standinrun3")
+    history_requests = [r for r in wandb_standin.requests_to("file_stream") if carries_history(r)]
+    statuses = [r.status for r in history_requests]
+    assert statuses[:3] == [500, 500, None] and set(statuses[3:]) == {200}
+    resent = run.resent_history
+    assert resent, "the request whose answer was lost was sent again"
+    assert all(w.request == history_requests[3].index for w in resent)
+    assert len(run.history_writes) == 50 + len(resent)
+    first = {w.offset: w.line for w in reversed(run.history_writes)}  # the first line received at each offset
+    assert all(first[w.offset] == w.line for w in resent), "the re-sent lines are the same lines"
+    assert run.history_offsets == list(range(50)) and run.steps == list(range(50))
+    assert run.complete and run.exitcode == 0
+    assert_nothing_unexpected(wandb_standin)
+
+
+def test_client_survives_the_server_going_away_mid_request(wandb_standin: WandbStandin, tmp_path):
+    """The stand-in is stopped while the history request is in flight (it is answered slowly), so the
+    client gets no answer and then connection refused; once it is back on the same port, the retry lands."""
+    def carries_history(record) -> bool:
+        return "wandb-history.jsonl" in record.variables["files"]
+
+    wandb_standin.slow("file_stream", 30, times=1, when=carries_history)
+    proc = start_client(wandb_standin, tmp_path, "log", "standinrun4", fast_retries=True)
+    try:
+        wandb_standin.wait_for(lambda: any(carries_history(r) for r in wandb_standin.requests_to("file_stream")),
+                               60, "the history request")
+        wandb_standin.stop()
+        time.sleep(1.5)
+        wandb_standin.start()
+        client_result(proc)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+
+    run = wandb_standin.run("standinrun4")
+    history_requests = [r for r in wandb_standin.requests_to("file_stream") if carries_history(r)]
+    assert history_requests[0].status is None and history_requests[-1].status == 200
+    assert len(run.history_writes) == 50, "the request cut off by the stop had no effect; its retry was taken once"
+    assert run.history_offsets == list(range(50)) and run.steps == list(range(50))
+    assert run.complete and run.exitcode == 0
+
+
+def test_backfill_online_uploads_every_line_once_in_order(wandb_standin: WandbStandin, tmp_path, real_logs):
+    root = tmp_path / "root" / "eltd_r101_fpn_1x_coco"
+    root.mkdir(parents=True)
+    shutil.copy(ELTD_LOG, root / ELTD_LOG.name)
+    assert not (root / ELTD_LOG.name).read_bytes().endswith(b"\n"), "the last line has no newline"
+    home = tmp_path / "home"
+    home.mkdir()
+    expected = expected_rows(ELTD_LOG)
+    assert len(expected) == 384
+
+    cli(home, "backfill", str(tmp_path / "root"), "--no-progress", timeout=300, **wandb_standin.env())
+
+    [name] = [n for (_, _, n) in wandb_standin.runs]
+    run = wandb_standin.run(name)
+    assert run.project == "mmdet-wandb"
+    assert run.history_offsets == list(range(384))
+    assert len(run.history_writes) == 384, "no line was sent twice"
+    assert_history_matches(run.history, expected)
+    assert run.steps == sorted(set(run.steps))
+    assert run.complete and run.exitcode == 0
+    assert run.config, "the training config reached the run"
+    assert_nothing_unexpected(wandb_standin)
+
+    state = status(home)
+    [entry] = [r for w in state["work_dirs"] for r in w["runs"]]
+    assert entry["wandb_id"] == name
+    assert (entry["rows_uploaded"], entry["rows_pending"], entry["last_error"]) == (384, 0, None)
+
+
+# ---- the stand-in's own controls (no wandb client) -------------------------------------------------------
+
+def _graphql(standin: WandbStandin, operation: str, timeout: float = 5) -> tuple[int, dict]:
+    body = json.dumps({"query": f"query {operation} {{ viewer {{ id }} }}", "operationName": operation}).encode()
+    request = urllib.request.Request(f"{standin.url}/graphql", data=body, method="POST", headers={
+        "Authorization": "Basic " + base64.b64encode(f"api:{standin.api_key}".encode()).decode()})
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    try:
+        with opener.open(request, timeout=timeout) as answer:
+            return answer.status, json.loads(answer.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read() or b"{}")
+
+
+def test_standin_fault_controls(wandb_standin: WandbStandin):
+    assert _graphql(wandb_standin, "Viewer")[0] == 200
+
+    wandb_standin.fail("Viewer", 400, times=1)
+    wandb_standin.fail("*", 429, times=1)
+    assert _graphql(wandb_standin, "Viewer")[0] == 400
+    assert _graphql(wandb_standin, "ServerFeaturesQuery")[0] == 429
+    assert _graphql(wandb_standin, "Viewer")[0] == 200, "both rules are used up"
+
+    wandb_standin.graphql_error("Viewer", "nope", times=1)
+    status_code, answer = _graphql(wandb_standin, "Viewer")
+    assert status_code == 200 and answer["errors"][0]["message"] == "nope"
+
+    wandb_standin.slow("Viewer", 0.5, times=1)
+    started = time.monotonic()
+    assert _graphql(wandb_standin, "Viewer")[0] == 200
+    assert time.monotonic() - started >= 0.5
+
+    wandb_standin.drop("Viewer", times=1)
+    with pytest.raises((urllib.error.URLError, ConnectionError, http.client.HTTPException)):
+        _graphql(wandb_standin, "Viewer")
+
+    port = wandb_standin.port
+    wandb_standin.stop()
+    with pytest.raises(ConnectionRefusedError):
+        socket.create_connection(("127.0.0.1", port), timeout=2).close()
+    wandb_standin.start()
+    assert wandb_standin.port == port
+    assert _graphql(wandb_standin, "Viewer")[0] == 200
+    assert wandb_standin.operations().count("Viewer") == 7
+
