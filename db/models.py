@@ -42,6 +42,7 @@ class SourceState(str, enum.Enum):
 
 class SegmentState(str, enum.Enum):
     OPEN = "open"  # a wandb run object is (or was, before a crash) writing into it
+    SENT = "sent"  # online: finished, waiting for W&B to confirm what it has (the run's next start says)
     CLOSED = "closed"  # finished, read back and verified; its rows are uploaded
     DISCARDED = "discarded"  # never verified (crash, failed read-back): deleted and rebuilt from the DB
 

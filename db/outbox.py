@@ -171,8 +171,22 @@ def release(session: Session, segment_id: int) -> None:
     )
 
 
+def confirm_sent(session: Session, segment_id: int, server_next_step: int) -> int:
+    """Online: W&B has every step below `server_next_step`. The segment's rows below it are uploaded (with its
+    artifacts, which were logged before it finished); the others go back to the outbox. Returns how many."""
+    session.execute(
+        update(OutboxRow).where(OutboxRow.segment_id == segment_id, OutboxRow.step < server_next_step).values(uploaded=True)
+    )
+    session.execute(update(OutboxArtifact).where(OutboxArtifact.segment_id == segment_id).values(uploaded=True))
+    return session.execute(
+        update(OutboxRow)
+        .where(OutboxRow.segment_id == segment_id, OutboxRow.uploaded.is_(False))
+        .values(segment_id=None)
+    ).rowcount
+
+
 def mark_below_step(session: Session, run_id: int, step: int) -> None:
-    """Online resume: rows below the server's next step reached W&B before a crash."""
+    """Online resume: rows below the server's next step reached W&B (before a crash, or in a sent segment)."""
     session.execute(
         update(OutboxRow).where(OutboxRow.run_id == run_id, OutboxRow.step < step, OutboxRow.uploaded.is_(False)).values(uploaded=True)
     )

@@ -248,6 +248,11 @@ def backfill(
     if stop.is_set():
         err.print("interrupted: what was read is stored and what was uploaded is closed; run backfill again to finish")
         raise typer.Exit(143)
+    failing = [r for w in status.collect(db, db.node) for r in w.runs if r.rows_pending and r.last_error]
+    if failing:
+        err.print(f"{len(failing)} run(s) could not be uploaded (see the last error above); their rows stay pending: "
+                  "run backfill again once the cause is fixed")
+        raise typer.Exit(1)
 
 
 def _in_process_worker(db: Database, device: str | None, batch_size: int, roots: tuple[Path, ...], stop: threading.Event):  # type: ignore[no-untyped-def]

@@ -13,6 +13,7 @@ import json
 import math
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -24,7 +25,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import REAL_LOGS, cli, status
+from tests.conftest import REAL_LOGS, REPO, cli, service_env, status
 from tests.oracle import assert_history_matches, expected_rows
 from tests.wandb_standin import WandbStandin, b64_md5
 
@@ -214,6 +215,70 @@ def test_backfill_online_uploads_every_line_once_in_order(wandb_standin: WandbSt
     [entry] = [r for w in state["work_dirs"] for r in w["runs"]]
     assert entry["wandb_id"] == name
     assert (entry["rows_uploaded"], entry["rows_pending"], entry["last_error"]) == (384, 0, None)
+
+
+def test_history_wandb_refuses_stays_pending_and_arrives_once_when_it_is_accepted(wandb_standin: WandbStandin, tmp_path, real_logs):
+    """W&B answers 400 to every history upload: wandb-core gives up and `finish()` returns normally; nothing
+    counts as uploaded (the run's next start says W&B has no step), backfill says so and exits 1. Once W&B
+    accepts them, the next backfill sends every line, once."""
+    root = tmp_path / "root" / "eltd_r101_fpn_1x_coco"
+    root.mkdir(parents=True)
+    shutil.copy(ELTD_LOG, root / ELTD_LOG.name)
+    home = tmp_path / "home"
+    home.mkdir()
+    refusal = wandb_standin.fail("file_stream", 400, when=lambda record: "wandb-history.jsonl" in record.variables["files"])
+    refused = cli(home, "backfill", str(tmp_path / "root"), "--no-progress", check=False, timeout=300, **wandb_standin.env())
+    assert refused.returncode == 1, refused.stderr
+    [name] = [n for (_, _, n) in wandb_standin.runs]
+    assert wandb_standin.run(name).history == []
+    [entry] = [r for w in status(home)["work_dirs"] for r in w["runs"]]
+    assert (entry["rows_uploaded"], entry["rows_pending"]) == (0, 384)
+    assert "W&B kept the steps below 0 only" in entry["last_error"]
+
+    with wandb_standin.lock:
+        wandb_standin.faults.remove(refusal)
+    cli(home, "backfill", str(tmp_path / "root"), "--no-progress", timeout=300, **wandb_standin.env())
+    run = wandb_standin.run(name)
+    assert run.history_offsets == list(range(384)) and len(run.history_writes) == 384, "every line once"
+    assert_history_matches(run.history, expected_rows(ELTD_LOG))
+    [entry] = [r for w in status(home)["work_dirs"] for r in w["runs"]]
+    assert (entry["rows_uploaded"], entry["rows_pending"], entry["last_error"]) == (384, 0, None)
+    assert not list((home / "wandb").glob("*/*/wandb")), "online segment directories are removed once confirmed"
+    assert_nothing_unexpected(wandb_standin)
+
+
+def test_sigkill_mid_backfill_online_then_restart_sends_nothing_twice(wandb_standin: WandbStandin, tmp_path, real_logs):
+    """Killed once W&B has rows that the service has not seen confirmed: the restart learns W&B's starting step
+    when it starts the run again, counts what is below it as uploaded and never sends it again (no "Tried to
+    log to step" warnings)."""
+    root = tmp_path / "root" / "yolov3_d53_320_273e_coco"
+    root.mkdir(parents=True)
+    log = Path(shutil.copy(REAL_LOGS / "masati91__ELTD/work_dirs/yolov3_d53_320_273e_coco/20210422_141751.log.json", root))
+    home = tmp_path / "home"
+    home.mkdir()
+    env = {**service_env(home), **wandb_standin.env()}
+    throttle = wandb_standin.slow("file_stream", 1.0)  # so that the kill lands while rows are on their way
+    first = subprocess.Popen([sys.executable, "-m", "mmdet_wandb.cli", "backfill", str(tmp_path / "root"), "--no-progress"],
+                             env=env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        wandb_standin.wait_for(lambda: any(r.history for r in wandb_standin.runs.values()), 120, "part of the rows")
+    finally:
+        os.killpg(first.pid, signal.SIGKILL)
+        first.wait(timeout=30)
+    with wandb_standin.lock:
+        wandb_standin.faults.remove(throttle)
+    [name] = [n for (_, _, n) in wandb_standin.runs]
+    assert wandb_standin.run(name).history, "W&B has rows that the service has not seen confirmed"
+    [entry] = [r for w in status(home)["work_dirs"] for r in w["runs"]]
+    assert entry["rows_uploaded"] < 4368
+    again = cli(home, "backfill", str(tmp_path / "root"), "--no-progress", "--log-level", "INFO", timeout=300, **wandb_standin.env())
+    assert "Tried to log to step" not in again.stderr + again.stdout
+    run = wandb_standin.run(name)
+    assert run.history_offsets == list(range(4368)), "every line once, in order"
+    assert len(run.history_writes) == len(set(w.offset for w in run.history_writes)) == 4368, "nothing sent twice"
+    assert_history_matches(run.history, expected_rows(log))
+    [entry] = [r for w in status(home)["work_dirs"] for r in w["runs"]]
+    assert (entry["rows_uploaded"], entry["rows_pending"]) == (4368, 0)
 
 
 # ---- the stand-in's own controls (no wandb client) -------------------------------------------------------

@@ -162,6 +162,7 @@ class Loop:
                 on_progress("upload", uploaded, uploaded + _pending_rows(self.db))
         self.background.shutdown()
         self.writer.close_all()
+        self.writer.confirm_sent()  # online: what W&B kept, learnt before the command ends
         self.queue_artifacts()  # follow-up of what the last segments settled
 
     def _read_all(self, logs: list[FoundLog], on_progress: Callable[[str, int, int], None] | None, stop: threading.Event) -> None:

@@ -59,6 +59,7 @@ class WriterOptions:
     segment_max_rows: int = 200_000
     batch_rows: int = 5_000  # rows per run per drain call, so that one big backfill does not starve live runs
     exit_timeout_s: float = 120.0
+    finish_timeout_s: float = 120.0  # online: finish() gives up (and raises) after this; the rows stay pending
     media_dir: Path | None = None  # where val images and masks are written for the tables (default: next to runs_dir)
 
 
@@ -70,6 +71,7 @@ class _OpenSegment:
     sync_file: Path | None
     steps: list[int] = field(default_factory=list)
     last_activity: float = field(default_factory=time.monotonic)
+    uploaded_up_to: int | None = None  # the highest step W&B has (closed segments, or the server online)
 
 
 class WandbWriter:
@@ -129,7 +131,8 @@ class WandbWriter:
         for segment_id in sorted(self._undiscarded):
             self._discard_or_remember(segment_id)
         with self.db.read() as session:
-            runs = outbox.pending_runs(session)
+            runs = sorted(set(outbox.pending_runs(session)) | set(session.scalars(
+                select(Segment.run_id).where(Segment.node == node_of(session), Segment.state == SegmentState.SENT))))
             waiting = set(session.scalars(select(Run.id).where(Run.id.in_(runs), Run.retry_at > time.time())))
         waiting |= {run_id for run_id, until in self._not_before.items() if until > time.time()}
         logged = 0
@@ -171,7 +174,22 @@ class WandbWriter:
             self._discard_or_remember(seg.segment_id)
             self._fail_run(run_id, exc)
             return
+        if self.options.mode == "online":
+            self._sent(seg)
+            return
         self._closing[run_id] = self._verifier.submit(self._settle_finished, seg)
+
+    def _sent(self, seg: _OpenSegment) -> None:
+        """Online, `finish()` returning says nothing of what W&B kept (it returns normally after W&B refused
+        the rows): the segment waits, as sent, for the run's next start, whose starting step is what W&B has."""
+        with self.db.transaction() as session:
+            segment = session.get_one(Segment, seg.segment_id)
+            content = outbox.content(session, seg.segment_id)
+            segment.state = SegmentState.SENT if content.steps or content.artifacts else SegmentState.CLOSED
+            segment.closed_at = utcnow()
+            directory = Path(segment.dir)
+        if not (content.steps or content.artifacts):  # nothing to confirm: wandb-core's local files can go
+            shutil.rmtree(directory, ignore_errors=True)
 
     def _settle_finished(self, seg: _OpenSegment) -> None:
         """In the verifier thread: files and the DB only."""
@@ -190,15 +208,23 @@ class WandbWriter:
         return future is not None
 
     def _drain_run(self, run_id: int) -> int:
+        """Log the run's pending rows, then its pending artifacts, into its open segment (opened first if need
+        be: online, that start also settles the run's sent segments by what W&B has)."""
+        seg = self._open.get(run_id)
+        if seg is None:
+            with self.db.read() as session:
+                due = outbox.pending_runs(session) + list(session.scalars(
+                    select(Segment.run_id).where(Segment.run_id == run_id, Segment.state == SegmentState.SENT)))
+            if run_id not in due:
+                return 0
+            seg = self._open_segment(run_id)
         with self.db.read() as session:
             rows = outbox.pending_rows(session, run_id, self.options.batch_rows)
             entries = outbox.pending_artifacts(session, run_id)
-        if not rows and not entries:
-            return 0
-        seg = self._open.get(run_id) or self._open_segment(run_id, rows[0].step if rows else None)
         if rows:
-            if seg.steps and rows[0].step <= seg.steps[-1]:
-                raise RuntimeError(f"run {run_id}: step {rows[0].step} is not above {seg.steps[-1]}")
+            floor = seg.steps[-1] if seg.steps else seg.uploaded_up_to
+            if floor is not None and rows[0].step <= floor:
+                raise RuntimeError(f"run {run_id}: step {rows[0].step} is not above {floor}, which W&B has or this segment holds")
             for row in rows:
                 seg.handle.log(json.loads(row.payload_json), step=row.step, commit=True)
                 seg.steps.append(row.step)
@@ -245,7 +271,7 @@ class WandbWriter:
         log.info("run %s: logged %s %s", wandb_id, built.artifact.name, ", ".join(entry.aliases))
         return 1
 
-    def _open_segment(self, run_id: int, first_step: int | None) -> _OpenSegment:
+    def _open_segment(self, run_id: int) -> _OpenSegment:
         """Start a new segment of the run. Its row is recorded only once `wandb.init` succeeded (DESIGN 10): a
         run that W&B refuses leaves nothing behind, and a crash in between leaves a directory that no segment
         owns, which `recover` deletes."""
@@ -254,8 +280,6 @@ class WandbWriter:
             done = session.scalar(
                 select(func.max(Segment.last_step)).where(Segment.run_id == run_id, Segment.state == SegmentState.CLOSED)
             )
-            if done is not None and first_step is not None and first_step <= done:
-                raise RuntimeError(f"run {run.wandb_id}: pending step {first_step} is not above uploaded step {done}")
             seq = (session.scalar(select(func.max(Segment.seq)).where(Segment.run_id == run_id)) or 0) + 1
             directory = self.options.runs_dir / run.wandb_id / f"{seq:04d}"
             init = self._init_kwargs(run, directory)
@@ -279,7 +303,7 @@ class WandbWriter:
             _abandon(handle, directory)
             raise
         crash_points.reached("segment-recorded")
-        seg = _OpenSegment(segment_id=segment_id, run_id=run_id, handle=handle, sync_file=None)
+        seg = _OpenSegment(segment_id=segment_id, run_id=run_id, handle=handle, sync_file=None, uploaded_up_to=done)
         self._open[run_id] = seg
         _define_metrics(handle, by_epoch)
         if config:
@@ -287,7 +311,8 @@ class WandbWriter:
         if config_file is not None:
             _save_config_file(handle, directory, *config_file)
         if self.options.mode == "online":
-            self._mark_already_on_server(run_id, handle.step)
+            self._settle_sent(run_id, handle.starting_step)
+            seg.uploaded_up_to = max(done or 0, handle.starting_step - 1)
         seg.sync_file = Path(handle.settings.sync_file) if self.options.mode == "offline" else None
         log.info("run %s: opened segment %s in %s", init["id"], seq, directory)
         return seg
@@ -311,13 +336,52 @@ class WandbWriter:
                 disable_git=True,
                 disable_code=True,
                 x_transaction_log_flush_interval=self.options.flush_interval_s,
+                **({"finish_timeout": self.options.finish_timeout_s, "finish_timeout_raises": True} if self.options.mode == "online" else {}),
             ),
         )
         return kwargs
 
-    def _mark_already_on_server(self, run_id: int, server_step: int) -> None:
+    def confirm_sent(self) -> None:
+        """Online, at the end of a backfill: start each run with sent segments once more, only to learn what W&B
+        has (its starting step), so that rows W&B did not keep are pending, with the error, when the command ends."""
+        with self.db.read() as session:
+            runs = sorted(set(session.scalars(
+                select(Segment.run_id).where(Segment.node == node_of(session), Segment.state == SegmentState.SENT))))
+        for run_id in runs:
+            if run_id in self._open:
+                continue
+            try:
+                seg = self._open_segment(run_id)
+            except Exception as exc:
+                log.exception("run %s: could not start it to confirm what W&B has", run_id)
+                self._fail_run(run_id, exc)
+                continue
+            self._open.pop(run_id)
+            _abandon(seg.handle, None, exit_code=0)
+            self._sent(seg)  # it logged nothing: closed at once
+
+    def _settle_sent(self, run_id: int, server_next_step: int) -> None:
+        """Online: the run just started again and W&B says it holds every step below `server_next_step`. Rows
+        below it are uploaded (sent before, or before a crash; never sent again); the rest of each sent segment
+        goes back to the outbox, and sent segments are settled and their local files removed."""
         with self.db.transaction() as session:
-            outbox.mark_below_step(session, run_id, server_step)
+            sent = session.scalars(select(Segment).where(Segment.run_id == run_id, Segment.state == SegmentState.SENT)).all()
+            for segment in sent:
+                returned = outbox.confirm_sent(session, segment.id, server_next_step)
+                segment.state = SegmentState.DISCARDED if returned else SegmentState.CLOSED
+                if returned:
+                    log.warning("run %s: W&B has the steps below %d only; %d rows of segment %s go again",
+                                run_id, server_next_step, returned, segment.seq)
+            outbox.mark_below_step(session, run_id, server_next_step)
+            settled = [Path(segment.dir) for segment in sent]
+            missing = sum(1 for segment in sent if segment.state is SegmentState.DISCARDED)
+            if sent and not missing:
+                run = session.get_one(Run, run_id)
+                run.last_error, run.failures, run.retry_at = None, 0, None
+        for directory in settled:
+            shutil.rmtree(directory, ignore_errors=True)
+        if missing:
+            self._record_failure(run_id, RuntimeError(f"W&B kept the steps below {server_next_step} only: the rest is sent again"))
 
     def _verify_and_close(self, segment_id: int, sync_file: Path | None, *, wait: bool = True) -> None:
         """`wait`: the segment was just finished by this process, and wandb-core may still be writing its end."""
@@ -348,8 +412,7 @@ class WandbWriter:
             directory = directory or Path(segment.dir)
             outbox.release(session, segment_id)
         crash_points.reached("segment-discarded")
-        if segment.mode == "offline":
-            shutil.rmtree(directory, ignore_errors=True)
+        shutil.rmtree(directory, ignore_errors=True)  # offline: never synced; online: wandb-core's local files
 
     def _fail_run(self, run_id: int, exc: BaseException) -> None:
         """Contain a failure to its run: its open segment is discarded (rebuilt later from the DB), and the run
@@ -407,10 +470,10 @@ def retry_now(db: Database, wandb_ids: list[str] | None = None) -> int:
         return session.execute(stmt.values(retry_at=None)).rowcount
 
 
-def _abandon(handle: Any, directory: Path | None) -> None:
+def _abandon(handle: Any, directory: Path | None, exit_code: int = 1) -> None:
     """End a run object that will not be verified, and delete what it wrote when no segment owns it."""
     try:
-        handle.finish(exit_code=1)
+        handle.finish(exit_code=exit_code)
     except Exception:  # the run object is already broken
         log.debug("finish of an abandoned run object raised", exc_info=True)
     if directory is not None:
