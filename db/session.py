@@ -18,6 +18,7 @@ from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.orm import Session, sessionmaker
 
 MIGRATIONS = Path(__file__).with_name("migrations")
+MIGRATION_LOCK = 0x6D6D6477  # PostgreSQL advisory lock key held while migrating ("mmdw")
 
 
 def sqlite_url(path: Path) -> str:
@@ -49,6 +50,8 @@ class Database:
                 driver.execute("PRAGMA foreign_keys=OFF")  # outside any transaction, or it has no effect
             try:
                 with connection.begin():
+                    if not self.is_sqlite:  # services starting together on one PostgreSQL migrate one after the other
+                        connection.exec_driver_sql(f"SELECT pg_advisory_xact_lock({MIGRATION_LOCK})")
                     cfg.attributes["connection"] = connection
                     command.upgrade(cfg, "head")
             finally:

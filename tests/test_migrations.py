@@ -78,3 +78,23 @@ def test_an_existing_state_db_keeps_what_was_uploaded(empty_db: Database) -> Non
     with db.engine.connect() as connection:
         assert connection.execute(sa.text("SELECT md5_b64, sha256, node FROM checkpoints")).one() == ("bWQ1", "aa", "n1")
         assert json.loads(connection.execute(sa.text("SELECT metadata_json FROM outbox_artifacts WHERE kind = 'model'")).scalar())
+
+
+def _upgrade(url: str) -> None:
+    Database(url).upgrade()
+
+
+def test_services_starting_together_on_one_postgresql_migrate_one_after_the_other(postgres_url: str) -> None:
+    """Uploaders and workers of several nodes start at once against an empty PostgreSQL: each migrates or
+    finds the schema migrated, none fails on the other's half-made tables."""
+    import multiprocessing
+
+    context = multiprocessing.get_context("spawn")
+    processes = [context.Process(target=_upgrade, args=(postgres_url,)) for _ in range(4)]
+    for process in processes:
+        process.start()
+    for process in processes:
+        process.join(120)
+    assert [p.exitcode for p in processes] == [0, 0, 0, 0]
+    current, head = Database(postgres_url).revisions()
+    assert current == head

@@ -93,7 +93,7 @@ class WandbWriter:
     def recover(self) -> None:
         """Settle what a previous process left, reading each file once and waiting for nothing: an open segment
         whose file is complete and holds what was logged is closed; any other (incomplete, truncated,
-        unreadable, missing) is rebuilt from the DB. Then every segment directory that no open or closed
+        unreadable, missing) is rebuilt from the DB. Then every segment directory that no open, sent or closed
         segment owns (a crash between `wandb.init` and recording the segment, or between discarding one and
         deleting it) is deleted, so that `wandb sync` of the whole folder never uploads a step twice."""
         with self.db.transaction() as session:
@@ -113,7 +113,7 @@ class WandbWriter:
     def _delete_unowned_segment_dirs(self) -> None:
         with self.db.read() as session:
             owned = {
-                Path(d) for d in session.scalars(select(Segment.dir).where(Segment.node == node_of(session), Segment.state.in_((SegmentState.OPEN, SegmentState.CLOSED))))
+                Path(d) for d in session.scalars(select(Segment.dir).where(Segment.node == node_of(session), Segment.state.in_((SegmentState.OPEN, SegmentState.SENT, SegmentState.CLOSED))))
             }
             runs = set(session.scalars(select(Run.wandb_id).where(Run.node == node_of(session))))
         root = self.options.runs_dir
@@ -209,15 +209,9 @@ class WandbWriter:
 
     def _drain_run(self, run_id: int) -> int:
         """Log the run's pending rows, then its pending artifacts, into its open segment (opened first if need
-        be: online, that start also settles the run's sent segments by what W&B has)."""
-        seg = self._open.get(run_id)
-        if seg is None:
-            with self.db.read() as session:
-                due = outbox.pending_runs(session) + list(session.scalars(
-                    select(Segment.run_id).where(Segment.run_id == run_id, Segment.state == SegmentState.SENT)))
-            if run_id not in due:
-                return 0
-            seg = self._open_segment(run_id)
+        be: online, that start also settles the run's sent segments by what W&B has). `drain` calls it for
+        runs with something pending or sent only."""
+        seg = self._open.get(run_id) or self._open_segment(run_id)
         with self.db.read() as session:
             rows = outbox.pending_rows(session, run_id, self.options.batch_rows)
             entries = outbox.pending_artifacts(session, run_id)
