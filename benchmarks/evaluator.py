@@ -18,7 +18,7 @@ resized to 128x128 before the model sees it.
    ``workers_per_gpu``, pretrained weights off, ``load_checkpoint``, CLASSES from the checkpoint,
    ``build_dp(model, device, device_ids=[0])``, ``mmdet.apis.single_gpu_test``, then ``dataset.evaluate``
    with the config's evaluation options). Same checkpoint (the last one), same config (the checkpoint's),
-   same val images: the baseline's dataset is ``data.val`` restricted to ``evaluator.records.subset_indices``
+   same val images: the baseline's dataset is ``data.val`` restricted to ``common.records.subset_indices``
    in that order (data_infos and img_ids, as a val annotation file with just those images would be).
    Each side lives in its own long-lived process (tools/test.py's process-wide settings, e.g.
    ``cv2.setNumThreads(0)``, stay on its side); after one untimed warm-up call each (a few images), the
