@@ -28,6 +28,8 @@ def reached(point: str) -> None:
     if not wanted:
         return
     name, _, nth = wanted.partition(":")
+    if name not in POINTS:  # a misspelt point would never be reached: a test would pass without its crash
+        raise ValueError(f"MMDET_WANDB_CRASH_AT={wanted}: no such crash point; known: {', '.join(sorted(POINTS))}")
     if name != point:
         return
     _hits[point] = _hits.get(point, 0) + 1

@@ -75,12 +75,6 @@ def add_artifact(session: Session, run_id: int, kind: ArtifactKind, key: str, **
     return True
 
 
-def artifact_keys(run_id: int | None = None):  # type: ignore[no-untyped-def]
-    """The keys queued so far (a subquery), so that producers queue what is new only."""
-    query = select(OutboxArtifact.key)
-    return query if run_id is None else query.where(OutboxArtifact.run_id == run_id)
-
-
 def pending_runs(session: Session) -> list[int]:
     """This node's runs with something to upload."""
     rows = select(OutboxRow.run_id).where(*_PENDING_ROW)

@@ -26,10 +26,6 @@ class Background:
                 return
             self._running[key] = self._pool.submit(self._logged, key, task, *args)
 
-    def busy(self, key: str) -> bool:
-        with self._lock:
-            return key in self._running and not self._running[key].done()
-
     def wait(self, timeout: float | None = None) -> None:
         """Until every task submitted so far is done (backfill, shutdown)."""
         with self._lock:

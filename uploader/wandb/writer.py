@@ -131,8 +131,7 @@ class WandbWriter:
         for segment_id in sorted(self._undiscarded):
             self._discard_or_remember(segment_id)
         with self.db.read() as session:
-            runs = sorted(set(outbox.pending_runs(session)) | set(session.scalars(
-                select(Segment.run_id).where(Segment.node == node_of(session), Segment.state == SegmentState.SENT))))
+            runs = sorted(set(outbox.pending_runs(session)) | _runs_with_sent_segments(session))
             waiting = set(session.scalars(select(Run.id).where(Run.id.in_(runs), Run.retry_at > time.time())))
         waiting |= {run_id for run_id, until in self._not_before.items() if until > time.time()}
         logged = 0
@@ -339,8 +338,7 @@ class WandbWriter:
         """Online, at the end of a backfill: start each run with sent segments once more, only to learn what W&B
         has (its starting step), so that rows W&B did not keep are pending, with the error, when the command ends."""
         with self.db.read() as session:
-            runs = sorted(set(session.scalars(
-                select(Segment.run_id).where(Segment.node == node_of(session), Segment.state == SegmentState.SENT))))
+            runs = sorted(_runs_with_sent_segments(session))
         for run_id in runs:
             if run_id in self._open:
                 continue
@@ -462,6 +460,11 @@ def retry_now(db: Database, wandb_ids: list[str] | None = None) -> int:
         if wandb_ids:
             stmt = stmt.where(Run.wandb_id.in_(wandb_ids))
         return session.execute(stmt.values(retry_at=None)).rowcount
+
+
+def _runs_with_sent_segments(session: Any) -> set[int]:
+    """This node's runs whose online segments wait for W&B to confirm them."""
+    return set(session.scalars(select(Segment.run_id).where(Segment.node == node_of(session), Segment.state == SegmentState.SENT)))
 
 
 def _abandon(handle: Any, directory: Path | None, exit_code: int = 1) -> None:
