@@ -365,3 +365,17 @@ class OutboxArtifact(Base):
     segment_id: Mapped[int | None] = mapped_column(ForeignKey("segments.id"), nullable=True)
     uploaded: Mapped[bool] = mapped_column(Boolean, default=False)
     created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class WandbReachability(Base):
+    """Online: whether this node's uploader reaches W&B. One row per node, written when the circuit opens or
+    closes, so that `status` (another process) can say that every upload waits for W&B, and until when."""
+
+    __tablename__ = "wandb_reachability"
+
+    node: Mapped[str] = mapped_column(String(255), primary_key=True)
+    base_url: Mapped[str] = mapped_column(String(2048))
+    error: Mapped[str | None] = mapped_column(Text, nullable=True)  # None: reachable
+    since: Mapped[float | None] = mapped_column(Float, nullable=True)  # when it became unreachable
+    failures: Mapped[int] = mapped_column(Integer, default=0)  # failed probes in a row
+    retry_at: Mapped[float | None] = mapped_column(Float, nullable=True)  # the next probe

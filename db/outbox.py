@@ -124,15 +124,29 @@ def reject(session: Session, artifact_id: int, error: str) -> None:
     session.execute(update(OutboxArtifact).where(OutboxArtifact.id == artifact_id).values(error=error))
 
 
-def logged_val(session: Session, run_id: int, manifest_id: int) -> dict[str, Any] | None:
-    """The record of the run's `val` artifact for a manifest, once logged (in this segment or an earlier one)."""
-    found = session.scalar(
-        select(OutboxArtifact.logged_json).where(
-            OutboxArtifact.run_id == run_id, OutboxArtifact.kind == ArtifactKind.VAL,
-            OutboxArtifact.manifest_id == manifest_id, OutboxArtifact.logged_json.is_not(None),
-        )
+def logged_val(session: Session, run_id: int, manifest_id: int, *, uploaded_only: bool = False) -> dict[str, Any] | None:
+    """The record of the run's `val` artifact for a manifest, once logged (in this segment or an earlier one);
+    `uploaded_only`: once W&B has committed it."""
+    query = select(OutboxArtifact.logged_json).where(
+        OutboxArtifact.run_id == run_id, OutboxArtifact.kind == ArtifactKind.VAL,
+        OutboxArtifact.manifest_id == manifest_id, OutboxArtifact.logged_json.is_not(None),
     )
+    found = session.scalar(query.where(OutboxArtifact.uploaded.is_(True)) if uploaded_only else query)
     return json.loads(found) if found is not None else None
+
+
+def artifacts_committed(session: Session, committed: dict[int, dict[str, Any]]) -> None:
+    """Online: W&B has committed these artifacts (outbox id → the version it holds, kept in the record)."""
+    for entry in session.scalars(select(OutboxArtifact).where(OutboxArtifact.id.in_(list(committed)))):
+        entry.uploaded = True
+        entry.logged_json = json.dumps({**json.loads(entry.logged_json or "{}"), **committed[entry.id]})
+
+
+def release_artifacts(session: Session, ids: list[int]) -> None:
+    """Online: these artifacts were logged but W&B did not commit them: pending again."""
+    if ids:
+        session.execute(update(OutboxArtifact).where(OutboxArtifact.id.in_(ids), OutboxArtifact.uploaded.is_(False))
+                        .values(segment_id=None, logged_json=None))
 
 
 @dataclass(frozen=True)
@@ -166,12 +180,16 @@ def release(session: Session, segment_id: int) -> None:
 
 
 def confirm_sent(session: Session, segment_id: int, server_next_step: int) -> int:
-    """Online: W&B has every step below `server_next_step`. The segment's rows below it are uploaded (with its
-    artifacts, which were logged before it finished); the others go back to the outbox. Returns how many."""
+    """Online: W&B has every step below `server_next_step`. The segment's rows below it are uploaded; the others
+    go back to the outbox, and so does any artifact that was not confirmed committed when the segment was sent.
+    Returns how many rows go again."""
     session.execute(
         update(OutboxRow).where(OutboxRow.segment_id == segment_id, OutboxRow.step < server_next_step).values(uploaded=True)
     )
-    session.execute(update(OutboxArtifact).where(OutboxArtifact.segment_id == segment_id).values(uploaded=True))
+    session.execute(
+        update(OutboxArtifact).where(OutboxArtifact.segment_id == segment_id, OutboxArtifact.uploaded.is_(False))
+        .values(segment_id=None, logged_json=None)
+    )
     return session.execute(
         update(OutboxRow)
         .where(OutboxRow.segment_id == segment_id, OutboxRow.uploaded.is_(False))

@@ -60,6 +60,7 @@ IncompleteAfterOpt = Annotated[float, typer.Option(help="Seconds a checkpoint ma
 DeviceOpt = Annotated[Optional[str], typer.Option(help="cuda:N or cpu (default: cuda:0 when a GPU is visible, else cpu)")]
 NodeOpt = Annotated[Optional[str], typer.Option("--node", envvar="MMDET_WANDB_NODE", show_envvar=False, help="This uploader's name in a shared state DB: it reads and changes only its own rows (env: MMDET_WANDB_NODE; default: the host name)")]
 DatasetRootOpt = Annotated[Optional[list[Path]], typer.Option("--dataset-root", help="Where relative dataset paths of training configs are looked for first; repeatable (env: MMDET_WANDB_DATASET_ROOTS, separated by ':')")]
+WandbTimeoutOpt = Annotated[float, typer.Option("--wandb-timeout", envvar="MMDET_WANDB_TIMEOUT", show_envvar=False, help="Online: seconds one W&B start, finish or the artifact commits of a segment may take before it counts as failed (env: MMDET_WANDB_TIMEOUT)")]
 BatchSizeOpt = Annotated[int, typer.Option(help="Images per inference batch (halved on CUDA out of memory)")]
 
 # The hook's options (CLI > MMDET_WANDB_<OPTION> > config file > MMDetWandbHook entry > defaults; see `config show`)
@@ -175,6 +176,7 @@ def watch(
     segment_idle: Annotated[float, typer.Option(help="Seconds idle after which a W&B segment is closed")] = 30.0,
     checkpoint_settle: Annotated[float, typer.Option(help="Seconds a checkpoint must stay unchanged between two looks")] = 2.0,
     checkpoint_incomplete_after: IncompleteAfterOpt = 600.0,
+    wandb_timeout: WandbTimeoutOpt = 60.0,
     node: NodeOpt = None,
     log_level: LogLevelOpt = "INFO",
     log_format: LogFormatOpt = LogFormat.TEXT,
@@ -185,7 +187,7 @@ def watch(
     layers = _layers(home, hook_flags)
     ckpt = CheckpointOptions(store_dir=home.store_dir, layers=layers, settle_s=checkpoint_settle,
                              incomplete_after_s=checkpoint_incomplete_after)
-    writer = _writer(db, home, layers, segment_idle_s=segment_idle)
+    writer = _writer(db, home, layers, segment_idle_s=segment_idle, wandb_timeout_s=wandb_timeout)
     options = LoopOptions(
         roots=tuple(root_paths),
         ingest=IngestOptions(fresh_launch=fresh_launch, finish_idle_s=finish_after, layers=layers),
@@ -212,6 +214,7 @@ def backfill(
     fresh_launch: FreshOpt = FreshLaunch.NEW_RUN,
     progress: Annotated[bool, typer.Option(help="Show progress bars")] = True,
     checkpoint_incomplete_after: IncompleteAfterOpt = 10.0,
+    wandb_timeout: WandbTimeoutOpt = 60.0,
     node: NodeOpt = None,
     log_level: LogLevelOpt = "WARNING",
     log_format: LogFormatOpt = LogFormat.TEXT,
@@ -222,7 +225,7 @@ def backfill(
     home, db = _setup(data_dir, root_paths, log_level, log_format, "backfill", node)
     layers = _layers(home, hook_flags)
     ckpt = CheckpointOptions(store_dir=home.store_dir, layers=layers, incomplete_after_s=checkpoint_incomplete_after)
-    writer = _writer(db, home, layers)
+    writer = _writer(db, home, layers, wandb_timeout_s=wandb_timeout)
     options = LoopOptions(
         roots=tuple(root_paths), ingest=IngestOptions(fresh_launch=fresh_launch, finish_idle_s=0.0, layers=layers),
         checkpoints=ckpt,
@@ -248,10 +251,15 @@ def backfill(
     if stop.is_set():
         err.print("interrupted: what was read is stored and what was uploaded is closed; run backfill again to finish")
         raise typer.Exit(143)
-    failing = [r for w in status.collect(db, db.node) for r in w.runs if r.rows_pending and r.last_error]
+    if writer.unreachable():
+        pending = sum(r.rows_pending for w in status.collect(db, db.node) for r in w.runs)
+        err.print(f"W&B is unreachable ({writer.circuit.error}): {pending} row(s) stay pending; run backfill again "  # type: ignore[union-attr]
+                  "once it answers")
+        raise typer.Exit(1)
+    failing = [r for w in status.collect(db, db.node) for r in w.runs if (r.rows_pending or r.artifacts_pending) and r.last_error]
     if failing:
-        err.print(f"{len(failing)} run(s) could not be uploaded (see the last error above); their rows stay pending: "
-                  "run backfill again once the cause is fixed")
+        err.print(f"{len(failing)} run(s) could not be uploaded (see the last error above); their rows and artifacts stay "
+                  "pending: run backfill again once the cause is fixed")
         raise typer.Exit(1)
 
 
@@ -459,9 +467,15 @@ def clean_store_command(data_dir: DataDirOpt = None, node: NodeOpt = None) -> No
 
 def _print_status(db: Database, *, as_json: bool, console: Console, node: str | None = None) -> None:
     statuses = status.collect(db, node)
+    unreachable = status.unreachable(db, node)
     if as_json:
-        print(json.dumps(status.as_json(statuses, status.problems(db, node)), indent=2))
+        print(json.dumps(status.as_json(statuses, status.problems(db, node), unreachable), indent=2))
         return
+    for down in unreachable:
+        since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(down["since"])) if down["since"] else "?"
+        wait = max(0.0, (down["retry_at"] or time.time()) - time.time())
+        console.print(f"[red]W&B unreachable[/red] from node {down['node']} since {since} ({down['base_url']}: {down['error']}): "
+                      f"uploads wait, logs are still read; next try in {wait:.0f} s")
     table = Table(title="mmdet-wandb status")
     several_nodes = len({s.node for s in statuses}) > 1
     for column in ("node",) * several_nodes + ("work_dir", "logs", "W&B run", "uploaded", "pending", "checkpoints", "eval jobs", "problems / last error"):

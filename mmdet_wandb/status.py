@@ -7,11 +7,12 @@ from typing import Any
 
 from sqlalchemy import case, func, select
 
-from db import outbox
+from db import outbox, reachability
 from db.models import (
     ArtifactKind,
     Checkpoint,
     EvalJob,
+    OutboxArtifact,
     JobState,
     OutboxRow,
     Problem,
@@ -36,6 +37,7 @@ class RunStatus:
     closed_segment_dirs: list[str] = field(default_factory=list)  # what `wandb sync` may upload
     failures: int = 0  # upload failures in a row
     retry_at: float | None = None  # epoch seconds of the next try after a failure
+    artifacts_pending: int = 0  # checkpoint versions and tables not uploaded yet (not counting ones that cannot be built)
 
 
 @dataclass
@@ -85,6 +87,11 @@ def collect(db: Database, node: str | None = None) -> list[WorkDirStatus]:
                 ).group_by(OutboxRow.run_id)
             )
         }
+        artifacts_pending = dict(session.execute(
+            select(OutboxArtifact.run_id, func.count())
+            .where(OutboxArtifact.uploaded.is_(False), OutboxArtifact.error.is_(None))
+            .group_by(OutboxArtifact.run_id)
+        ).tuples().all())
         closed: dict[int, list[str]] = {}
         for run_id, directory in session.execute(
             select(Segment.run_id, Segment.dir).where(Segment.state == SegmentState.CLOSED).order_by(Segment.seq)
@@ -95,7 +102,7 @@ def collect(db: Database, node: str | None = None) -> list[WorkDirStatus]:
             work_dirs[run.work_dir_id].runs.append(
                 RunStatus(
                     run.wandb_id, run.name, run.job_type, up, pending, len(closed.get(run.id, [])), run.last_error,
-                    closed.get(run.id, []), run.failures, run.retry_at,
+                    closed.get(run.id, []), run.failures, run.retry_at, artifacts_pending.get(run.id, 0),
                 )
             )
         models = outbox.outcomes(session, ArtifactKind.MODEL)
@@ -148,8 +155,14 @@ def _problems_of(node: str | None):  # type: ignore[no-untyped-def]
     return query if node is None else query.where(Problem.node == node)
 
 
-def as_json(statuses: list[WorkDirStatus], problem_list: list[dict[str, Any]]) -> dict[str, Any]:
-    return {"work_dirs": [asdict(s) for s in statuses], "problems": problem_list}
+def unreachable(db: Database, node: str | None = None) -> list[dict[str, Any]]:
+    """Online: the nodes whose uploader does not reach W&B now (every upload of theirs waits)."""
+    with db.read() as session:
+        return reachability.unreachable(session, node)
+
+
+def as_json(statuses: list[WorkDirStatus], problem_list: list[dict[str, Any]], unreachable_list: list[dict[str, Any]]) -> dict[str, Any]:
+    return {"work_dirs": [asdict(s) for s in statuses], "problems": problem_list, "wandb_unreachable": unreachable_list}
 
 
 def _by_path(statuses: Any, path: str) -> WorkDirStatus | None:

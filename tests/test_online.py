@@ -58,8 +58,10 @@ elif mode == "artifact":
     artifact = wandb.Artifact("standin-model", type="model")
     artifact.add_file(sys.argv[3], name="weights.bin")
     run.log_artifact(artifact, aliases=["best", "epoch_3"])
+    artifact.wait(timeout=60)
+    waited = {"version": artifact.version, "state": artifact.state}
     run.finish()
-    print(json.dumps({"digest": artifact.digest, "name": artifact.name}))
+    print(json.dumps({"digest": artifact.digest, "name": artifact.name, **waited}))
 """
 
 
@@ -131,6 +133,7 @@ def test_client_artifact_is_committed_with_its_digest_and_aliases(wandb_standin:
     assert artifact.entries["weights.bin"]["size"] == len(payload)
     assert artifact.files == {"weights.bin": payload}
     assert set(artifact.aliases) == {"latest", "best", "epoch_3"}
+    assert (logged["version"], logged["state"]) == ("v0", "COMMITTED"), "Artifact.wait() read the commit back"
     assert_nothing_unexpected(wandb_standin)
 
 
@@ -326,3 +329,223 @@ def test_standin_fault_controls(wandb_standin: WandbStandin):
     assert _graphql(wandb_standin, "Viewer")[0] == 200
     assert wandb_standin.operations().count("Viewer") == 7
 
+
+
+# ---- W&B failures, through the service ---------------------------------------------------------------------
+
+TIMEOUT = "8"  # --wandb-timeout of the tests: the most one start, finish or artifact wait may take
+
+
+def two_work_dirs(tmp_path: Path) -> Path:
+    """Two work_dirs (two runs) holding the ELTD log (384 rows each)."""
+    root = tmp_path / "root"
+    for name in ("eltd_a", "eltd_b"):
+        (root / name).mkdir(parents=True)
+        shutil.copy(ELTD_LOG, root / name / ELTD_LOG.name)
+    return root
+
+
+def runs_of(home: Path) -> list[dict[str, Any]]:
+    return [r for w in status(home)["work_dirs"] for r in w["runs"]]
+
+
+def assert_every_line_once(standin: WandbStandin, home: Path, rows: int = 384, log: Path = ELTD_LOG) -> None:
+    expected = expected_rows(log)
+    for entry in runs_of(home):
+        run = standin.run(entry["wandb_id"])
+        assert run.history_offsets == list(range(rows)), "every line, in order"
+        assert len(run.history_writes) == rows, "no line twice"
+        assert_history_matches(run.history, expected)
+        assert (entry["rows_uploaded"], entry["rows_pending"], entry["last_error"]) == (rows, 0, None)
+
+
+def test_wandb_down_from_the_start_backfill_ends_at_once_and_uploads_once_back(wandb_standin: WandbStandin, tmp_path, real_logs):
+    """No W&B at all: one probe says so, no run is started (no 90 s init timeout per run), the rows stay
+    pending, status says W&B is unreachable, exit 1. Once W&B is back, every line arrives once."""
+    root = two_work_dirs(tmp_path)
+    home = tmp_path / "home"
+    env = wandb_standin.env()
+    wandb_standin.stop()
+    started = time.monotonic()
+    down = cli(home, "backfill", str(root), "--no-progress", "--wandb-timeout", TIMEOUT, check=False, timeout=300, **env)
+    took = time.monotonic() - started
+    assert down.returncode == 1, down.stderr
+    assert "W&B is unreachable" in down.stderr and "768 row(s) stay pending" in down.stderr
+    assert took < 60, f"backfill took {took:.0f} s with W&B down"
+    state = status(home)
+    [unreachable] = state["wandb_unreachable"]
+    assert unreachable["base_url"] == wandb_standin.url and "Connection refused" in unreachable["error"]
+    assert [(r["rows_uploaded"], r["rows_pending"]) for r in runs_of(home)] == [(0, 384), (0, 384)]
+    table = cli(home, "status").stdout
+    assert "W&B unreachable" in table and "uploads wait" in table
+
+    wandb_standin.start()
+    cli(home, "backfill", str(root), "--no-progress", "--wandb-timeout", TIMEOUT, timeout=300, **env)
+    assert_every_line_once(wandb_standin, home)
+    assert status(home)["wandb_unreachable"] == []
+    assert_nothing_unexpected(wandb_standin)
+
+
+@pytest.mark.parametrize("code", [500, 429])
+def test_history_server_errors_leave_rows_pending_then_arrive_once(wandb_standin: WandbStandin, tmp_path, real_logs, code):
+    """W&B answers every history upload with a server error: wandb-core retries until the finish times out;
+    W&B still answers (the probe), so it is a failure of these runs (backoff, error in status), not of W&B."""
+    root = two_work_dirs(tmp_path)
+    home = tmp_path / "home"
+    refusal = wandb_standin.fail("file_stream", code, when=lambda record: "wandb-history.jsonl" in record.variables["files"])
+    started = time.monotonic()
+    refused = cli(home, "backfill", str(root), "--no-progress", "--wandb-timeout", TIMEOUT, check=False, timeout=300, **wandb_standin.env())
+    assert refused.returncode == 1, refused.stderr
+    assert time.monotonic() - started < 120
+    assert any(r.status == code for r in wandb_standin.requests_to("file_stream"))
+    state = status(home)
+    assert state["wandb_unreachable"] == []
+    for entry in runs_of(home):
+        assert (entry["rows_uploaded"], entry["rows_pending"]) == (0, 384)
+        assert "Timed out finishing run" in entry["last_error"]
+
+    with wandb_standin.lock:
+        wandb_standin.faults.remove(refusal)
+    cli(home, "backfill", str(root), "--no-progress", "--wandb-timeout", TIMEOUT, timeout=300, **wandb_standin.env())
+    assert_every_line_once(wandb_standin, home)
+    assert_nothing_unexpected(wandb_standin)
+
+
+def test_server_killed_mid_backfill_ends_in_bounded_time_then_every_line_once(wandb_standin: WandbStandin, tmp_path, real_logs):
+    root = tmp_path / "root" / "yolov3_d53_320_273e_coco"
+    root.mkdir(parents=True)
+    log = Path(shutil.copy(REAL_LOGS / "masati91__ELTD/work_dirs/yolov3_d53_320_273e_coco/20210422_141751.log.json", root))
+    home = tmp_path / "home"
+    home.mkdir()
+    env = {**service_env(home), **wandb_standin.env()}
+    throttle = wandb_standin.slow("file_stream", 1.0)
+    backfill = subprocess.Popen([sys.executable, "-m", "mmdet_wandb.cli", "backfill", str(root.parent), "--no-progress",
+                                 "--wandb-timeout", TIMEOUT], env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        wandb_standin.wait_for(lambda: any(r.history for r in wandb_standin.runs.values()), 120, "part of the rows")
+        wandb_standin.stop()
+        killed = time.monotonic()
+        _, stderr = backfill.communicate(timeout=180)
+    finally:
+        if backfill.poll() is None:
+            backfill.kill()
+            backfill.communicate()
+    assert time.monotonic() - killed < 2 * int(TIMEOUT) + 40, "a finish timeout, a probe and a wandb-core restart"
+    assert backfill.returncode == 1 and "W&B is unreachable" in stderr, stderr
+    [entry] = runs_of(home)
+    assert entry["rows_pending"] > 0
+    assert status(home)["wandb_unreachable"]
+
+    with wandb_standin.lock:
+        wandb_standin.faults.remove(throttle)
+    wandb_standin.start()
+    again = cli(home, "backfill", str(root.parent), "--no-progress", "--log-level", "INFO", timeout=300, **wandb_standin.env())
+    assert "Tried to log to step" not in again.stderr + again.stdout
+    [entry] = runs_of(home)
+    run = wandb_standin.run(entry["wandb_id"])
+    assert run.history_offsets == list(range(4368)), "every line once, in order"
+    assert len(run.history_writes) == len({w.offset for w in run.history_writes}) == 4368, "nothing sent twice"
+    assert_history_matches(run.history, expected_rows(log))
+    assert (entry["rows_uploaded"], entry["rows_pending"]) == (4368, 0)
+
+
+def test_checkpoints_and_tables_online_a_failed_upload_keeps_its_pin(wandb_standin: WandbStandin, tmp_path, trained_work_dir):
+    """A real tiny mmdet training, backfilled with checkpoints and tables while W&B refuses every checkpoint
+    file: nothing counts as uploaded that W&B did not commit, the pins stay; the next pass uploads them. The
+    prediction tables go once W&B has committed `val`, and their references resolve to its entries."""
+    work_dir = trained_work_dir("retinanet_epoch")
+    checkpoint_names = sorted(p.name for p in work_dir.glob("*.pth") if not p.is_symlink())  # epochs 7, 8 and the best
+    home = tmp_path / "home"
+    args = ("backfill", str(work_dir.parent), "--no-progress", "--log-checkpoint", "--evaluate", "--num-eval-images", "6",
+            "--wandb-timeout", TIMEOUT)
+    refusal = wandb_standin.fail("upload_artifact_file", 400, when=lambda record: record.path.endswith(".pth"))
+    env = wandb_standin.env(tmp_path / "wandb-dirs")  # wandb's cache and data dirs, looked at below
+    refused = cli(home, *args, check=False, timeout=600, **env)
+    assert refused.returncode == 1, refused.stderr
+    [entry] = runs_of(home)
+    assert "run_" in entry["last_error"] and "not committed by W&B" in entry["last_error"]
+    assert entry["artifacts_pending"] == len(checkpoint_names)
+    models = [a for a in wandb_standin.artifacts.values() if a.type == "model"]
+    assert models and all(a.state != "COMMITTED" for a in models)
+    [work] = status(home)["work_dirs"]
+    assert {c["name"]: c["state"] for c in work["checkpoints"]} == dict.fromkeys(checkpoint_names, "ready"), "not uploaded"
+    pins = sorted(p.name for p in (home / "store").rglob("*.pth"))
+    assert len(pins) == len(checkpoint_names), "every checkpoint keeps its pinned copy"
+
+    with wandb_standin.lock:
+        wandb_standin.faults.remove(refusal)
+    cli(home, *args, timeout=600, **env)
+    [entry] = runs_of(home)
+    assert (entry["artifacts_pending"], entry["last_error"]) == (0, None)
+    committed = [a for a in wandb_standin.artifacts.values() if a.state == "COMMITTED"]
+    models = {a.files[next(iter(a.files))]: a for a in committed if a.type == "model"}
+    assert sorted(len(b) for b in models) == sorted((work_dir / n).stat().st_size for n in checkpoint_names)
+    for name in checkpoint_names:
+        [model] = [a for a in committed if a.type == "model" and name in a.entries]
+        assert model.files[name] == (work_dir / name).read_bytes()
+    [val] = [a for a in committed if a.type == "dataset"]
+    predictions = [a for a in committed if a.type == "evaluation"]
+    assert len(predictions) == len(checkpoint_names) - 1, "one prediction table per checkpoint (the best is epoch 8)"
+    val_hex = base64.b64decode(val.id).hex()
+    for prediction in predictions:
+        refs = {path: e["ref"] for path, e in prediction.entries.items() if e.get("ref")}
+        assert refs, "the images are references, not copies"
+        for path, ref in refs.items():
+            assert ref.startswith("wandb-artifact://"), ref
+            assert ref.split("/")[2] in (val.id, val_hex), f"{ref} points into val ({val.id})"
+            assert prediction.entries[path]["digest"] == val.entries[path]["digest"]
+    assert not list((home / "store").rglob("*.pth")), "pins released once W&B committed each checkpoint"
+    [work] = status(home)["work_dirs"]
+    assert {c["name"]: c["state"] for c in work["checkpoints"]} == dict.fromkeys(checkpoint_names, "uploaded")
+    sizes = {(work_dir / n).stat().st_size for n in checkpoint_names}
+    cached = [p for p in (tmp_path / "wandb-dirs").rglob("*") if p.is_file() and p.stat().st_size in sizes]
+    assert not cached, f"no second copy of a checkpoint in wandb's cache: {cached}"
+    assert_nothing_unexpected(wandb_standin)
+
+
+def test_live_watch_reads_on_while_wandb_is_down_and_uploads_every_line_once_when_back(wandb_standin: WandbStandin, tmp_path, real_logs):
+    """A live training's log, followed by `watch`; W&B goes away mid-run. The loop keeps reading the log into
+    the outbox (the W&B calls wait in the upload thread), status says W&B is unreachable, and once it is
+    back every line arrives once, in order."""
+    work_dir = tmp_path / "root" / "eltd_live"
+    work_dir.mkdir(parents=True)
+    lines = ELTD_LOG.read_bytes().splitlines(keepends=True)
+    log = work_dir / ELTD_LOG.name
+    log.write_bytes(b"".join(lines[:150]))
+    home = tmp_path / "home"
+    output = (tmp_path / "watch.out").open("w")
+    watch = subprocess.Popen(
+        [sys.executable, "-m", "mmdet_wandb.cli", "watch", str(work_dir.parent), "--poll-interval", "0.2", "--scan-interval", "1",
+         "--segment-idle", "2", "--finish-after", "3", "--wandb-timeout", TIMEOUT, "--log-level", "INFO"],
+        env={**service_env(home), **wandb_standin.env()}, cwd=REPO, stdout=output, stderr=subprocess.STDOUT, start_new_session=True,
+    )
+    try:
+        wandb_standin.wait_for(lambda: any(r.history for r in wandb_standin.runs.values()), 60, "the first rows")
+        wandb_standin.stop()
+        with log.open("ab") as handle:
+            for line in lines[150:]:
+                handle.write(line)
+                handle.flush()
+                time.sleep(0.005)
+
+        def read_while_down() -> bool:
+            state = status(home)
+            return bool(state["wandb_unreachable"]) and sum(r["rows_uploaded"] + r["rows_pending"] for r in runs_of(home)) == 384
+
+        wandb_standin.wait_for(read_while_down, 90, "every line read while W&B is down, and the circuit open")
+        assert watch.poll() is None
+        wandb_standin.start()
+        wandb_standin.wait_for(lambda: status(home)["wandb_unreachable"] == [] and runs_of(home)[0]["rows_pending"] == 0,
+                               120, "W&B back and every row confirmed")
+        watch.send_signal(signal.SIGTERM)
+        watch.wait(timeout=120)
+    finally:
+        if watch.poll() is None:
+            os.killpg(watch.pid, signal.SIGKILL)
+            watch.wait()
+        output.close()
+    text = (tmp_path / "watch.out").read_text()
+    assert watch.returncode == 0, text
+    assert "is unreachable" in text and "answers again" in text
+    assert "Tried to log to step" not in text
+    assert_every_line_once(wandb_standin, home)

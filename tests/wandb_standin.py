@@ -12,8 +12,9 @@ What it serves (the GraphQL documents are the ones embedded in the wandb-core 0.
   XXHashDigestsEnabled, FetchArtifactDigestAlgorithm, UpsertBucket, RunResumeStatus, RunState, StopRun,
   QueryRunInfo, CreateRunFiles, MarkRunFilesUploaded, CreateArtifact, CreateArtifactManifest,
   UpdateArtifactManifest, CreateArtifactFiles, CompleteMultipartUploadArtifact, CommitArtifact,
-  UseArtifact, UpdateArtifact, LinkArtifact, ClientIDMapping, ArtifactManifest, and ArtifactType (asked by the
-  Python side, through wandb-core, before it logs an artifact). Any other operation is
+  UseArtifact, UpdateArtifact, LinkArtifact, ClientIDMapping, ArtifactManifest, ArtifactType (asked by the
+  Python side, through wandb-core, before it logs an artifact) and ArtifactByID (`Artifact.wait()` once the
+  artifact is saved). Any other operation is
   answered with a GraphQL error and listed in `unknown_operations`.
 - `POST /files/<entity>/<project>/<run>/file_stream`: history, events, summary and console lines with
   their offsets, `uploaded`, `complete`/`exitcode` (gzip bodies accepted).
@@ -1017,6 +1018,25 @@ class WandbStandin:
             return {"project": None}
         artifact = self._resolve_artifact(entity, project, v["name"])
         return {"project": {"artifact": None if artifact is None else {"artifactType": {"name": artifact.type}}}}
+
+    def _gql_ArtifactByID(self, v: dict[str, Any]) -> dict[str, Any]:
+        artifact = self.artifacts.get(v.get("id") or "")
+        if artifact is None:
+            return {"artifact": None}
+        project = {"id": _gid("Project", artifact.entity, artifact.project), "internalId": _gid("Project", artifact.project),
+                   "name": artifact.project, "entity": {"name": artifact.entity}}
+        collection = {"__typename": "ArtifactSequence", "name": artifact.name, "project": project}
+        return {"artifact": {
+            "__typename": "Artifact", "id": artifact.id, "artifactSequence": collection,
+            "versionIndex": artifact.version_index, "artifactType": {"name": artifact.type},
+            "description": artifact.description, "metadata": json.dumps(artifact.metadata or {}),
+            "ttlDurationSeconds": -1, "ttlIsInherited": True, "tags": [], "historyStep": artifact.history_step,
+            "state": artifact.state, "size": sum(len(b) for b in artifact.files.values()), "digest": artifact.digest,
+            "digestAlgorithm": "MANIFEST_MD5", "commitHash": None, "fileCount": len(artifact.entries),
+            "createdAt": "2026-01-01T00:00:00", "updatedAt": None,
+            "aliases": [{"__typename": "ArtifactAlias", "id": _gid("ArtifactAlias", artifact.id, alias), "alias": alias,
+                         "artifactCollection": collection} for alias in artifact.aliases],
+        }}
 
     def _gql_ArtifactManifest(self, v: dict[str, Any]) -> dict[str, Any]:
         artifact = self.artifacts.get(v.get("artifact_id") or "")

@@ -2,7 +2,8 @@
 
 One process serves every work_dir under its roots. The periodic scan is the truth; watchdog events and a
 cheap stat poll of known logs only make it react sooner. A failure in one work_dir is recorded and the loop
-goes on with the others.
+goes on with the others. Uploading runs in a thread of its own: a W&B call that waits (online: up to the
+writer's timeout) never stops the logs from being read into the outbox.
 """
 from __future__ import annotations
 
@@ -96,8 +97,14 @@ class Loop:
 
     def step(self) -> None:
         """Everything after a scan: read what changed, look at checkpoints, upload what is due, close idle segments."""
+        self.read_step()
+        self.upload_step()
+
+    def read_step(self) -> None:
         self.ingest_changed()
         self.look_at_checkpoints()
+
+    def upload_step(self) -> None:
         self.writer.drain()
         self.writer.close_idle()
 
@@ -155,14 +162,19 @@ class Loop:
             evaluate()
         self.queue_artifacts()
         self.background.wait()  # the hashes of the checkpoints just queued
-        self.queue_artifacts()
-        while not stop.is_set() and (logged := self.writer.drain()):
-            uploaded += logged
-            if on_progress:
-                on_progress("upload", uploaded, uploaded + _pending_rows(self.db))
+        while True:  # online, a prediction table goes once W&B has committed its val table: a round more
+            self.queue_artifacts()
+            logged_this_round = 0
+            while not stop.is_set() and (logged := self.writer.drain()):
+                logged_this_round += logged
+                uploaded += logged
+                if on_progress:
+                    on_progress("upload", uploaded, uploaded + _pending_rows(self.db))
+            self.writer.close_all()
+            self.writer.confirm_sent()  # online: what W&B kept, learnt before the command ends
+            if not logged_this_round or stop.is_set():
+                break
         self.background.shutdown()
-        self.writer.close_all()
-        self.writer.confirm_sent()  # online: what W&B kept, learnt before the command ends
         self.queue_artifacts()  # follow-up of what the last segments settled
 
     def _read_all(self, logs: list[FoundLog], on_progress: Callable[[str, int, int], None] | None, stop: threading.Event) -> None:
@@ -189,11 +201,13 @@ class Loop:
         """Follow the roots until `stop` is set; then close every open segment. `on_tick` after each pass."""
         self.writer.warm_up()
         self.writer.recover()
-        wake = threading.Event()
+        wake, read = threading.Event(), threading.Event()
         touched: set[Path] = set()
         observer = self._start_observer(wake, touched) if self.options.use_events else None
+        uploading = threading.Thread(target=self._upload_until, args=(stop, read), name="upload")
+        uploading.start()
         last_scan = 0.0
-        last_failure: str | None = None  # the same failure again is one line, not another traceback
+        failures = _RepeatedFailure("watch loop iteration")
         try:
             while not stop.is_set():
                 hinted = set(touched)
@@ -202,25 +216,38 @@ class Loop:
                     if time.monotonic() - last_scan >= self.options.scan_interval_s or (hinted - set(self._logs)):
                         self.scan()
                         last_scan = time.monotonic()
-                    self.step()
+                    self.read_step()
+                    read.set()
                     if on_tick is not None:
                         on_tick()
                 except Exception as exc:  # e.g. the DB unavailable or its disk full: log, wait, try again; never exit
-                    if repr(exc) != last_failure:
-                        log.exception("watch loop iteration failed; retrying")
-                    else:
-                        log.warning("watch loop iteration failed again: %s", exc)
-                    last_failure = repr(exc)
+                    failures.report(exc)
                     stop.wait(self.options.scan_interval_s)
                 else:
-                    last_failure = None
+                    failures.clear()
                 wake.wait(self.options.poll_interval_s)
                 wake.clear()
         finally:
             if observer is not None:
                 observer.stop()
+            read.set()
+            uploading.join()
             self.background.shutdown()
             self.writer.close_all()
+
+    def _upload_until(self, stop: threading.Event, read: threading.Event) -> None:
+        """The writer's thread in `watch`: upload whenever the loop has read something (or every poll interval)."""
+        failures = _RepeatedFailure("upload pass")
+        while not stop.is_set():
+            read.wait(self.options.poll_interval_s)
+            read.clear()
+            try:
+                self.upload_step()
+            except Exception as exc:  # the writer contains failures per run; this is the DB itself failing
+                failures.report(exc)
+                stop.wait(self.options.scan_interval_s)
+            else:
+                failures.clear()
 
     def _start_observer(self, wake: threading.Event, touched: set[Path]):  # type: ignore[no-untyped-def]
         """watchdog as a wake-up call only; without inotify (limits, NFS) the poll and the scan still work."""
@@ -244,6 +271,24 @@ class Loop:
             log.warning("filesystem events unavailable (%s); relying on polling", exc)
             return None
         return observer
+
+
+class _RepeatedFailure:
+    """The same failure again is one line, not another traceback."""
+
+    def __init__(self, what: str) -> None:
+        self.what = what
+        self.last: str | None = None
+
+    def report(self, exc: Exception) -> None:
+        if repr(exc) != self.last:
+            log.exception("%s failed; retrying", self.what)
+        else:
+            log.warning("%s failed again: %s", self.what, exc)
+        self.last = repr(exc)
+
+    def clear(self) -> None:
+        self.last = None
 
 
 def _newer_launch_flags(found: list[FoundLog]) -> dict[Path, bool]:

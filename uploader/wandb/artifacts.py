@@ -197,10 +197,11 @@ def prediction_artifact(
 
 
 def add_hashed_file(artifact: wandb.Artifact, path: Path, name: str, md5_b64: str) -> None:
-    """What `add_file(path, name, policy="immutable")` does, minus its second read of a multi-GB file:
-    the md5 the checkpoint follower computed is the entry's digest. (`add_file` is exactly LogicalPath + md5 +
-    `_add_local_file`; tests/test_wandb_writer.py checks the entries stay identical on wandb upgrades.)"""
-    artifact._add_local_file(LogicalPath(name), str(path), digest=md5_b64, policy="immutable")
+    """What `add_file(path, name, policy="immutable", skip_cache=True)` does, minus its second read of a
+    multi-GB file: the md5 the checkpoint follower computed is the entry's digest. (`add_file` is exactly
+    LogicalPath + md5 + `_add_local_file`; tests/test_wandb_writer.py checks the entries stay identical on wandb
+    upgrades.) `skip_cache`: wandb-core would otherwise copy every uploaded checkpoint into its artifact cache."""
+    artifact._add_local_file(LogicalPath(name), str(path), digest=md5_b64, policy="immutable", skip_cache=True)
 
 
 class NotBuildable(RuntimeError):

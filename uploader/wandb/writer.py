@@ -3,7 +3,9 @@
 The service is the only writer of each run it owns. `_step` is the per-run counter handed out at ingest,
 so a segment only ever holds steps above every earlier one. An entry counts as uploaded only once W&B has
 it: offline, when its segment is finished, read back from the `.wandb` file and found to hold exactly what
-was logged; online, once `finish()` returned, or when a resumed run reports a starting step past it.
+was logged; online, a row once the run's next start reports a starting step past it, an artifact once
+`Artifact.wait()` read its commit back from W&B. Online, every W&B call is bounded (`wandb_timeout_s`), and a
+failed one is followed by a probe: W&B that does not answer opens the circuit, and every upload waits.
 The writer knows W&B, segments and the outbox: producers decide what is due, `artifacts` builds it.
 """
 from __future__ import annotations
@@ -31,6 +33,7 @@ from db.session import Database, node_of
 from uploader import hook_options
 from uploader.wandb import reader, verify
 from uploader.wandb.artifacts import ArtifactBuilder, NotBuildable
+from uploader.wandb.circuit import Circuit
 
 log = logging.getLogger("mmdet_wandb.writer")
 
@@ -59,7 +62,7 @@ class WriterOptions:
     segment_max_rows: int = 200_000
     batch_rows: int = 5_000  # rows per run per drain call, so that one big backfill does not starve live runs
     exit_timeout_s: float = 120.0
-    finish_timeout_s: float = 120.0  # online: finish() gives up (and raises) after this; the rows stay pending
+    wandb_timeout_s: float = 60.0  # online: the most one init(), finish() or the artifact waits of a segment may take
     media_dir: Path | None = None  # where val images and masks are written for the tables (default: next to runs_dir)
 
 
@@ -70,6 +73,7 @@ class _OpenSegment:
     handle: Any  # wandb.Run
     sync_file: Path | None
     steps: list[int] = field(default_factory=list)
+    artifacts: dict[int, Any] = field(default_factory=dict)  # outbox id → the wandb.Artifact logged (online: waited for)
     last_activity: float = field(default_factory=time.monotonic)
     uploaded_up_to: int | None = None  # the highest step W&B has (closed segments, or the server online)
 
@@ -84,6 +88,15 @@ class WandbWriter:
         self._not_before: dict[int, float] = {}  # backoff of runs whose failure could not be recorded
         self._verifier = ThreadPoolExecutor(1, thread_name_prefix="verify")
         self._artifacts = ArtifactBuilder(db, options.media_dir or options.runs_dir.parent / "media")
+        self.circuit = Circuit(db) if options.mode == "online" else None
+
+    @property
+    def online(self) -> bool:
+        return self.options.mode == "online"
+
+    def unreachable(self) -> bool:
+        """Online: W&B did not answer the last probe (every upload waits)."""
+        return self.circuit is not None and self.circuit.is_open
 
     def warm_up(self) -> None:
         """Start wandb-core in the background (the first wandb.init of a process pays ~0.5 s for it),
@@ -95,7 +108,10 @@ class WandbWriter:
         whose file is complete and holds what was logged is closed; any other (incomplete, truncated,
         unreadable, missing) is rebuilt from the DB. Then every segment directory that no open, sent or closed
         segment owns (a crash between `wandb.init` and recording the segment, or between discarding one and
-        deleting it) is deleted, so that `wandb sync` of the whole folder never uploads a step twice."""
+        deleting it) is deleted, so that `wandb sync` of the whole folder never uploads a step twice.
+        Online, W&B is probed once: when it does not answer, no run is started until it does."""
+        if self.circuit is not None:
+            self.circuit.check()
         with self.db.transaction() as session:
             stale = session.scalars(select(Segment).where(Segment.node == node_of(session), Segment.state == SegmentState.OPEN)).all()
             leftovers = [(s.id, s.run_id, Path(s.dir), s.mode) for s in stale if s.run_id not in self._open]
@@ -130,6 +146,8 @@ class WandbWriter:
         backing off after a failure; returns how many entries were logged."""
         for segment_id in sorted(self._undiscarded):
             self._discard_or_remember(segment_id)
+        if self.circuit is not None and self.circuit.is_open and not (self.circuit.due() and self.circuit.check()):
+            return 0
         with self.db.read() as session:
             runs = sorted(set(outbox.pending_runs(session)) | _runs_with_sent_segments(session))
             waiting = set(session.scalars(select(Run.id).where(Run.id.in_(runs), Run.retry_at > time.time())))
@@ -143,6 +161,8 @@ class WandbWriter:
             except Exception as exc:  # one broken run must not stop the others
                 log.exception("run %s: upload failed", run_id)
                 self._fail_run(run_id, exc)
+                if self._lost_wandb():
+                    break
         return logged
 
     def close_idle(self) -> None:
@@ -154,7 +174,8 @@ class WandbWriter:
     def close_all(self) -> None:
         """Close every open segment and wait until each is read back (shutdown, end of a backfill)."""
         for run_id in list(self._open):
-            self.close(run_id)
+            if run_id in self._open:  # a close that found W&B gone abandons the other open segments
+                self.close(run_id)
         wait(self._closing.values())
         self._closing.clear()
 
@@ -167,28 +188,57 @@ class WandbWriter:
                 summary = json.loads(session.get_one(Run, run_id).summary_json)
             seg.handle.summary.update(summary)
             crash_points.reached("segment-closing")
+            committed = self._wait_for_artifacts(seg) if self.online else {}
             seg.handle.finish()
         except Exception as exc:
             log.exception("run %s: closing segment %s failed; it will be rebuilt", run_id, seg.segment_id)
             self._discard_or_remember(seg.segment_id)
             self._fail_run(run_id, exc)
+            self._lost_wandb()
             return
-        if self.options.mode == "online":
-            self._sent(seg)
+        if self.online:
+            self._sent(seg, committed)
             return
         self._closing[run_id] = self._verifier.submit(self._settle_finished, seg)
 
-    def _sent(self, seg: _OpenSegment) -> None:
+    def _wait_for_artifacts(self, seg: _OpenSegment) -> dict[int, dict[str, Any] | str]:
+        """Online: wait (all of them within `wandb_timeout_s`) until W&B has committed each artifact logged into
+        the segment; wandb-core only logs a failed upload, so this is what tells. Outbox id → the version W&B
+        holds, or why not."""
+        deadline = time.monotonic() + self.options.wandb_timeout_s
+        outcome: dict[int, dict[str, Any] | str] = {}
+        for entry_id, artifact in seg.artifacts.items():
+            try:
+                artifact.wait(timeout=max(1.0, deadline - time.monotonic()))
+                if artifact.state != "COMMITTED":
+                    raise RuntimeError(f"W&B holds it as {artifact.state}")
+                outcome[entry_id] = {"server_id": artifact.id, "version": artifact.version}
+            except Exception as exc:
+                outcome[entry_id] = f"{artifact.name} not committed by W&B: {type(exc).__name__}: {exc}"
+        return outcome
+
+    def _sent(self, seg: _OpenSegment, artifacts: dict[int, dict[str, Any] | str]) -> None:
         """Online, `finish()` returning says nothing of what W&B kept (it returns normally after W&B refused
-        the rows): the segment waits, as sent, for the run's next start, whose starting step is what W&B has."""
+        the rows): the rows wait, in a sent segment, for the run's next start, whose starting step is what W&B
+        has. Artifacts are settled now, by what `Artifact.wait()` read back: committed ones are uploaded (their
+        pins can go), the others are pending again."""
+        failed = {entry_id: why for entry_id, why in artifacts.items() if isinstance(why, str)}
         with self.db.transaction() as session:
+            outbox.artifacts_committed(session, {i: r for i, r in artifacts.items() if not isinstance(r, str)})
+            outbox.release_artifacts(session, list(failed))
             segment = session.get_one(Segment, seg.segment_id)
             content = outbox.content(session, seg.segment_id)
-            segment.state = SegmentState.SENT if content.steps or content.artifacts else SegmentState.CLOSED
+            segment.state = SegmentState.SENT if content.steps else SegmentState.CLOSED
             segment.closed_at = utcnow()
             directory = Path(segment.dir)
-        if not (content.steps or content.artifacts):  # nothing to confirm: wandb-core's local files can go
+            if content.artifacts and not (content.steps or failed):  # artifacts only, all of them committed
+                run = session.get_one(Run, seg.run_id)
+                run.last_error, run.failures, run.retry_at = None, 0, None
+        if not content.steps:  # nothing to confirm: wandb-core's local files can go
             shutil.rmtree(directory, ignore_errors=True)
+        if failed:
+            self._record_failure(seg.run_id, RuntimeError("; ".join(failed.values())))
+            self._lost_wandb()
 
     def _settle_finished(self, seg: _OpenSegment) -> None:
         """In the verifier thread: files and the DB only."""
@@ -214,6 +264,10 @@ class WandbWriter:
         with self.db.read() as session:
             rows = outbox.pending_rows(session, run_id, self.options.batch_rows)
             entries = outbox.pending_artifacts(session, run_id)
+            val_records = {
+                entry.id: outbox.logged_val(session, run_id, entry.manifest_id, uploaded_only=self.online)  # type: ignore[arg-type]
+                for entry in entries if entry.kind is ArtifactKind.PREDICTIONS
+            }
         if rows:
             floor = seg.steps[-1] if seg.steps else seg.uploaded_up_to
             if floor is not None and rows[0].step <= floor:
@@ -224,32 +278,45 @@ class WandbWriter:
             with self.db.transaction() as session:
                 outbox.assign_rows(session, [r.id for r in rows], seg.segment_id)
             crash_points.reached("rows-logged")
-        logged = len(rows) + sum(self._log_artifact(seg, entry) for entry in entries)
+        # A prediction table references its val table: online, only once W&B has committed it (a later segment)
+        due = [e for e in entries if e.kind is not ArtifactKind.PREDICTIONS or val_records[e.id] is not None]
+        logged = len(rows) + sum(self._log_artifact(seg, entry, val_records.get(entry.id)) for entry in due)
         seg.last_activity = time.monotonic()
         return logged
 
     def _init(self, kwargs: dict[str, Any]) -> Any:
-        """`wandb.init`; a start that failed half-way (e.g. the disk full while wandb-core set the run up) leaves
-        the run id "in use" in wandb-core for good, so wandb-core is restarted (the other runs' open segments are
-        rebuilt from the DB) and the start tried once more."""
+        """`wandb.init`; a start that failed half-way (e.g. the disk full while wandb-core set the run up), or a
+        finish that timed out online, leaves the run id "in use" in wandb-core for good, so wandb-core is
+        restarted (the other runs' open segments are rebuilt from the DB) and the start tried once more."""
         try:
             return wandb.init(**kwargs)
         except Exception as exc:
             if "is in use" not in str(exc):
                 raise
-            log.warning("wandb-core still holds run %s from a failed start; restarting wandb-core (open segments of "
-                        "other runs are rebuilt from the DB)", kwargs["id"])
-        for run_id in list(self._open):
-            seg = self._open.pop(run_id)
-            _abandon(seg.handle, None)
-            self._discard_or_remember(seg.segment_id)
-        wandb.teardown()
+            self._restart_wandb_core(f"wandb-core still holds run {kwargs['id']} from a failed start or finish")
         return wandb.init(**kwargs)
 
-    def _log_artifact(self, seg: _OpenSegment, entry: PendingArtifact) -> int:
+    def _restart_wandb_core(self, why: str) -> None:
+        """Drop every run object of this process at once (teardown first: the finish of each then fails at once
+        instead of waiting for W&B); their open segments are rebuilt from the DB."""
+        log.warning("%s: restarting wandb-core; the open segments of %d run(s) are rebuilt from the DB", why, len(self._open))
+        abandoned = [self._open.pop(run_id) for run_id in list(self._open)]
+        wandb.teardown()
+        for seg in abandoned:
+            _abandon(seg.handle, None)
+            self._discard_or_remember(seg.segment_id)
+
+    def _lost_wandb(self) -> bool:
+        """Online, after a failed W&B call: probe W&B. When it does not answer, the circuit opens and wandb-core,
+        which would retry every run's uploads for days, is restarted. True when W&B is unreachable."""
+        if self.circuit is None or self.circuit.check():
+            return False
+        self._restart_wandb_core("W&B is unreachable")
+        return True
+
+    def _log_artifact(self, seg: _OpenSegment, entry: PendingArtifact, val_record: dict[str, Any] | None) -> int:
         with self.db.read() as session:
             wandb_id = session.get_one(Run, entry.run_id).wandb_id
-            val_record = outbox.logged_val(session, entry.run_id, entry.manifest_id) if entry.kind is ArtifactKind.PREDICTIONS else None  # type: ignore[arg-type]
         try:
             built = self._artifacts.build(entry, wandb_id, val_record)
         except NotBuildable as exc:
@@ -258,6 +325,7 @@ class WandbWriter:
                 outbox.reject(session, entry.id, str(exc))
             return 0
         seg.handle.log_artifact(built.artifact, aliases=entry.aliases or None)
+        seg.artifacts[entry.id] = built.artifact
         with self.db.transaction() as session:
             outbox.logged(session, entry.id, seg.segment_id, {**built.record, "digest": built.artifact.digest})
         crash_points.reached("artifact-logged")
@@ -303,10 +371,10 @@ class WandbWriter:
             handle.config.update(config, allow_val_change=True)
         if config_file is not None:
             _save_config_file(handle, directory, *config_file)
-        if self.options.mode == "online":
+        if self.online:
             self._settle_sent(run_id, handle.starting_step)
             seg.uploaded_up_to = max(done or 0, handle.starting_step - 1)
-        seg.sync_file = Path(handle.settings.sync_file) if self.options.mode == "offline" else None
+        seg.sync_file = None if self.online else Path(handle.settings.sync_file)
         log.info("run %s: opened segment %s in %s", init["id"], seq, directory)
         return seg
 
@@ -329,17 +397,21 @@ class WandbWriter:
                 disable_git=True,
                 disable_code=True,
                 x_transaction_log_flush_interval=self.options.flush_interval_s,
-                **({"finish_timeout": self.options.finish_timeout_s, "finish_timeout_raises": True} if self.options.mode == "online" else {}),
+                **({"init_timeout": self.options.wandb_timeout_s, "finish_timeout": self.options.wandb_timeout_s,
+                    "finish_timeout_raises": True} if self.online else {}),
             ),
         )
         return kwargs
 
     def confirm_sent(self) -> None:
         """Online, at the end of a backfill: start each run with sent segments once more, only to learn what W&B
-        has (its starting step), so that rows W&B did not keep are pending, with the error, when the command ends."""
+        has (its starting step), so that rows W&B did not keep are pending, with the error, when the command ends.
+        Nothing is tried while W&B is unreachable."""
         with self.db.read() as session:
             runs = sorted(_runs_with_sent_segments(session))
         for run_id in runs:
+            if self.unreachable():
+                return
             if run_id in self._open:
                 continue
             try:
@@ -347,10 +419,11 @@ class WandbWriter:
             except Exception as exc:
                 log.exception("run %s: could not start it to confirm what W&B has", run_id)
                 self._fail_run(run_id, exc)
+                self._lost_wandb()
                 continue
             self._open.pop(run_id)
             _abandon(seg.handle, None, exit_code=0)
-            self._sent(seg)  # it logged nothing: closed at once
+            self._sent(seg, {})  # it logged nothing: closed at once
 
     def _settle_sent(self, run_id: int, server_next_step: int) -> None:
         """Online: the run just started again and W&B says it holds every step below `server_next_step`. Rows
