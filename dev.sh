@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
 # The two entry points of the README, on a fresh machine or an old one:
 #   ./dev.sh run watch /data/work_dirs     set up (once) and run the service on the embedded default
-#   ./dev.sh test [pytest args]            set up (once, with the mmdet stack the tests train with) and run the tests
-# Set-up is a virtual environment in .venv (MMDET_WANDB_VENV to move it), reinstalled when pyproject.toml changes.
+#   ./dev.sh test [pytest args]            set up (once, with both mmdet stacks the tests train with) and run the tests
+# Set-up is a virtual environment in .venv (MMDET_WANDB_VENV to move it), reinstalled when pyproject.toml changes;
+# the mmdet 3.x evaluator stack lives in .venv-mmdet3 (MMDET_WANDB_MMDET3_VENV), since both stacks install `mmcv`.
 set -euo pipefail
 cd "$(dirname "$0")"
 venv=${MMDET_WANDB_VENV:-.venv}
+venv3=${MMDET_WANDB_MMDET3_VENV:-.venv-mmdet3}
 
 setup() {
   local extras=$1 stamp="$venv/.installed-$1"
@@ -30,6 +32,19 @@ setup_eval() {
   echo "$want" > "$stamp"
 }
 
+setup_mmdet3() {
+  # The mmdet 3.x stack (mmcv 2.1.0 compiles like mmcv-full; pip keeps both wheels in its cache) with the project
+  # beside it, for 3.x eval workers; the 2.x environment runs them through MMDET_WANDB_MMDET3_PYTHON.
+  local stamp="$venv3/.installed-mmdet3" want
+  want=$(cat pyproject.toml tools/cxx20 tools/install.sh | sha256sum | cut -d' ' -f1)
+  if ! [ -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
+    EDITABLE=1 tools/install.sh "$venv3" base test
+    tools/install.sh "$venv3" mmdet3
+    echo "$want" > "$stamp"
+  fi
+  export MMDET_WANDB_MMDET3_PYTHON="$PWD/$venv3/bin/python"
+}
+
 setup_postgres_server() {
   # The PostgreSQL tests start a throwaway server of their own; they need its binaries (Debian's package).
   if command -v initdb >/dev/null || compgen -G "/usr/lib/postgresql/*/bin/initdb" >/dev/null; then
@@ -46,8 +61,20 @@ case "${1:-}" in
   run)
     shift
     setup postgres
-    case " $* " in  # the evaluator needs the mmdet stack; the uploader does not
-      " evaluate "*|*" --evaluate "*) setup_eval ;;
+    case " $* " in  # the evaluator needs an mmdet stack; the uploader does not
+      " evaluate "*"--stack mmdet3"*) setup_mmdet3; exec "$venv3/bin/mmdet-wandb" "$@" ;;
+      " evaluate "*) setup_eval ;;
+      " backfill "*" --evaluate "*)
+        setup_eval
+        shift  # backfill: its roots hold an mmdet 3.x (MMEngine) work_dir when a vis_data/scalars.json is there
+        for arg in "$@"; do
+          if [ -d "$arg" ] && [ -n "$(find "$arg" -path '*/vis_data/scalars.json' -print -quit 2>/dev/null)" ]; then
+            setup_mmdet3
+            break
+          fi
+        done
+        set -- backfill "$@"
+        ;;
     esac
     exec "$venv/bin/mmdet-wandb" "$@"
     ;;
@@ -55,6 +82,7 @@ case "${1:-}" in
     shift
     setup test,postgres
     setup_eval
+    setup_mmdet3
     setup_postgres_server
     exec "$venv/bin/python" -m pytest "$@"
     ;;

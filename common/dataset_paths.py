@@ -1,7 +1,10 @@
 """Where a training config's relative dataset paths point: relative to where training ran, which the worker
 does not know. The candidates, in order: the dataset roots an operator named (`--dataset-root`), the
 worker's cwd, and every folder above the work_dir (work_dirs usually sit in the repo that holds `data/`).
-The first candidate that holds the val annotations wins. Shared by the evaluator and `doctor`."""
+The first candidate that holds the val annotations wins. Shared by the evaluator and `doctor`.
+
+mmdet 2.x datasets name `ann_file`, `img_prefix`, ... each relative to the cwd; MMEngine datasets (mmdet 3.x) name
+a `data_root` that `ann_file` and `data_prefix` are relative to, so only where `data_root` lies is looked for."""
 from __future__ import annotations
 
 import os
@@ -34,3 +37,19 @@ def resolve(val_cfg: dict[str, Any], bases: list[Path]) -> dict[str, Any]:
                     resolved[key] = str(base / value) + ("/" if value.endswith("/") else "")
             return resolved
     raise AnnotationsNotFound(ann_file, bases)
+
+
+def resolve_mmengine(dataset_cfg: dict[str, Any], bases: list[Path]) -> tuple[dict[str, Any], Path | None]:
+    """An MMEngine dataset config with `data_root` made absolute against the first base that holds
+    `data_root/ann_file`, and that base (None when nothing was relative)."""
+    data_root = dataset_cfg.get("data_root") or ""
+    ann_file = dataset_cfg.get("ann_file")
+    if not isinstance(ann_file, str) or not ann_file:
+        return dataset_cfg, None
+    full = os.path.join(data_root, ann_file)
+    if os.path.isabs(full):
+        return dataset_cfg, None
+    for base in bases:
+        if (base / full).exists():
+            return {**dataset_cfg, "data_root": str(base / data_root) if data_root else str(base)}, base
+    raise AnnotationsNotFound(full, bases)

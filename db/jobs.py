@@ -30,10 +30,12 @@ from db.session import Database, node_of
 
 log = logging.getLogger("mmdet_wandb.jobs")
 
+
 @dataclass(frozen=True)
 class ClaimedJob:
     id: int
     attempts: int
+    stack: str
     checkpoint_path: str
     work_dir: str
     config_name: str | None
@@ -42,8 +44,8 @@ class ClaimedJob:
     bbox_score_thr: float
 
 
-def claim(db: Database, worker_id: str, lease_s: float, now: float | None = None) -> ClaimedJob | None:
-    """`now`: the database's clock unless given (tests)."""
+def claim(db: Database, worker_id: str, lease_s: float, now: float | None = None, *, stack: str) -> ClaimedJob | None:
+    """The oldest claimable job of `stack` (the worker's installed one); `now`: the database's clock unless given (tests)."""
     with db.transaction() as session:
         now = db_clock(session) if now is None else now
         claimable = or_(
@@ -52,7 +54,7 @@ def claim(db: Database, worker_id: str, lease_s: float, now: float | None = None
         )
         candidate = (
             select(EvalJob.id)
-            .where(claimable, EvalJob.attempts < EvalJob.max_attempts)
+            .where(claimable, EvalJob.attempts < EvalJob.max_attempts, EvalJob.stack == stack)
             .order_by(EvalJob.run_after, EvalJob.id)
             .limit(1)
             .with_for_update(skip_locked=True)
@@ -69,7 +71,7 @@ def claim(db: Database, worker_id: str, lease_s: float, now: float | None = None
                 attempts=EvalJob.attempts + 1,
             )
             .returning(
-                EvalJob.id, EvalJob.attempts, EvalJob.checkpoint_path, EvalJob.work_dir, EvalJob.config_name,
+                EvalJob.id, EvalJob.attempts, EvalJob.stack, EvalJob.checkpoint_path, EvalJob.work_dir, EvalJob.config_name,
                 EvalJob.config_text, EvalJob.num_eval_images, EvalJob.bbox_score_thr,
             )
         ).first()
@@ -226,10 +228,11 @@ def done(session: Session, excluding: object) -> list[FinishedJob]:
     ]
 
 
-def unfinished(db: Database) -> int:
-    """Jobs queued or running: a worker started with exit_when_idle stops at 0."""
+def unfinished(db: Database, stack: str | None = None) -> int:
+    """Jobs queued or running (of one stack): a worker started with exit_when_idle stops at 0."""
+    query = select(func.count()).where(EvalJob.state.in_((JobState.QUEUED, JobState.RUNNING)))
     with db.transaction() as session:
-        return session.scalar(select(func.count()).where(EvalJob.state.in_((JobState.QUEUED, JobState.RUNNING)))) or 0
+        return session.scalar(query if stack is None else query.where(EvalJob.stack == stack)) or 0
 
 
 @dataclass(frozen=True)

@@ -255,7 +255,7 @@ class EvalJob(Base):
     """
 
     __tablename__ = "eval_jobs"
-    __table_args__ = (Index("ix_eval_jobs_claim", "state", "run_after"),)
+    __table_args__ = (Index("ix_eval_jobs_claim", "state", "run_after"),)  # stack: few values, filtered after
 
     id: Mapped[int] = mapped_column(primary_key=True)
     checkpoint_id: Mapped[int] = mapped_column(ForeignKey("checkpoints.id"), unique=True)
@@ -265,6 +265,7 @@ class EvalJob(Base):
     work_dir: Mapped[str] = mapped_column(String(4096))
     unit: Mapped[str] = mapped_column(String(8))  # epoch | iter
     number: Mapped[int] = mapped_column(BigInteger)
+    stack: Mapped[str] = mapped_column(String(16), default="mmdet2")  # common/stacks.py: which workers may claim it
     config_name: Mapped[str | None] = mapped_column(String(512), nullable=True)
     config_text: Mapped[str | None] = mapped_column(Text, nullable=True)  # the work_dir's config dump, a fallback
     num_eval_images: Mapped[int] = mapped_column(Integer)
@@ -358,6 +359,8 @@ class OutboxArtifact(Base):
     file_path: Mapped[str | None] = mapped_column(String(4096), nullable=True)  # model: the pinned checkpoint
     file_name: Mapped[str | None] = mapped_column(String(512), nullable=True)  # model: its name in the artifact
     file_md5: Mapped[str | None] = mapped_column(String(32), nullable=True)  # model: base64 md5, hashed by its producer
+    file_size: Mapped[int | None] = mapped_column(BigInteger, nullable=True)  # model: size and mtime of what was hashed,
+    file_mtime_ns: Mapped[int | None] = mapped_column(BigInteger, nullable=True)  # checked again before it is logged
     aliases_json: Mapped[str] = mapped_column(Text, default="[]")
     metadata_json: Mapped[str] = mapped_column(Text, default="{}")
     logged_json: Mapped[str | None] = mapped_column(Text, nullable=True)  # set by the writer when it is logged

@@ -41,6 +41,7 @@ class PendingArtifact:
     file_path: str | None
     file_name: str | None
     file_md5: str | None
+    file_stat: tuple[int, int] | None  # model: (size, mtime_ns) of the file when it was hashed
     aliases: list[str]
     metadata: dict[str, Any]
 
@@ -101,6 +102,7 @@ def pending_artifacts(session: Session, run_id: int) -> list[PendingArtifact]:
     return [
         PendingArtifact(
             e.id, e.run_id, e.kind, e.checkpoint_id, e.eval_job_id, e.manifest_id, e.file_path, e.file_name, e.file_md5,
+            (e.file_size, e.file_mtime_ns) if e.file_size is not None and e.file_mtime_ns is not None else None,
             json.loads(e.aliases_json), json.loads(e.metadata_json),
         )
         for e in entries

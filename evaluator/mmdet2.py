@@ -29,25 +29,13 @@ from common.records import (
     subset_indices,
 )
 from db.jobs import ClaimedJob
+from evaluator.encoding import rle_text, segmentation_rle, stored_image
+from evaluator.errors import JobError, LeaseLost
 
 log = logging.getLogger("mmdet_wandb.evaluator")
 
-#: Image formats a browser shows as the model saw them; anything else is re-encoded as PNG.
-KEPT_FORMATS = {"jpg": "jpg", "jpeg": "jpg", "png": "png"}
 #: Keys of `evaluation=dict(...)` that steer the EvalHook, not `dataset.evaluate` (as tools/test.py drops them).
 HOOK_ONLY_EVAL_KEYS = ("interval", "tmpdir", "start", "gpu_collect", "save_best", "rule", "dynamic_intervals", "by_epoch")
-
-
-class JobError(Exception):
-    """A job failure with a message meant for the user; `retryable` when another attempt may pass."""
-
-    def __init__(self, message: str, *, retryable: bool) -> None:
-        super().__init__(message)
-        self.retryable = retryable
-
-
-class LeaseLost(Exception):
-    """Another worker owns the job now: stop and drop the result."""
 
 
 def evaluate(
@@ -163,11 +151,7 @@ def build_manifest(dataset: Any, indices: list[int], cfg: Any) -> Manifest:
         if img is None:
             raise JobError(f"val image {path} cannot be decoded", retryable=False)
         height, width = img.shape[:2]
-        ext = Path(filename).suffix.lower().lstrip(".")
-        if ext in KEPT_FORMATS:
-            file_ext, data = KEPT_FORMATS[ext], raw
-        else:
-            file_ext, data = "png", _png(img)
+        file_ext, data = stored_image(filename, raw, img)
         ann = dataset.get_ann_info(index)
         images.append(
             ValImageRecord(
@@ -184,49 +168,13 @@ def build_manifest(dataset: Any, indices: list[int], cfg: Any) -> Manifest:
     return Manifest(classes=[str(c) for c in dataset.CLASSES], images=images, source=source)
 
 
-def _png(rgb: np.ndarray) -> bytes:
-    import cv2
-
-    ok, buffer = cv2.imencode(".png", rgb[..., ::-1] if rgb.ndim == 3 else rgb)
-    if not ok:
-        raise JobError("cannot encode a val image as PNG", retryable=False)
-    return buffer.tobytes()
-
-
 def _ground_truth(ann: dict, height: int, width: int) -> Instances:
     boxes = np.asarray(ann.get("bboxes", np.zeros((0, 4))), dtype=float).reshape(-1, 4)
     labels = [int(x) for x in np.asarray(ann.get("labels", []))]
     masks = None
     if "masks" in ann:
-        masks = [_segmentation_rle(segm, height, width) for segm in ann["masks"]]
+        masks = [segmentation_rle(segm, height, width) for segm in ann["masks"]]
     return Instances(boxes=boxes.round(2).tolist(), labels=labels, masks=masks)
-
-
-def _segmentation_rle(segm: Any, height: int, width: int) -> dict:
-    """COCO polygons, uncompressed or compressed RLE → compressed RLE; a broken one → an empty mask
-    (the hook crashes on these, mmdetection#8455)."""
-    from pycocotools import mask as mask_util
-
-    try:
-        if isinstance(segm, list):
-            polygons = [p for p in segm if len(p) >= 6]
-            if not polygons:
-                raise ValueError("no polygon with 3 points")
-            rle = mask_util.merge(mask_util.frPyObjects(polygons, height, width))
-        elif isinstance(segm, dict) and isinstance(segm.get("counts"), list):
-            rle = mask_util.frPyObjects(segm, height, width)
-        elif isinstance(segm, dict):
-            rle = dict(segm)
-        else:
-            raise ValueError(f"segmentation of type {type(segm).__name__}")
-    except Exception:
-        rle = mask_util.encode(np.zeros((height, width, 1), dtype=np.uint8, order="F"))[0]
-    return _rle_text(rle)
-
-
-def _rle_text(rle: dict) -> dict:
-    counts = rle["counts"]
-    return {"size": [int(s) for s in rle["size"]], "counts": counts.decode() if isinstance(counts, bytes) else counts}
 
 
 def build_model(cfg: Any, checkpoint_path: str, device: str, dataset: Any) -> Any:
@@ -349,7 +297,7 @@ def to_instances(result: Any, num_classes: int) -> Instances:
         labels.extend([label] * len(array))
     masks = None
     if segm is not None:
-        masks = [_rle_text(rle) for per_class in segm for rle in per_class]
+        masks = [rle_text(rle) for per_class in segm for rle in per_class]
         if len(masks) != len(boxes):
             raise JobError(f"{len(masks)} masks for {len(boxes)} boxes", retryable=False)
     return Instances(boxes=boxes, labels=labels, scores=scores, masks=masks)

@@ -17,11 +17,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from common import crash_points
+from common import crash_points, stacks
 from db import jobs
 from db.jobs import ClaimedJob
 from db.session import Database
-from evaluator import mmdet2
+from evaluator.errors import JobError, LeaseLost
 
 log = logging.getLogger("mmdet_wandb.evaluator")
 
@@ -38,6 +38,7 @@ def default_worker_id() -> str:
 
 @dataclass(frozen=True)
 class WorkerOptions:
+    stack: str = stacks.MMDET2  # the jobs it claims: the stack installed here (common/stacks.py)
     device: str = "cpu"
     batch_size: int = 4
     lease_s: float = 60.0  # renewed every lease_s / 3 while the job runs
@@ -56,18 +57,18 @@ class Worker:
         """Work until `stop` (or, with exit_when_idle, until no job is queued or running); returns jobs done.
         A job in hand is finished first. `on_tick` after each claim attempt and each job."""
         done = 0
-        log.info("worker %s on %s", self.options.worker_id, self.options.device)
+        log.info("worker %s (%s) on %s", self.options.worker_id, self.options.stack, self.options.device)
         while not stop.is_set():
             if on_tick is not None:
                 on_tick()
             try:
-                job = jobs.claim(self.db, self.options.worker_id, self.options.lease_s)
+                job = jobs.claim(self.db, self.options.worker_id, self.options.lease_s, stack=self.options.stack)
             except Exception:  # the DB briefly unavailable: wait and try again
                 log.exception("claim failed; retrying")
                 stop.wait(self.options.poll_s)
                 continue
             if job is None:
-                if self.options.exit_when_idle and not jobs.unfinished(self.db):
+                if self.options.exit_when_idle and not jobs.unfinished(self.db, self.options.stack):
                     break
                 stop.wait(self.options.poll_s)
                 continue
@@ -82,11 +83,11 @@ class Worker:
                                      name=f"lease-{job.id}")
         heartbeat.start()
         try:
-            outcome = mmdet2.evaluate(job, self.options.device, self.options.batch_size, lease_lost, self.options.dataset_roots)
-        except mmdet2.LeaseLost:
+            outcome = _adapter(job.stack).evaluate(job, self.options.device, self.options.batch_size, lease_lost, self.options.dataset_roots)
+        except LeaseLost:
             log.warning("job %s: lease lost to another worker; result dropped", job.id)
             return 0
-        except mmdet2.JobError as exc:
+        except JobError as exc:
             self._fail(job, str(exc), retryable=exc.retryable)
             return 0
         except Exception as exc:  # a bug or an unexpected library error: retried, then parked with it
@@ -116,3 +117,14 @@ class Worker:
         log.warning("job %s failed (%s): %s", job.id, "will retry" if retryable else "permanent", error.splitlines()[0])
         if not jobs.fail(self.db, job.id, self.options.worker_id, error, retryable=retryable):
             log.warning("job %s: lease lost to another worker before the failure was recorded", job.id)
+
+
+def _adapter(stack: str):  # type: ignore[no-untyped-def]
+    """The module that evaluates a job of `stack` (imported on first use: each needs its own environment)."""
+    if stack == stacks.MMDET3:
+        from evaluator import mmdet3
+
+        return mmdet3
+    from evaluator import mmdet2
+
+    return mmdet2

@@ -28,9 +28,10 @@ from rich.progress import (
 )
 from rich.table import Table
 
+from common import stacks
 from db import nodes
 from db.session import Database
-from mmdet_wandb import heartbeat, logs, paths, status
+from mmdet_wandb import eval_runner, heartbeat, logs, paths, status
 from uploader import checkpoints, discovery, hook_options
 from uploader.checkpoints import CheckpointOptions
 from uploader.ingest import FreshLaunch, IngestOptions
@@ -232,7 +233,8 @@ def backfill(
     )
     uploader = Loop(db, writer, options)
     stop = _stop_on_signals()
-    run_jobs = _in_process_worker(db, device, batch_size, _dataset_roots(dataset_root), stop) if evaluate else None
+    waiting: list[str] = []
+    run_jobs = (lambda: waiting.extend(eval_runner.evaluate_all(db, home.path, device, batch_size, _dataset_roots(dataset_root), stop))) if evaluate else None
     if not progress:
         uploader.backfill(evaluate=run_jobs, stop=stop)
     else:
@@ -246,6 +248,8 @@ def backfill(
 
             uploader.backfill(on_progress, evaluate=run_jobs, stop=stop)
     _print_status(db, as_json=False, console=err, node=db.node)
+    for line in waiting:
+        err.print(line)
     if writer.options.mode == "offline":
         err.print(f"offline runs are in {home.runs_dir}; upload them with: wandb sync {home.runs_dir}/*/*/wandb/offline-run-*")
     if stop.is_set():
@@ -261,14 +265,6 @@ def backfill(
         err.print(f"{len(failing)} run(s) could not be uploaded (see the last error above); their rows and artifacts stay "
                   "pending: run backfill again once the cause is fixed")
         raise typer.Exit(1)
-
-
-def _in_process_worker(db: Database, device: str | None, batch_size: int, roots: tuple[Path, ...], stop: threading.Event):  # type: ignore[no-untyped-def]
-    from evaluator.worker import Worker, WorkerOptions, default_device
-
-    worker = Worker(db, WorkerOptions(device=device or default_device(), batch_size=batch_size, exit_when_idle=True, poll_s=0.5,
-                                      dataset_roots=roots))
-    return lambda: worker.run(stop)
 
 
 def _dataset_roots(given: list[Path] | None) -> tuple[Path, ...]:
@@ -287,14 +283,20 @@ def evaluate(
     lease: Annotated[float, typer.Option(help="Seconds a claimed job stays ours without renewal (renewed every third of it)")] = 60.0,
     poll: Annotated[float, typer.Option(help="Seconds between looks for a job when the queue is empty")] = 2.0,
     dataset_root: DatasetRootOpt = None,
+    stack: Annotated[Optional[str], typer.Option("--stack", help="mmdet2 or mmdet3: the stack this environment must have (./dev.sh picks the environment by it; default: the one installed)")] = None,
     log_level: LogLevelOpt = "INFO",
     log_format: LogFormatOpt = LogFormat.TEXT,
 ) -> None:
-    """A worker: claims eval jobs, runs each checkpoint on the val subset, stores predictions for the uploader."""
+    """A worker: claims the eval jobs of the MMDetection stack installed here (mmdet 2.x or 3.x), runs each
+    checkpoint on the val subset, stores predictions for the uploader."""
     from evaluator.worker import Worker, WorkerOptions, default_device
 
+    installed = stacks.installed()
+    if installed is None or (stack is not None and stack != installed):
+        raise _fail(f"this environment has {installed or 'no MMDetection stack'}{f', not {stack}' if stack else ''}: install one with "
+                    "tools/install.sh VENV eval (mmdet 2.x) or tools/install.sh VENV mmdet3")
     home, db = _setup(data_dir, [], log_level, log_format, "evaluator")
-    options = WorkerOptions(device=device or default_device(), batch_size=batch_size, lease_s=lease, poll_s=poll,
+    options = WorkerOptions(stack=installed, device=device or default_device(), batch_size=batch_size, lease_s=lease, poll_s=poll,
                             exit_when_idle=exit_when_idle, dataset_roots=_dataset_roots(dataset_root))
     stop = _stop_on_signals()
     done = Worker(db, options).run(stop, on_tick=heartbeat.Heartbeat(home.heartbeat("evaluator")).beat)

@@ -125,7 +125,7 @@ def collect(db: Database, node: str | None = None) -> list[WorkDirStatus]:
         ):
             work_dirs[ckpt.work_dir_id].eval_jobs.append(
                 {
-                    "id": job.id, "checkpoint": ckpt.name, "state": job.state.value, "attempts": job.attempts,
+                    "id": job.id, "checkpoint": ckpt.name, "stack": job.stack, "state": job.state.value, "attempts": job.attempts,
                     "last_error": job.last_error, "note": job.note, "device": job.device, "seconds": job.seconds,
                     "table_uploaded": job.id in tables and tables[job.id].uploaded,
                     "pin": job.checkpoint_path if job.pinned and job.state is JobState.DEAD else None,

@@ -118,5 +118,6 @@ def stop(proc: subprocess.Popen[str]) -> str:
 
 
 from tests.mmdet_run.fixtures import synthetic_coco, trained_work_dir  # noqa: E402,F401  (pytest fixtures)
+from tests.mmdet3_run.fixtures import trained_work_dir3  # noqa: E402,F401  (pytest fixture)
 from tests.postgres import postgres_server, postgres_url  # noqa: E402,F401  (pytest fixtures)
 from tests.wandb_standin import wandb_standin  # noqa: E402,F401  (pytest fixtures)

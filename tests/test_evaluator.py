@@ -233,7 +233,7 @@ def run_queued(home: Path) -> dict[str, EvalJob]:
     """One attempt at every queued job, in this process, with the real worker; checkpoint name → job after."""
     db = db_of(home)
     worker = Worker(db, WorkerOptions(device="cpu", batch_size=2))
-    while (job := queue.claim(db, worker.options.worker_id, 60)) is not None:
+    while (job := queue.claim(db, worker.options.worker_id, 60, stack="mmdet2")) is not None:
         worker.run_one(job)
     with db.transaction() as session:
         rows = session.scalars(select(EvalJob)).all()

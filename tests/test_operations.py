@@ -237,15 +237,17 @@ def test_compose_file_follows_the_compose_spec(tmp_path):
     assert validate(tmp_path / "broken.yml").returncode != 0, "the check can fail"
 
     spec = yaml.safe_load(compose.read_text())
-    for name in ("uploader", "evaluator"):
-        service = {**spec["x-service"], **spec["services"][name]}
+    assert spec["services"]["evaluator-mmdet3"]["build"]["args"] == {"STACK": "mmdet3"}
+    for name in ("uploader", "evaluator", "evaluator-mmdet3"):
+        service = {**spec["x-service"], **spec["services"]["evaluator"], **spec["services"][name]}
         assert service["user"].startswith("${MMDET_WANDB_UID"), "non-root"
         assert service["restart"] == "unless-stopped" and service["healthcheck"]["test"][:3] == ["CMD", "mmdet-wandb", "health"]
         mounts = [m for m in service["volumes"] if isinstance(m, dict)]
         assert mounts and all(m["read_only"] for m in mounts), "work_dirs (and datasets) read-only"
         assert "state:/var/lib/mmdet-wandb" in service["volumes"]
-    (device,) = spec["services"]["evaluator"]["deploy"]["resources"]["reservations"]["devices"]
-    assert device["capabilities"] == ["gpu"] and "EVAL_GPU_IDS" in device["device_ids"][0]
+    for name, ids in (("evaluator", "EVAL_GPU_IDS"), ("evaluator-mmdet3", "EVAL3_GPU_IDS")):
+        (device,) = spec["services"][name]["deploy"]["resources"]["reservations"]["devices"]
+        assert device["capabilities"] == ["gpu"] and ids in device["device_ids"][0]
     env_example = (REPO / ".env.example").read_text()
     for name in ("WANDB_API_KEY", "WANDB_MODE", "WANDB_PROJECT", "WANDB_ENTITY", "WORK_DIRS", "MMDET_WANDB_NUM_EVAL_IMAGES"):
         assert re.search(rf"^{name}=", env_example, re.M), name
@@ -256,9 +258,11 @@ def test_dockerfiles_install_with_the_steps_ci_runs():
     command) runs; so CI exercises the images' install steps, minus the CUDA build flags."""
     dev = (REPO / "dev.sh").read_text()
     assert "tools/install.sh \"$venv\" base" in dev and "tools/install.sh \"$venv\" eval" in dev
+    assert "tools/install.sh \"$venv3\" mmdet3" in dev
     packages = re.search(r'include = \[(.*?)\]', (REPO / "pyproject.toml").read_text()).group(1)
     wanted = {p.strip(' "*') for p in packages.split(",")}
-    images = (("Dockerfile.uploader", {"base postgres"}, wanted - {"evaluator"}), ("Dockerfile.evaluator", {"base postgres", "eval"}, wanted))
+    images = (("Dockerfile.uploader", {"base postgres"}, wanted - {"evaluator"}), ("Dockerfile.evaluator", {"base postgres", "${STACK}"}, wanted))
+    assert re.search(r"^ARG STACK=eval$", (REPO / "docker" / "Dockerfile.evaluator").read_text(), re.M), "mmdet 2.x by default; mmdet3 by build arg"
     for name, steps, needed in images:
         text = (REPO / "docker" / name).read_text()
         runs = re.findall(r"^RUN (.+)$", text.replace("\\\n", " "), re.M)

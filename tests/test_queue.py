@@ -112,31 +112,44 @@ def outcome(m: Manifest, seed: int) -> EvalOutcome:
     return EvalOutcome(manifest=m, predictions=predictions, metrics={"bbox_mAP": seed / 10}, device="cpu", seconds=1.5)
 
 
+def test_a_worker_claims_only_the_jobs_of_its_stack(db: Database) -> None:
+    """One 2.x and one 3.x worker on one queue: each takes its own kind, oldest first, and an idle worker of
+    one stack does not wait for the other's jobs."""
+    v2_old, v2_new = add_jobs(db, T0 - 50, T0 - 10)
+    v3_old, v3_new = add_jobs(db, T0 - 100, T0 - 20, stack="mmdet3")
+    assert queue.unfinished(db, "mmdet3") == 2 and queue.unfinished(db) == 4
+    assert [queue.claim(db, "w3", LEASE, now=T0, stack="mmdet3").id for _ in range(2)] == [v3_old, v3_new]  # type: ignore[union-attr]
+    assert queue.claim(db, "w3", LEASE, now=T0, stack="mmdet3") is None, "the 2.x jobs are not for it"
+    claimed = queue.claim(db, "w2", LEASE, now=T0, stack="mmdet2")
+    assert claimed is not None and (claimed.id, claimed.stack) == (v2_old, "mmdet2")
+    assert queue.claim(db, "w2", LEASE, now=T0, stack="mmdet2").id == v2_new  # type: ignore[union-attr]
+
+
 def test_claim_takes_the_oldest_due_job(db: Database) -> None:
     later, older, future, tie = add_jobs(db, T0 - 100, T0 - 200, T0 + 30, T0 - 100)
 
-    first = queue.claim(db, "w1", LEASE, now=T0)
+    first = queue.claim(db, "w1", LEASE, stack="mmdet2", now=T0)
     assert first is not None and first.id == older
     job = get(db, older)
     assert (job.state, job.lease_owner, job.lease_expires_at, job.attempts) == (JobState.RUNNING, "w1", T0 + LEASE, 1)
-    assert first == queue.ClaimedJob(older, 1, job.checkpoint_path, job.work_dir, "cfg_2.py", "# config 2", 2, 0.3)
+    assert first == queue.ClaimedJob(older, 1, "mmdet2", job.checkpoint_path, job.work_dir, "cfg_2.py", "# config 2", 2, 0.3)
 
-    second = queue.claim(db, "w2", LEASE, now=T0)
+    second = queue.claim(db, "w2", LEASE, stack="mmdet2", now=T0)
     assert second is not None and second.id == later  # same run_after as `tie`: the lower id first
-    third = queue.claim(db, "w3", LEASE, now=T0)
+    third = queue.claim(db, "w3", LEASE, stack="mmdet2", now=T0)
     assert third is not None and third.id == tie
-    assert queue.claim(db, "w4", LEASE, now=T0) is None  # `future` is not due, the others are leased
+    assert queue.claim(db, "w4", LEASE, stack="mmdet2", now=T0) is None  # `future` is not due, the others are leased
     assert get(db, future).state == JobState.QUEUED and get(db, future).attempts == 0
     assert get(db, older).lease_owner == "w1"  # not taken over by the later claims
 
-    fourth = queue.claim(db, "w4", LEASE, now=T0 + 30)  # due now; the leases still hold
+    fourth = queue.claim(db, "w4", LEASE, stack="mmdet2", now=T0 + 30)  # due now; the leases still hold
     assert fourth is not None and fourth.id == future
 
 
 def test_renew_complete_fail_are_fenced(db: Database) -> None:
     (job_id,) = add_jobs(db, 0.0)
     now = time.time()
-    assert queue.claim(db, "w1", LEASE, now=now) is not None
+    assert queue.claim(db, "w1", LEASE, stack="mmdet2", now=now) is not None
     before = row(db, job_id)
 
     assert not queue.renew(db, job_id, "w2", LEASE)
@@ -149,7 +162,7 @@ def test_renew_complete_fail_are_fenced(db: Database) -> None:
     assert get(db, job_id).lease_expires_at >= now + 3600  # type: ignore[operator]
 
     # w1 stalls past its lease: w2 reclaims the job, and w1 learns it on its next call
-    taken = queue.claim(db, "w2", LEASE, now=now + 3601)
+    taken = queue.claim(db, "w2", LEASE, stack="mmdet2", now=now + 3601)
     assert taken is not None and taken.id == job_id and taken.attempts == 2
     before = row(db, job_id)
     assert before["lease_owner"] == "w2"
@@ -172,17 +185,17 @@ def test_renew_complete_fail_are_fenced(db: Database) -> None:
 def test_expired_lease_is_reclaimed_and_the_last_one_parks_the_job(db: Database) -> None:
     stuck, waiting = add_jobs(db, 0.0, T0 + 15, max_attempts=2)
 
-    assert queue.claim(db, "w1", 10, now=T0).id == stuck  # type: ignore[union-attr]
-    assert queue.claim(db, "w2", 10, now=T0 + 10) is None  # a lease that ends exactly now is still held
+    assert queue.claim(db, "w1", 10, stack="mmdet2", now=T0).id == stuck  # type: ignore[union-attr]
+    assert queue.claim(db, "w2", 10, stack="mmdet2", now=T0 + 10) is None  # a lease that ends exactly now is still held
     assert get(db, stuck).lease_owner == "w1"
 
-    retaken = queue.claim(db, "w2", 10, now=T0 + 11)
+    retaken = queue.claim(db, "w2", 10, stack="mmdet2", now=T0 + 11)
     assert retaken is not None and retaken.id == stuck and retaken.attempts == 2
     job = get(db, stuck)
     assert (job.state, job.lease_owner, job.lease_expires_at, job.attempts) == (JobState.RUNNING, "w2", T0 + 21, 2)
 
     # w2 dies too: that was the last attempt, so the next claim parks it (and takes the other job)
-    nxt = queue.claim(db, "w3", 10, now=T0 + 22)
+    nxt = queue.claim(db, "w3", 10, stack="mmdet2", now=T0 + 22)
     assert nxt is not None and nxt.id == waiting
     job = get(db, stuck)
     assert (job.state, job.lease_owner, job.attempts) == (JobState.DEAD, None, 2)
@@ -205,7 +218,7 @@ def test_retryable_failures_back_off_until_attempts_run_out(db: Database) -> Non
     (job_id,) = add_jobs(db, 0.0, max_attempts=3)
     now = T0
     for attempt in (1, 2):
-        claimed = queue.claim(db, "w1", LEASE, now=now)
+        claimed = queue.claim(db, "w1", LEASE, stack="mmdet2", now=now)
         assert claimed is not None and claimed.attempts == attempt
         before = time.time()
         assert queue.fail(db, job_id, "w1", f"CUDA out of memory #{attempt}", retryable=True)
@@ -215,34 +228,34 @@ def test_retryable_failures_back_off_until_attempts_run_out(db: Database) -> Non
         assert job.last_error == f"CUDA out of memory #{attempt}"
         nominal = BACKOFF_BASE_S * 2 ** (attempt - 1)
         assert before + 0.9 * nominal <= job.run_after <= after + 1.1 * nominal
-        assert queue.claim(db, "w2", LEASE, now=job.run_after - 0.01) is None  # not due yet
+        assert queue.claim(db, "w2", LEASE, stack="mmdet2", now=job.run_after - 0.01) is None  # not due yet
         now = job.run_after
 
-    assert queue.claim(db, "w1", LEASE, now=now).attempts == 3  # type: ignore[union-attr]
+    assert queue.claim(db, "w1", LEASE, stack="mmdet2", now=now).attempts == 3  # type: ignore[union-attr]
     assert queue.fail(db, job_id, "w1", "CUDA out of memory #3", retryable=True)
     job = get(db, job_id)
     assert (job.state, job.attempts, job.lease_owner, job.last_error) == (JobState.DEAD, 3, None, "CUDA out of memory #3")
     assert job.finished_at is not None
-    assert queue.claim(db, "w1", LEASE, now=now + 10_000) is None
+    assert queue.claim(db, "w1", LEASE, stack="mmdet2", now=now + 10_000) is None
 
 
 def test_permanent_failure_parks_the_job_and_requeue_revives_it(db: Database) -> None:
     first, second, finished = add_jobs(db, 0.0, 0.0, 0.0)
     for job_id in (first, second, finished):
-        assert queue.claim(db, "w1", LEASE, now=T0).id == job_id  # type: ignore[union-attr]
+        assert queue.claim(db, "w1", LEASE, stack="mmdet2", now=T0).id == job_id  # type: ignore[union-attr]
     assert queue.fail(db, first, "w1", "config has no val set", retryable=False)
     assert queue.fail(db, second, "w1", "checkpoint is corrupt", retryable=False)
     assert queue.complete(db, finished, "w1", outcome(manifest(), 1))
     job = get(db, first)
     assert (job.state, job.attempts, job.last_error) == (JobState.DEAD, 1, "config has no val set")
     assert job.finished_at is not None
-    assert queue.claim(db, "w2", LEASE, now=T0 + 10_000) is None  # dead jobs are not claimable
+    assert queue.claim(db, "w2", LEASE, stack="mmdet2", now=T0 + 10_000) is None  # dead jobs are not claimable
 
     assert queue.requeue(db, [first]) == (1, [])
     job = get(db, first)
     assert (job.state, job.attempts, job.run_after, job.finished_at) == (JobState.QUEUED, 0, 0.0, None)
     assert get(db, second).state == JobState.DEAD
-    claimed = queue.claim(db, "w2", LEASE, now=T0)
+    claimed = queue.claim(db, "w2", LEASE, stack="mmdet2", now=T0)
     assert claimed is not None and (claimed.id, claimed.attempts) == (first, 1)
 
     assert queue.requeue(db) == (1, [])  # every dead job: `second`; the running and the done one stay as they are
@@ -254,7 +267,7 @@ def test_permanent_failure_parks_the_job_and_requeue_revives_it(db: Database) ->
 
 def test_complete_stores_a_manifest_once_and_predictions_per_job(db: Database) -> None:
     a, b, c = add_jobs(db, 0.0, 0.0, 0.0)
-    assert [queue.claim(db, "w1", LEASE, now=T0).id for _ in range(3)] == [a, b, c]  # type: ignore[union-attr]
+    assert [queue.claim(db, "w1", LEASE, stack="mmdet2", now=T0).id for _ in range(3)] == [a, b, c]  # type: ignore[union-attr]
     m = manifest()
     assert not eval_results.has_manifest(db, m.digest)
     assert queue.complete(db, a, "w1", outcome(manifest(), 1))
@@ -289,7 +302,7 @@ def _claim_until_empty(url: str, worker_id: str, start: Any, results: Any) -> No
         db = Database(url)
         db.engine.connect().close()  # connected before the start line, so the claims overlap
         start.wait()
-        while (job := queue.claim(db, worker_id, 600)) is not None:
+        while (job := queue.claim(db, worker_id, 600, stack="mmdet2")) is not None:
             claimed.append(job.id)
             if not queue.complete(db, job.id, worker_id, outcome(manifest(), job.id)):
                 raise AssertionError(f"{worker_id} lost job {job.id} it had just claimed")

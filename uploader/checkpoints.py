@@ -223,6 +223,7 @@ def _hash_pin(db: Database, checkpoint_id: int, pin: Path) -> None:
     try:
         with open(pin, "rb") as handle:
             digests = checkpoint_file.hash_file(handle)
+            hashed = os.fstat(handle.fileno())
     except (OSError, checkpoint_file.ChangedWhileReading) as exc:
         with db.transaction() as session:
             row = session.get_one(Checkpoint, checkpoint_id)
@@ -231,8 +232,12 @@ def _hash_pin(db: Database, checkpoint_id: int, pin: Path) -> None:
         return
     with db.transaction() as session:
         row = session.get_one(Checkpoint, checkpoint_id)
-        if row.state is CheckpointState.READY and row.size == digests.size:
-            row.md5_b64, row.sha256 = digests.md5_b64, digests.sha256_hex
+        if row.state is not CheckpointState.READY:
+            return
+        if not row.pin_by_copy and (row.size, row.mtime_ns) != (hashed.st_size, hashed.st_mtime_ns):  # written again since it was ready
+            _look_again(row, "changed after it was ready")
+            return
+        row.md5_b64, row.sha256 = digests.md5_b64, digests.sha256_hex
 
 
 def _look_again(row: Checkpoint, reason: str) -> None:
@@ -317,7 +322,8 @@ def queue_uploads(db: Database, options: CheckpointOptions, background: Backgrou
                 continue
             queued += outbox.add_artifact(
                 session, run.id, ArtifactKind.MODEL, _key(row), checkpoint_id=row.id, file_path=str(pin), file_name=row.name,
-                file_md5=row.md5_b64, aliases=_aliases(row), metadata=_metadata(row, evaluation, run_options.log_checkpoint_metadata),
+                file_md5=row.md5_b64, file_size=None if row.pin_by_copy else row.size,  # a copy in the store is ours: it never changes
+                file_mtime_ns=None if row.pin_by_copy else row.mtime_ns, aliases=_aliases(row), metadata=_metadata(row, evaluation, run_options.log_checkpoint_metadata),
             )
     return queued
 
@@ -412,10 +418,8 @@ def _metadata(row: Checkpoint, evaluation: dict[str, Any] | None, with_metrics: 
 
 
 def evaluated(row: Checkpoint, run_options: hook_options.HookOptions) -> bool:
-    """Tables are on, and the checkpoint is a regular epoch/iter one of mmdet 2.x: best_* repeats one of them;
-    mmdet 3.x needs another adapter."""
-    meta = json.loads(row.meta_json or "{}")
-    evaluable = row.kind in ("epoch", "iter") and row.number is not None and "mmengine_version" not in meta
+    """Tables are on, and the checkpoint is a regular epoch/iter one (mmdet 2.x or 3.x): best_* repeats one of them."""
+    evaluable = row.kind in ("epoch", "iter") and row.number is not None
     return run_options.num_eval_images > 0 and evaluable
 
 

@@ -9,12 +9,14 @@ for the same subset (queued once per run and subset), which the prediction table
 from __future__ import annotations
 
 import errno
+import json
 import logging
 import os
 from pathlib import Path
 
 from sqlalchemy import select
 
+from common import stacks
 from db import jobs, outbox
 from db.models import ArtifactKind, Checkpoint, CheckpointState
 from db.session import Database, node_of
@@ -49,6 +51,7 @@ def enqueue(db: Database, ckpt: checkpoints.CheckpointOptions) -> int:
                     continue
                 jobs.add(
                     session, checkpoint_id=row.id, run_id=run.id, checkpoint_path=str(link), work_dir=str(Path(row.path).parent),
+                    stack=stacks.of_checkpoint(json.loads(row.meta_json or "{}")),
                     unit=checkpoints.unit(row), number=row.number, config_name=run.config_name, config_text=run.config_text,
                     num_eval_images=run_options.num_eval_images, bbox_score_thr=run_options.bbox_score_thr,
                 )

@@ -241,6 +241,10 @@ class ArtifactBuilder:
         path = Path(entry.file_path)  # type: ignore[arg-type]
         artifact = wandb.Artifact(f"run_{wandb_id}_model", type="model", metadata=entry.metadata)
         try:
+            now = path.stat()
+            if entry.file_stat is not None and (now.st_size, now.st_mtime_ns) != entry.file_stat:
+                # MMEngine saves the last checkpoint again when a later evaluation improves the best
+                raise NotBuildable(f"the pinned file {path} was written again after it was hashed")
             add_hashed_file(artifact, path, entry.file_name or path.name, entry.file_md5)  # type: ignore[arg-type]
         except OSError as exc:
             raise NotBuildable(f"the pinned file {path}: {exc.strerror or exc}") from exc

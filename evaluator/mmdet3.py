@@ -1,0 +1,265 @@
+"""The mmdet 3.x (MMEngine) adapter: one checkpoint → predictions and metrics on the fixed val subset, stored as
+the same records as the 2.x adapter's (evaluator/mmdet2.py), so that both give tables of one schema.
+
+Set up as mmdet 3.3's `init_detector`/`tools/test.py` do: the config inside the checkpoint (`meta['cfg']`,
+exactly what trained it; fallbacks: the launch's `vis_data/config.py` or the work_dir's dump), the registry
+scope (`init_default_scope`), the backbone's `init_cfg` off, the weights loaded through an explicit allowlist of
+what an MMEngine checkpoint holds (evaluator/checkpoint_globals.py), `val_dataloader.dataset` built by the
+DATASETS registry with relative paths resolved as for 2.x. The hook's subset (first N of a seed-42
+permutation) goes batched through the model's `test_step` (data preprocessor included); the subset's metrics
+come from the config's own `val_evaluator`, restricted to the subset's images. Imports torch/mmengine/mmdet
+lazily, like the 2.x adapter.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import io
+import logging
+import os
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from common import checkpoint_file, dataset_paths
+from common.records import EvalOutcome, Instances, Manifest, ValImageRecord, subset_indices
+from db.jobs import ClaimedJob
+from evaluator import checkpoint_globals
+from evaluator.encoding import rle_text, segmentation_rle, stored_image
+from evaluator.errors import JobError, LeaseLost
+
+log = logging.getLogger("mmdet_wandb.evaluator")
+
+
+def evaluate(
+    job: ClaimedJob, device: str, batch_size: int, lease_lost: threading.Event | None = None,
+    dataset_roots: tuple[Path, ...] = (),
+) -> EvalOutcome:
+    """`dataset_roots`: where relative dataset paths are looked for first (`--dataset-root`)."""
+    cfg = load_config(job)
+    dataset, base = build_val_dataset(cfg, Path(job.work_dir), dataset_roots)
+    count = min(job.num_eval_images, len(dataset))
+    note = None
+    if count < job.num_eval_images:
+        note = f"num_eval_images ({job.num_eval_images}) is greater than the val set ({len(dataset)}): using {count}, as the hook does"
+    indices = subset_indices(len(dataset), count)
+    manifest = build_manifest(dataset, indices, cfg)
+    model = build_model(cfg, job.checkpoint_path, device)
+    started = time.perf_counter()
+    samples = run_inference(model, dataset, indices, cfg, batch_size, lease_lost)
+    seconds = time.perf_counter() - started
+    predictions = [to_instances(s).above(job.bbox_score_thr) for s in samples]
+    metrics = subset_metrics(cfg, dataset, indices, samples, base)
+    return EvalOutcome(manifest=manifest, predictions=predictions, metrics=metrics, device=device, seconds=seconds, note=note)
+
+
+def load_config(job: ClaimedJob) -> Any:
+    from mmengine.config import Config
+    from mmengine.registry import init_default_scope
+
+    try:
+        with open(job.checkpoint_path, "rb") as handle:
+            meta = checkpoint_file.read_checkpoint_meta(handle) or {}
+    except OSError as exc:
+        raise JobError(f"cannot read the checkpoint {job.checkpoint_path}: {exc.strerror}", retryable=True) from exc
+    text, name = meta.get("cfg"), "checkpoint meta"
+    if not isinstance(text, str) or not text.strip():
+        text, name = job.config_text, f"{job.config_name} in {job.work_dir}"
+    if not text:
+        raise JobError("no config: the checkpoint's meta has none and the work_dir has no config dump", retryable=False)
+    try:
+        cfg = Config.fromstring(text, ".py")
+    except Exception as exc:
+        raise JobError(f"the config ({name}) cannot be read: {type(exc).__name__}: {exc}", retryable=False) from exc
+    if cfg.get("custom_imports"):
+        from mmengine.utils import import_modules_from_strings
+
+        try:
+            import_modules_from_strings(**cfg["custom_imports"])
+        except ImportError as exc:
+            raise JobError(f"custom_imports of the config: {exc} (put the module on the worker's PYTHONPATH)", retryable=False) from exc
+    init_default_scope(cfg.get("default_scope", "mmdet"))
+    return cfg
+
+
+def build_val_dataset(cfg: Any, work_dir: Path, dataset_roots: tuple[Path, ...] = ()) -> tuple[Any, Path | None]:
+    """The val dataset (test mode) and the base its relative paths were resolved against."""
+    from mmdet.registry import DATASETS
+
+    loader = cfg.get("val_dataloader") or {}
+    dataset_cfg = loader.get("dataset") if isinstance(loader, dict) else None
+    if not isinstance(dataset_cfg, dict) or "type" not in dataset_cfg:
+        raise JobError("the config has no val_dataloader.dataset", retryable=False)
+    dataset_cfg = copy.deepcopy(dict(dataset_cfg))
+    dataset_cfg["test_mode"] = True
+    try:
+        dataset_cfg, base = dataset_paths.resolve_mmengine(dataset_cfg, dataset_paths.candidates(dataset_roots, work_dir))
+    except dataset_paths.AnnotationsNotFound as exc:
+        raise JobError(str(exc), retryable=False) from exc
+    try:
+        dataset = DATASETS.build(dataset_cfg)
+    except Exception as exc:
+        raise JobError(f"the val dataset cannot be built: {type(exc).__name__}: {exc}", retryable=False) from exc
+    if not hasattr(dataset, "get_data_info") or "classes" not in getattr(dataset, "metainfo", {}):
+        raise JobError(f"val dataset {type(dataset).__name__} has no get_data_info or classes (wrapped datasets are not supported)", retryable=False)
+    if len(dataset) == 0:
+        raise JobError("the val dataset is empty", retryable=False)
+    return dataset, base
+
+
+def _color_type(cfg: Any) -> str:
+    """The hook's loader: the last LoadImageFromFile of the val pipeline (its color type)."""
+    pipeline = cfg.val_dataloader.dataset.get("pipeline") or []
+    loaders = [t for t in pipeline if isinstance(t, dict) and str(t.get("type", "")).split(".")[-1] == "LoadImageFromFile"]
+    if not loaders:
+        raise JobError("the val pipeline has no LoadImageFromFile (the hook needs one too)", retryable=False)
+    return loaders[-1].get("color_type", "color")
+
+
+def build_manifest(dataset: Any, indices: list[int], cfg: Any) -> Manifest:
+    import mmcv
+
+    color_type = _color_type(cfg)
+    prefix = (getattr(dataset, "data_prefix", None) or {}).get("img") or ""
+    images = []
+    for position, index in enumerate(indices):
+        info = dataset.get_data_info(index)
+        path = info.get("img_path") or ""
+        name = os.path.relpath(path, prefix) if prefix and path.startswith(prefix) else os.path.basename(path)
+        try:
+            raw = Path(path).read_bytes()
+        except OSError as exc:
+            raise JobError(f"val image {path} cannot be read: {exc.strerror}", retryable=True) from exc
+        try:
+            img = mmcv.imfrombytes(raw, flag=color_type, channel_order="rgb")
+        except Exception as exc:
+            img = None
+            log.debug("decode failed", exc_info=exc)
+        if img is None:
+            raise JobError(f"val image {path} cannot be decoded", retryable=False)
+        height, width = img.shape[:2]
+        file_ext, data = stored_image(name, raw, img)
+        images.append(
+            ValImageRecord(
+                position=position, dataset_index=index, image_name=name or f"img_{index}", file_ext=file_ext,
+                width=int(width), height=int(height), image_bytes=data,
+                ground_truth=_ground_truth(info.get("instances") or [], height, width),
+            )
+        )
+    source = {"ann_file": str(getattr(dataset, "ann_file", "")), "img_prefix": str(prefix), "val_set_size": len(dataset)}
+    return Manifest(classes=[str(c) for c in dataset.metainfo["classes"]], images=images, source=source)
+
+
+def _ground_truth(instances: list[dict], height: int, width: int) -> Instances:
+    """The instances a 2.x `get_ann_info` gives too: crowd and ignored ones (ignore_flag) left out."""
+    kept = [i for i in instances if not i.get("ignore_flag", 0)]
+    boxes = np.asarray([i["bbox"] for i in kept], dtype=float).reshape(-1, 4)
+    labels = [int(i["bbox_label"]) for i in kept]
+    masks = None
+    if any("mask" in i for i in kept):
+        masks = [segmentation_rle(i.get("mask", []), height, width) for i in kept]
+    return Instances(boxes=boxes.round(2).tolist(), labels=labels, masks=masks)
+
+
+def build_model(cfg: Any, checkpoint_path: str, device: str) -> Any:
+    from mmdet.registry import MODELS
+    from mmengine.model.utils import revert_sync_batchnorm
+    from mmengine.runner import load_checkpoint
+
+    cfg = copy.deepcopy(cfg)
+    if "init_cfg" in cfg.model.get("backbone", {}):
+        cfg.model.backbone.init_cfg = None
+    try:
+        model = revert_sync_batchnorm(MODELS.build(cfg.model))
+    except Exception as exc:
+        raise JobError(f"the model cannot be built from the config: {type(exc).__name__}: {exc}", retryable=False) from exc
+    try:
+        with checkpoint_globals.allowed():
+            checkpoint = load_checkpoint(model, checkpoint_path, map_location="cpu", logger="silent")
+    except Exception as exc:
+        raise JobError(f"the checkpoint cannot be loaded: {checkpoint_globals.explain(exc)}", retryable=False) from exc
+    dataset_meta = (checkpoint.get("meta") or {}).get("dataset_meta")
+    if isinstance(dataset_meta, dict):
+        model.dataset_meta = {k.lower(): v for k, v in dataset_meta.items()}
+    model.cfg = cfg
+    model.to(device)
+    model.eval()
+    return model
+
+
+def run_inference(model: Any, dataset: Any, indices: list[int], cfg: Any, batch_size: int, lease_lost: threading.Event | None) -> list[Any]:
+    """The val loop's steps over the subset, batched: pipeline, `pseudo_collate`, `model.test_step` (its data
+    preprocessor pads and normalises the batch). CUDA out of memory halves the batch and goes on."""
+    import torch
+    from mmengine.dataset import pseudo_collate
+    from torch.utils.data import DataLoader, Subset
+
+    workers = int((cfg.get("val_dataloader") or {}).get("num_workers", 0))
+    samples: list[Any] = []
+    while len(samples) < len(indices):
+        rest = Subset(dataset, indices[len(samples):])
+        loader = DataLoader(rest, batch_size=batch_size, num_workers=workers, shuffle=False, collate_fn=pseudo_collate)
+        try:
+            for data in loader:
+                if lease_lost is not None and lease_lost.is_set():
+                    raise LeaseLost()
+                with torch.no_grad():
+                    samples.extend(model.test_step(data))
+        except torch.cuda.OutOfMemoryError as exc:
+            torch.cuda.empty_cache()
+            if batch_size == 1:
+                raise JobError("CUDA out of memory at batch size 1", retryable=True) from exc
+            batch_size = max(1, batch_size // 2)
+            log.warning("CUDA out of memory: batch size %d from now on", batch_size)
+        except (JobError, LeaseLost):
+            raise
+        except Exception as exc:
+            raise JobError(f"the model raised during inference: {type(exc).__name__}: {exc}", retryable=True) from exc
+    return samples
+
+
+def to_instances(sample: Any) -> Instances:
+    """A `DetDataSample`'s `pred_instances` (boxes in the original image, as `test_step` rescales them) → Instances."""
+    from mmdet.structures.mask import encode_mask_results
+
+    pred = sample.pred_instances
+    boxes = pred.bboxes.detach().cpu().numpy().astype(float).reshape(-1, 4)
+    scores = pred.scores.detach().cpu().numpy().astype(float)
+    labels = [int(x) for x in pred.labels.detach().cpu().numpy()]
+    masks = None
+    if "masks" in pred:
+        masks = [rle_text(rle) for rle in encode_mask_results(pred.masks.detach().cpu().numpy())]
+        if len(masks) != len(labels):
+            raise JobError(f"{len(masks)} masks for {len(labels)} boxes", retryable=False)
+    return Instances(boxes=boxes.round(2).tolist(), labels=labels, scores=scores.round(4).tolist(), masks=masks)
+
+
+def subset_metrics(cfg: Any, dataset: Any, indices: list[int], samples: list[Any], base: Path | None) -> dict[str, Any]:
+    """The config's own `val_evaluator` on the subset: COCO-style metrics evaluate the subset's images only."""
+    from mmengine.evaluator import Evaluator
+
+    evaluator_cfg = cfg.get("val_evaluator")
+    if not evaluator_cfg:
+        return {}
+    evaluator_cfg = copy.deepcopy(evaluator_cfg)
+    for metric_cfg in evaluator_cfg if isinstance(evaluator_cfg, list) else [evaluator_cfg]:
+        ann_file = metric_cfg.get("ann_file")
+        if base is not None and isinstance(ann_file, str) and ann_file and not os.path.isabs(ann_file):
+            metric_cfg["ann_file"] = str(base / ann_file)
+    try:
+        evaluator = Evaluator(evaluator_cfg)
+        evaluator.dataset_meta = dataset.metainfo
+        image_ids = [dataset.get_data_info(i)["img_id"] for i in indices]
+        for metric in evaluator.metrics:
+            if hasattr(metric, "img_ids") and getattr(metric, "_coco_api", None) is not None:
+                metric.img_ids = image_ids
+        evaluator.process(data_samples=samples, data_batch=None)
+        with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints its progress
+            metrics = evaluator.evaluate(len(samples))
+    except Exception as exc:  # the predictions are still worth showing
+        log.warning("subset evaluation failed: %s: %s", type(exc).__name__, exc)
+        return {"error": f"{type(exc).__name__}: {exc}"}
+    return {k: (float(v) if isinstance(v, (int, float, np.floating, np.integer)) else str(v)) for k, v in metrics.items()}
