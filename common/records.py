@@ -40,22 +40,34 @@ class Header:
     config_text: str | None
 
 
+TimeKey = tuple[str, "int | None", "int | None"]  # (kind, epoch, iteration) as the text log names a line
+
+
 @dataclass(frozen=True)
 class MetricRow:
-    """One data line, already mapped to W&B keys; `iter` is the global iteration (None when unknowable)."""
+    """One data line, already mapped to W&B keys; `iter` is the global iteration (None when unknowable).
+
+    `time_keys`: how the text log of the same launch names this line (uploader/row_times.py matches them);
+    `iter_seconds`: the line's own `time` (seconds per iteration), for when there is no text log;
+    `timestamp`: when the line was written (epoch seconds), once known."""
 
     kind: RowKind
     epoch: int | None
     iter: int | None
     values: dict[str, Any]
+    time_keys: tuple[TimeKey, ...] = ()
+    iter_seconds: float | None = None
+    timestamp: float | None = None
 
     def wandb_payload(self) -> dict[str, Any]:
-        """The dict given to `run.log`: metric values plus the `iter`/`epoch` axes."""
+        """The dict given to `run.log`: metric values plus the `iter`/`epoch` axes and the line's time."""
         payload = dict(self.values)
         if self.iter is not None:
             payload["iter"] = self.iter
         if self.epoch is not None:
             payload["epoch"] = self.epoch
+        if self.timestamp is not None:
+            payload["_timestamp"] = self.timestamp
         return payload
 
 
@@ -92,6 +104,10 @@ class ParseState:
     last_train_iter: int | None = None
     data_rows: int = 0
     lineage_in_file: int = 0
+    text_offset: int = 0  # how far the text log of the launch has been matched against rows (row_times)
+    text_last_iter: int | None = None  # the text log's last train iteration before text_offset
+    clock: float | None = None  # the time given to the last row (epoch seconds): times never go back
+    clock_iter: int | None = None  # that row's global iteration
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)

@@ -102,6 +102,7 @@ class Run(Base):
     job_type: Mapped[str] = mapped_column(String(32), default="train")
     launch: Mapped[str] = mapped_column(String(256))  # the launch (log timestamp) that started the lineage
     by_epoch: Mapped[bool | None] = mapped_column(Boolean, nullable=True)
+    last_timestamp: Mapped[float | None] = mapped_column(Float, nullable=True)  # of its last row: times never go back
     next_step: Mapped[int] = mapped_column(BigInteger, default=1)
     first_iter: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
     last_iter: Mapped[int | None] = mapped_column(BigInteger, nullable=True)

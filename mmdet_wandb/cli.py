@@ -14,6 +14,7 @@ import time
 import typing
 from pathlib import Path
 from collections.abc import Callable
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 from typing import Annotated, Any, Optional
 
 import typer
@@ -61,6 +62,7 @@ IncompleteAfterOpt = Annotated[float, typer.Option(help="Seconds a checkpoint ma
 DeviceOpt = Annotated[Optional[str], typer.Option(help="cuda:N or cpu (default: cuda:0 when a GPU is visible, else cpu)")]
 NodeOpt = Annotated[Optional[str], typer.Option("--node", envvar="MMDET_WANDB_NODE", show_envvar=False, help="This uploader's name in a shared state DB: it reads and changes only its own rows (env: MMDET_WANDB_NODE; default: the host name)")]
 DatasetRootOpt = Annotated[Optional[list[Path]], typer.Option("--dataset-root", help="Where relative dataset paths of training configs are looked for first; repeatable (env: MMDET_WANDB_DATASET_ROOTS, separated by ':')")]
+LogTimezoneOpt = Annotated[Optional[str], typer.Option("--log-timezone", envvar="MMDET_WANDB_LOG_TIMEZONE", show_envvar=False, help="IANA zone of the training hosts, for the naive times in logs (env: MMDET_WANDB_LOG_TIMEZONE; config file: log_timezone; default: this machine's zone)")]
 WandbTimeoutOpt = Annotated[float, typer.Option("--wandb-timeout", envvar="MMDET_WANDB_TIMEOUT", show_envvar=False, help="Online: seconds one W&B start, finish or the artifact commits of a segment may take before it counts as failed (env: MMDET_WANDB_TIMEOUT)")]
 BatchSizeOpt = Annotated[int, typer.Option(help="Images per inference batch (halved on CUDA out of memory)")]
 
@@ -150,6 +152,21 @@ def _layers(home: paths.DataDir, flags: dict[str, Any]) -> hook_options.Layers:
         raise _fail(str(exc)) from None
 
 
+def _zone(name: str | None, layers: hook_options.Layers) -> ZoneInfo | None:
+    """--log-timezone (or its variable), else the config file's `log_timezone`, else `TZ` when it names an IANA
+    zone (compose passes it); None: this machine's zone."""
+    name = name or layers.file.get("log_timezone")
+    if not name:
+        try:
+            return ZoneInfo(os.environ["TZ"].lstrip(":")) if os.environ.get("TZ") else None
+        except (ZoneInfoNotFoundError, ValueError):
+            return None  # a POSIX TZ string: the C library's local time reads it
+    try:
+        return ZoneInfo(name)
+    except (ZoneInfoNotFoundError, ValueError):
+        raise _fail(f"--log-timezone {name!r}: not an IANA time zone (e.g. Europe/Berlin, UTC)") from None
+
+
 def _writer(db: Database, home: paths.DataDir, layers: hook_options.Layers, **extra: float) -> WandbWriter:
     options = WriterOptions(runs_dir=home.runs_dir, mode=resolve_mode(), layers=layers, media_dir=home.media_dir, **extra)
     return WandbWriter(db, options)
@@ -178,6 +195,7 @@ def watch(
     checkpoint_settle: Annotated[float, typer.Option(help="Seconds a checkpoint must stay unchanged between two looks")] = 2.0,
     checkpoint_incomplete_after: IncompleteAfterOpt = 600.0,
     wandb_timeout: WandbTimeoutOpt = 60.0,
+    log_timezone: LogTimezoneOpt = None,
     node: NodeOpt = None,
     log_level: LogLevelOpt = "INFO",
     log_format: LogFormatOpt = LogFormat.TEXT,
@@ -191,7 +209,8 @@ def watch(
     writer = _writer(db, home, layers, segment_idle_s=segment_idle, wandb_timeout_s=wandb_timeout)
     options = LoopOptions(
         roots=tuple(root_paths),
-        ingest=IngestOptions(fresh_launch=fresh_launch, finish_idle_s=finish_after, layers=layers),
+        ingest=IngestOptions(fresh_launch=fresh_launch, finish_idle_s=finish_after, layers=layers,
+                             log_timezone=_zone(log_timezone, layers)),
         checkpoints=ckpt,
         scan_interval_s=scan_interval,
         poll_interval_s=poll_interval,
@@ -216,6 +235,7 @@ def backfill(
     progress: Annotated[bool, typer.Option(help="Show progress bars")] = True,
     checkpoint_incomplete_after: IncompleteAfterOpt = 10.0,
     wandb_timeout: WandbTimeoutOpt = 60.0,
+    log_timezone: LogTimezoneOpt = None,
     node: NodeOpt = None,
     log_level: LogLevelOpt = "WARNING",
     log_format: LogFormatOpt = LogFormat.TEXT,
@@ -228,7 +248,8 @@ def backfill(
     ckpt = CheckpointOptions(store_dir=home.store_dir, layers=layers, incomplete_after_s=checkpoint_incomplete_after)
     writer = _writer(db, home, layers, wandb_timeout_s=wandb_timeout)
     options = LoopOptions(
-        roots=tuple(root_paths), ingest=IngestOptions(fresh_launch=fresh_launch, finish_idle_s=0.0, layers=layers),
+        roots=tuple(root_paths),
+        ingest=IngestOptions(fresh_launch=fresh_launch, finish_idle_s=0.0, layers=layers, log_timezone=_zone(log_timezone, layers)),
         checkpoints=ckpt,
     )
     uploader = Loop(db, writer, options)

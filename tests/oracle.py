@@ -4,10 +4,13 @@ Deliberately independent of uploader/parsers, so that tests compare the product 
 """
 from __future__ import annotations
 
+import datetime as dt
 import json
 import math
+import re
 from pathlib import Path
 from typing import Any
+from zoneinfo import ZoneInfo
 
 
 def _numbers(line: dict[str, Any], prefix: str, skip: set[str]) -> dict[str, Any]:
@@ -73,3 +76,39 @@ def assert_history_matches(history: list[dict[str, Any]], expected: list[tuple[d
             assert same(row.get(key), value), f"row {index}: {key} = {row.get(key)!r}, log line has {value!r}: {line}"
         extra = set(row) - set(values) - AXIS_KEYS
         assert not extra, f"row {index} has keys that are not in the log line: {extra}"
+
+
+_MMCV_TEXT = re.compile(r"^(\d{4}-\d{2}-\d{2} \d{2}:\d{2}:\d{2}),(\d{3}) - \S+ - INFO - (.*)$")
+_MMENGINE_TEXT = re.compile(r"^(\d{4}/\d{2}/\d{2} \d{2}:\d{2}:\d{2}) - \S+ - INFO - (.*)$")
+
+
+def expected_times(log: Path, text_log: Path, zone: ZoneInfo) -> list[float | None]:
+    """For every data line of `log` (in the order of `expected_rows`), the time of the text-log line that
+    reports the same epoch/iteration, read in `zone`; None where the text log has no such line."""
+    train: dict[tuple[int | None, int], float] = {}
+    val: dict[int, float] = {}
+    for text in text_log.read_text(encoding="utf-8", errors="replace").splitlines():
+        if m := _MMCV_TEXT.match(text):
+            when = dt.datetime.strptime(m[1], "%Y-%m-%d %H:%M:%S").replace(tzinfo=zone).timestamp() + int(m[2]) / 1000
+            message, engine = m[3], False
+        elif m := _MMENGINE_TEXT.match(text):
+            when = dt.datetime.strptime(m[1], "%Y/%m/%d %H:%M:%S").replace(tzinfo=zone).timestamp()
+            message, engine = m[2], True
+        else:
+            continue
+        if v := re.match(r"Epoch\(val\)\s*\[(\d+)\]", message):
+            val[int(v[1])] = when  # the last one: mmengine logs val progress before the metrics
+        elif t := re.match(r"Epoch(?:\(train\))?\s*\[(\d+)\]\[\s*(\d+)/(\d+)\]", message):
+            e, i, n = int(t[1]), int(t[2]), int(t[3])
+            train.setdefault((None, (e - 1) * n + i) if engine else (e, i), when)
+        elif t := re.match(r"Iter(?:\(train\))?\s*\[\s*(\d+)/", message):
+            train.setdefault((None, int(t[1])), when)
+    times: list[float | None] = []
+    for line, _ in expected_rows(log):
+        mode = line.get("mode") or ("train" if "lr" in line else "val")
+        if mode == "train":
+            key = (line.get("epoch"), line.get("iter")) if log.name.endswith(".log.json") else (None, line.get("iter") or line.get("step"))
+            times.append(train.get(key, train.get((None, key[1]))))
+        else:
+            times.append(val.get(line.get("epoch") if log.name.endswith(".log.json") else line.get("step")))
+    return times

@@ -28,6 +28,8 @@ OPTIONS: dict[str, tuple[type, Any]] = {
     "num_eval_images": (int, 100),
     "bbox_score_thr": (float, 0.3),
 }
+#: Options of the service itself that the config file may set too (the CLI flag and its variable come first).
+SERVICE_OPTIONS = ("log_timezone",)
 ENV_PREFIX = "MMDET_WANDB_"
 CONFIG_ENV = "MMDET_WANDB_CONFIG"
 TRUE, FALSE = {"1", "true", "yes", "on"}, {"0", "false", "no", "off", ""}
@@ -170,10 +172,10 @@ def load_file(path: Path) -> dict[str, Any]:
         return {}
     if not isinstance(data, dict):
         raise HookOptionsError(f"config file {path}: a table of options is expected")
-    unknown = sorted(set(data) - set(OPTIONS))
+    unknown = sorted(set(data) - set(OPTIONS) - set(SERVICE_OPTIONS))
     if unknown:
-        raise HookOptionsError(f"config file {path}: unknown option(s) {', '.join(unknown)}; known: {', '.join(OPTIONS)}")
-    return {name: convert(name, value) for name, value in data.items()}
+        raise HookOptionsError(f"config file {path}: unknown option(s) {', '.join(unknown)}; known: {', '.join([*OPTIONS, *SERVICE_OPTIONS])}")
+    return {name: convert(name, value) if name in OPTIONS else str(value) for name, value in data.items()}
 
 
 def find_file(given: Path | None, data_dir: Path, environ: Mapping[str, str]) -> Path | None:

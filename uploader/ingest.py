@@ -9,12 +9,15 @@ from __future__ import annotations
 import enum
 import hashlib
 import json
+import math
+import re
 import secrets
 import string
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
+from zoneinfo import ZoneInfo
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
@@ -24,9 +27,10 @@ from db import outbox
 from db.models import Run, Source, SourceState, WorkDir
 from db.problems import record_problem
 from db.session import Database, node_of
-from uploader import hook_options, tail
+from common.numbers import is_number
+from uploader import hook_options, row_times, tail
 from uploader.discovery import FoundLog
-from uploader.parsers import LineError, config_dump, decode_line, parse_line
+from uploader.parsers import LineError, config_dump, decode_line, env_info, parse_line
 from uploader.parsers.common import note_iters_per_epoch
 from uploader.textlog import iters_per_epoch
 
@@ -44,6 +48,7 @@ class IngestOptions:
     layers: hook_options.Layers = hook_options.Layers()  # for the hook's `interval`, resolved per run
     finish_idle_s: float = 600.0  # a log untouched this long is finished: its last unterminated line is taken
     max_bytes: int = 8 << 20
+    log_timezone: ZoneInfo | None = None  # the training hosts' zone, for the naive times in logs (None: ours)
 
 
 @dataclass(frozen=True)
@@ -75,6 +80,7 @@ def ingest(db: Database, found: FoundLog, root: Path, *, newer_launch: bool, opt
         _learn_iters_per_epoch(state, found)
         lineage = state.lineage_in_file
         parsed, problems = _parse(found.format, state, read)
+        parsed = _stamp(parsed, state, found, options.log_timezone)
         with db.transaction() as session:
             added += _commit(session, found, source_id, read, state, lineage, parsed, problems, finished, options)
         if read.at_eof:
@@ -161,6 +167,13 @@ def _parse(fmt: LogFormat, state: ParseState, read: tail.TailRead) -> tuple[list
     return parsed, problems
 
 
+def _stamp(parsed: list[_ParsedLine], state: ParseState, found: FoundLog, zone: ZoneInfo | None) -> list[_ParsedLine]:
+    """Every row with the time its line was written (uploader/row_times.py)."""
+    rows = [r for line in parsed for r in line.records if isinstance(r, MetricRow)]
+    stamped = iter(row_times.stamp(rows, state, found.text_log, found.launch, zone))
+    return [replace(line, records=[next(stamped) if isinstance(r, MetricRow) else r for r in line.records]) for line in parsed]
+
+
 def _commit(
     session: Session,
     found: FoundLog,
@@ -238,7 +251,11 @@ def _append(
     new_rows: list[dict[str, Any]], run: Run, source: Source, generation: int, line: _ParsedLine, row: MetricRow,
     summary: dict[str, Any],
 ) -> None:
-    """Queue one outbox row (inserted in bulk by the caller) and give it the run's next step."""
+    """Queue one outbox row (inserted in bulk by the caller) and give it the run's next step; its time never
+    goes back along the run's steps (a resumed launch after a log without a text log, whose times are estimates)."""
+    if row.timestamp is not None:
+        row = replace(row, timestamp=max(row.timestamp, run.last_timestamp or row.timestamp))
+        run.last_timestamp = row.timestamp
     payload = row.wandb_payload()
     new_rows.append(
         dict(
@@ -248,11 +265,38 @@ def _append(
         )
     )
     run.next_step += 1
-    summary.update(payload)
+    summary.update({k: v for k, v in payload.items() if k != "_timestamp"})
+    if row.kind is RowKind.VAL:
+        update_best(summary, row)
     if row.iter is not None and row.kind is RowKind.TRAIN:
         run.last_iter = row.iter
         if run.first_iter is None:
             run.first_iter = row.iter
+
+
+HIGHER_IS_BETTER = re.compile(r"(m?ap|ar|m?acc|aacc|m?iou|f1|recall|precision)\d*")
+
+
+def better(key: str) -> str | None:
+    """max for accuracy-like metrics (mAP, AP50, AR, acc, IoU and their variants: `bbox_mAP_75`, `IoU.road`),
+    min for losses, None for anything else (no best is kept)."""
+    tokens = re.split(r"[_.@]", key.rsplit("/", 1)[-1].lower())
+    if any(t.startswith("loss") for t in tokens):
+        return "min"
+    return "max" if any(HIGHER_IS_BETTER.fullmatch(t) for t in tokens) else None
+
+
+def update_best(summary: dict[str, Any], row: MetricRow) -> None:
+    """`best/<metric>` beside the last value of every val metric, with `best_epoch/<metric>` (or best_iter):
+    kept in the run's summary in the DB, so it holds across segments and resumed launches; NaN never wins."""
+    unit, at = ("epoch", row.epoch) if row.epoch is not None else ("iter", row.iter)
+    for key, value in row.values.items():
+        if not key.startswith("val/") or not is_number(value) or not math.isfinite(value) or (rule := better(key)) is None:
+            continue
+        best = summary.get(f"best/{key}")
+        if best is None or (value > best if rule == "max" else value < best):
+            summary[f"best/{key}"] = value
+            summary[f"best_{unit}/{key}"] = at
 
 
 def _flush_summary(run: Run | None, summary: dict[str, Any] | None) -> Run | None:
@@ -320,10 +364,14 @@ def _attach_config(run: Run, found: FoundLog) -> None:
     config = config_dump.for_log(found)
     if config is not None:
         _take_config(run, config)
+    env = env_info.for_log(found.path, found.format, found.text_log)
+    if env:  # the training's environment, not the uploader's (the writer turns W&B's own metadata off)
+        run.config_json = json.dumps({**json.loads(run.config_json or "{}"), "env_info": env}, default=str)
 
 
 def _take_config(run: Run, config: config_dump.RunConfig) -> None:
-    run.config_json = json.dumps(config.values, default=str)
+    env = json.loads(run.config_json or "{}").get("env_info")
+    run.config_json = json.dumps({**config.values, **({"env_info": env} if env else {})}, default=str)
     run.config_name = config.name
     run.config_text = config.text
     run.hook_options_json = json.dumps(config.hook_options, default=str)

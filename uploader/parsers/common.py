@@ -31,6 +31,12 @@ def optimizer_values(state: ParseState, obj: dict[str, Any]) -> dict[str, Any]:
     return values
 
 
+def iter_seconds(obj: dict[str, Any]) -> float | None:
+    """A train line's `time`: seconds per iteration over its logging interval (a NaN or negative one is none)."""
+    seconds = obj.get("time")
+    return float(seconds) if is_number(seconds) and seconds >= 0 else None
+
+
 def prefixed_numbers(obj: dict[str, Any], prefix: str, skip: frozenset[str]) -> dict[str, Any]:
     """Every numeric value of a line under `<prefix>/<key>`; strings (e.g. bbox_mAP_copypaste) are dropped."""
     return {f"{prefix}/{k}": v for k, v in obj.items() if is_number(v) and k not in skip}

@@ -12,6 +12,7 @@ from common.numbers import as_int
 from common.records import Header, MetricRow, ParseState, Record, RowKind
 from uploader.parsers.common import (
     apply_config_text,
+    iter_seconds,
     note_iters_per_epoch,
     optimizer_values,
     prefixed_numbers,
@@ -58,7 +59,9 @@ def _train(state: ParseState, obj: dict[str, Any], epoch: int | None, inner: int
     if global_iter is not None:
         state.last_train_iter = global_iter
     state.data_rows += 1
-    return MetricRow(RowKind.TRAIN, _epoch_axis(state, epoch), global_iter, values)
+    # mmcv's text log: "Epoch [e][i/N]" (epoch-based: i within the epoch), "Iter [i/N]" (iter-based: i global)
+    keys = (("train", epoch, inner), ("train", None, inner))
+    return MetricRow(RowKind.TRAIN, _epoch_axis(state, epoch), global_iter, values, keys, iter_seconds(obj))
 
 
 def _val(state: ParseState, obj: dict[str, Any], epoch: int | None) -> MetricRow:
@@ -69,7 +72,9 @@ def _val(state: ParseState, obj: dict[str, Any], epoch: int | None) -> MetricRow
     values = optimizer_values(state, obj)
     values.update(prefixed_numbers(obj, "val", NOT_METRICS))
     state.data_rows += 1
-    return MetricRow(RowKind.VAL, _epoch_axis(state, epoch), global_iter, values)
+    # "Epoch(val) [e][n]", or "Iter(val) [n]" after the train line of the iteration it evaluated
+    keys = (("val", epoch, None), ("val", None, state.last_train_iter))
+    return MetricRow(RowKind.VAL, _epoch_axis(state, epoch), global_iter, values, keys)
 
 
 def _observe_epoch(state: ParseState, epoch: int | None, inner: int | None) -> None:

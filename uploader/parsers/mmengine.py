@@ -10,7 +10,7 @@ from typing import Any
 
 from common.numbers import as_int
 from common.records import LineageBreak, MetricRow, ParseState, Record, RowKind
-from uploader.parsers.common import optimizer_values, prefixed_numbers
+from uploader.parsers.common import iter_seconds, optimizer_values, prefixed_numbers
 
 NOT_METRICS = frozenset({"step", "epoch", "iter", "lr", "momentum"})
 
@@ -48,7 +48,9 @@ def _train(state: ParseState, obj: dict[str, Any]) -> list[Record]:
     if global_iter is not None:
         state.last_train_iter = global_iter
     state.data_rows += 1
-    records.append(MetricRow(RowKind.TRAIN, epoch if state.by_epoch else None, global_iter, values))
+    # the text log: "Epoch(train) [e][i/N]" (the text side makes it global) or "Iter(train) [i/N]"
+    keys = (("train", None, global_iter),)
+    records.append(MetricRow(RowKind.TRAIN, epoch if state.by_epoch else None, global_iter, values, keys, iter_seconds(obj)))
     return records
 
 
@@ -63,4 +65,5 @@ def _val(state: ParseState, obj: dict[str, Any]) -> MetricRow:
         exact = state.iters_per_epoch and state.iters_per_epoch_from != "estimate"
         global_iter = epoch * state.iters_per_epoch if exact and epoch is not None else state.last_train_iter
     state.data_rows += 1
-    return MetricRow(RowKind.VAL, epoch, global_iter, prefixed_numbers(obj, "val", NOT_METRICS))
+    keys = (("val", None, global_iter),) if iter_based else (("val", epoch, None),)  # "Iter(val) [..]" / "Epoch(val) [e][..]"
+    return MetricRow(RowKind.VAL, epoch, global_iter, prefixed_numbers(obj, "val", NOT_METRICS), keys)

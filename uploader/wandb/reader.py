@@ -194,6 +194,7 @@ class OfflineRun:
     display_name: str | None = None
     group: str | None = None
     job_type: str | None = None
+    notes: str | None = None
     tags: list[str] = field(default_factory=list)
     resume: bool = False
     history: list[dict[str, Any]] = field(default_factory=list)
@@ -310,6 +311,7 @@ def _apply_run_record(run: OfflineRun, record: pb.RunRecord) -> None:
     run.display_name = record.display_name or None
     run.group = record.run_group or None
     run.job_type = record.job_type or None
+    run.notes = record.notes or None
     run.tags = list(record.tags)
     run.resume = record.resume
     _apply_items(run.config, record.config.update, record.config.remove)

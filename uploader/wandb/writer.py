@@ -381,7 +381,10 @@ class WandbWriter:
     def _init_kwargs(self, run: Run, directory: Path) -> dict[str, Any]:
         """init_kwargs merged key by key: CLI > environment (WANDB_PROJECT, ...) > config file > the hook's > ours."""
         merged = hook_options.for_run(self.options.layers, run.hook_options_json).init_kwargs
-        kwargs: dict[str, Any] = {"name": run.name, "group": run.group, "job_type": run.job_type, "project": DEFAULT_PROJECT}
+        kwargs: dict[str, Any] = {
+            "name": run.name, "group": run.group, "job_type": run.job_type, "project": DEFAULT_PROJECT,
+            "notes": f"Read by mmdet-wandb from {run.work_dir.path} on node {run.node or '(unnamed)'}",
+        }
         kwargs.update({k: v for k, v in merged.items() if k not in RESERVED_INIT_KWARGS})
         kwargs.update(
             id=run.wandb_id,
@@ -393,6 +396,7 @@ class WandbWriter:
                 silent=True,
                 reinit="create_new",
                 x_disable_stats=True,
+                x_disable_meta=True,  # the host, Python and GPUs W&B would record are the uploader's: config.env_info has the training's
                 x_save_requirements=False,
                 disable_git=True,
                 disable_code=True,
