@@ -110,7 +110,6 @@ def mmdet3_python() -> str:
 
 def prepare(tmp: Path, n: int, size: int) -> dict[str, Any]:
     """A val set of n images, and the cached 3.x RetinaNet's last checkpoint pointed at it."""
-    sys.path.insert(0, str(REPO))
     from tests.mmdet3_run.fixtures import cached_work_dir3
     from tests.mmdet_run import dataset
 

@@ -1,7 +1,7 @@
 """Fault injection: SIGKILL the uploader at seeded random moments and at every named crash point, restart it,
 and check that every log line reached W&B exactly once (DESIGN 5, 10).
 
-    .venv/bin/python benchmarks/faults.py [--trials 20] [--seed 1] [--quick]
+    .venv/bin/python -m benchmarks.faults [--trials 20] [--seed 1] [--quick]
 
 Trials, each in a fresh data dir, on copies of real logs from ../shared/real_logs (MMDET_WANDB_REAL_LOGS):
 
@@ -38,12 +38,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from report import exit_cleanly_on_sigterm
+from benchmarks.report import exit_cleanly_on_sigterm
+from uploader.wandb import reader
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-from uploader.wandb import reader  # noqa: E402  (the repo, not this folder, holds the packages)
 
 REAL_LOGS = Path(os.environ.get("MMDET_WANDB_REAL_LOGS", REPO.parent / "shared" / "real_logs")).resolve()
 LOGS = {  # a fresh launch and a resumed lineage (part 2 continues part 1 from epoch 5) in two work_dirs
