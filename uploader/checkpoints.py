@@ -83,9 +83,10 @@ def find(work_dirs: set[Path]) -> list[FoundCheckpoint]:
 
 def advance(
     db: Database, found: list[FoundCheckpoint], options: CheckpointOptions, background: Background, now: float | None = None,
+    looked: set[Path] | None = None,
 ) -> None:
-    """One look at every checkpoint: pin new ones, follow changes, and settle complete or broken ones (copies
-    into the store run in `background`)."""
+    """One look at every checkpoint `found` in the work_dirs `looked` at (default: all): pin new ones, follow
+    changes, and settle complete or broken ones (copies into the store run in `background`)."""
     now = time.time() if now is None else now
     seen_paths = set()
     for item in found:
@@ -99,6 +100,8 @@ def advance(
             select(Checkpoint).where(Checkpoint.node == node_of(session), Checkpoint.state.in_(OPEN_STATES), Checkpoint.path.not_in(seen_paths))
         ).all()
         for row in vanished:
+            if looked is not None and Path(row.path).parent not in looked:
+                continue  # its work_dir was not looked at this time
             if not (row.pin_path and Path(row.pin_path).exists()):
                 _set(row, CheckpointState.MISSED, "deleted before it could be " + ("copied" if row.pin_by_copy else "pinned"))
             elif row.state is CheckpointState.SEEN:
@@ -433,6 +436,13 @@ def finish_without_upload(row: Checkpoint) -> None:
     row.state = CheckpointState.DONE
     row.reason = None
     _unpin(row)
+
+
+def unsettled_work_dirs(db: Database) -> set[Path]:
+    """This node's work_dirs with a checkpoint that is not settled yet (its looks must go on)."""
+    with db.read() as session:
+        paths = session.scalars(select(Checkpoint.path).where(Checkpoint.node == node_of(session), Checkpoint.state.in_(OPEN_STATES)))
+        return {Path(p).parent for p in paths}
 
 
 def undecided(db: Database) -> int:

@@ -4,6 +4,11 @@ One process serves every work_dir under its roots. The periodic scan is the trut
 cheap stat poll of known logs only make it react sooner. A failure in one work_dir is recorded and the loop
 goes on with the others. Uploading runs in a thread of its own: a W&B call that waits (online: up to the
 writer's timeout) never stops the logs from being read into the outbox.
+
+Idle costs next to nothing: a log is stat-polled every `poll_interval_s` while it changes and less and less
+often while it stays still (up to `IDLE_POLL_MAX_S`; an event naming it makes it due at once); checkpoints are
+looked at in the work_dirs that are active (a log or an event there lately, or a checkpoint not settled yet)
+and in all of them at each full scan; full scans are paced so that they take a small share of the time.
 """
 from __future__ import annotations
 
@@ -27,6 +32,12 @@ from uploader.wandb.writer import WandbWriter, retry_now
 
 log = logging.getLogger("mmdet_wandb.service")
 
+IDLE_POLL_MAX_S = 30.0  # the longest a still log goes without a stat (with events: a write to it wakes us anyway)
+ACTIVE_S = 60.0  # a work_dir stays active this long after its last change: its checkpoints are looked at every pass
+SCAN_SHARE = 0.005  # full scans take at most this share of the time (their interval grows with their cost)
+QUEUE_EVERY_S = 5.0  # the artifact producers run at least this often (the writer and workers settle things too)
+HEARTBEAT_MAX_S = 30.0  # the loop passes at least this often, however quiet (health checks allow 120 s)
+
 
 @dataclass(frozen=True)
 class LoopOptions:
@@ -49,6 +60,10 @@ class Loop:
         self._newer: dict[Path, bool] = {}
         self._seen_stat: dict[Path, tuple[int, int, int]] = {}
         self._finished: dict[Path, tuple[int, int, int]] = {}  # stat of a log when it was read as finished
+        self._polls = _PollSchedule(options.poll_interval_s, max(IDLE_POLL_MAX_S, options.poll_interval_s))
+        self._active: dict[Path, float] = {}  # work_dir → when it last changed (monotonic)
+        self._unsettled: set[Path] = set()  # work_dirs with a checkpoint not settled yet
+        self._queued_at = 0.0
         self.background = Background()  # checkpoint copies and hashes, off the loop's thread
 
     def scan(self) -> list[FoundLog]:
@@ -62,25 +77,33 @@ class Loop:
         for path in set(self._logs) - set(current):
             mark_gone(self.db, str(path))
             self._seen_stat.pop(path, None)
+            self._polls.forget(path)
         self._logs = current
         self._newer = _newer_launch_flags(found)
         if refresh_failing_configs(self.db, found):
             log.info("the training config of a failing run changed; trying it again")
         return found
 
-    def ingest_changed(self) -> int:
-        """Ingest each log whose size, mtime or inode moved since we last read it (or that just went idle)."""
+    def ingest_changed(self, touched: set[Path] = frozenset()) -> int:  # type: ignore[assignment]
+        """Ingest each log whose size, mtime or inode moved since we last read it (or that just went idle),
+        looking at the logs that are due (or that an event named); returns the rows added."""
         added = 0
+        now = time.monotonic()
         for path, found in self._logs.items():
+            if path not in touched and not self._polls.due(path, now):
+                continue
             stat = _stat(path)
             if stat is None:
                 continue
             idle = time.time() - stat[2] / 1e9 >= self.options.ingest.finish_idle_s
             finishing = (self._newer.get(path, False) or idle) and self._finished.get(path) != stat
             if self._seen_stat.get(path) == stat and not finishing:
+                self._polls.still(path, now)
                 continue
             added += self._ingest_one(found)
             self._seen_stat[path] = stat
+            self._polls.changed(path, now)
+            self._active[found.work_dir] = now
             if finishing:
                 self._finished[path] = stat
         return added
@@ -97,23 +120,43 @@ class Loop:
 
     def step(self) -> None:
         """Everything after a scan: read what changed, look at checkpoints, upload what is due, close idle segments."""
-        self.read_step()
+        self.read_step(everything=True)
         self.upload_step()
 
-    def read_step(self) -> None:
-        self.ingest_changed()
-        self.look_at_checkpoints()
+    def read_step(self, touched: set[Path] = frozenset(), everything: bool = False) -> bool:  # type: ignore[assignment]
+        """Read the logs that are due, look at the checkpoints of active work_dirs (all of them with
+        `everything`); True when something may be there to upload."""
+        now = time.monotonic()
+        for path in touched:  # an event in a work_dir (a checkpoint being written, say) makes it active
+            for work_dir in (path.parent, path.parent.parent):
+                if work_dir in self._work_dirs():
+                    self._active[work_dir] = now
+        added = self.ingest_changed(touched)
+        active = {w for w, at in self._active.items() if now - at < ACTIVE_S} | self._unsettled
+        looked = self.look_at_checkpoints(None if everything else active)
+        if added or looked or now - self._queued_at >= QUEUE_EVERY_S:
+            self.queue_artifacts()
+            self._queued_at = now
+            return True
+        return False
+
+    def _work_dirs(self) -> set[Path]:
+        return {f.work_dir for f in self._logs.values()}
 
     def upload_step(self) -> None:
         self.writer.drain()
         self.writer.close_idle()
 
-    def look_at_checkpoints(self) -> None:
-        """Pin and settle checkpoints, then queue what is due: eval jobs, model artifacts and tables."""
-        if self.options.checkpoints is not None:
-            work_dirs = {f.work_dir for f in self._logs.values()}
-            checkpoints.advance(self.db, checkpoints.find(work_dirs), self.options.checkpoints, self.background)
-            self.queue_artifacts()
+    def look_at_checkpoints(self, work_dirs: set[Path] | None = None) -> bool:
+        """Pin and settle the checkpoints of `work_dirs` (default: every one); True when it looked at any."""
+        if self.options.checkpoints is None:
+            return False
+        looked = self._work_dirs() if work_dirs is None else work_dirs & self._work_dirs()
+        if not looked:
+            return False
+        checkpoints.advance(self.db, checkpoints.find(looked), self.options.checkpoints, self.background, looked=looked)
+        self._unsettled = checkpoints.unsettled_work_dirs(self.db)
+        return True
 
     def queue_artifacts(self) -> None:
         """The producers of the artifact outbox, and the follow-up of what the writer settled."""
@@ -193,6 +236,7 @@ class Loop:
         deadline = time.monotonic() + options.incomplete_after_s + options.settle_s
         while True:
             self.look_at_checkpoints()
+            self.queue_artifacts()
             if not checkpoints.undecided(self.db) or time.monotonic() > deadline:
                 return
             time.sleep(min(options.settle_s, 1.0))
@@ -206,18 +250,21 @@ class Loop:
         observer = self._start_observer(wake, touched) if self.options.use_events else None
         uploading = threading.Thread(target=self._upload_until, args=(stop, read), name="upload")
         uploading.start()
-        last_scan = 0.0
+        next_scan = 0.0
         failures = _RepeatedFailure("watch loop iteration")
         try:
             while not stop.is_set():
                 hinted = set(touched)
                 touched.clear()
                 try:
-                    if time.monotonic() - last_scan >= self.options.scan_interval_s or (hinted - set(self._logs)):
+                    full = time.monotonic() >= next_scan or bool(hinted - set(self._logs))
+                    if full:
+                        started = time.monotonic()
                         self.scan()
-                        last_scan = time.monotonic()
-                    self.read_step()
-                    read.set()
+                        cost = time.monotonic() - started
+                        next_scan = time.monotonic() + max(self.options.scan_interval_s, cost / SCAN_SHARE)
+                    if self.read_step(hinted, everything=full):
+                        read.set()
                     if on_tick is not None:
                         on_tick()
                 except Exception as exc:  # e.g. the DB unavailable or its disk full: log, wait, try again; never exit
@@ -225,7 +272,7 @@ class Loop:
                     stop.wait(self.options.scan_interval_s)
                 else:
                     failures.clear()
-                wake.wait(self.options.poll_interval_s)
+                wake.wait(self._quiet_for(next_scan))
                 wake.clear()
         finally:
             if observer is not None:
@@ -235,14 +282,24 @@ class Loop:
             self.background.shutdown()
             self.writer.close_all()
 
+    def _quiet_for(self, next_scan: float) -> float:
+        """How long the loop may sleep: until the next log is due, an active work_dir's next look, or the scan."""
+        now = time.monotonic()
+        if any(now - at < ACTIVE_S for at in self._active.values()) or self._unsettled:
+            return self.options.poll_interval_s
+        return max(self.options.poll_interval_s, min(self._polls.next_due() - now, next_scan - now, HEARTBEAT_MAX_S))
+
     def _upload_until(self, stop: threading.Event, read: threading.Event) -> None:
-        """The writer's thread in `watch`: upload whenever the loop has read something (or every poll interval)."""
+        """The writer's thread in `watch`: upload whenever the loop has read something; otherwise look now and
+        then (open segments close when idle; a run backing off is due again), and let wandb-core go while
+        nothing is open."""
         failures = _RepeatedFailure("upload pass")
         while not stop.is_set():
-            read.wait(self.options.poll_interval_s)
+            read.wait(self.options.poll_interval_s if self.writer.busy() else QUEUE_EVERY_S)
             read.clear()
             try:
                 self.upload_step()
+                self.writer.release_client_when_idle()
             except Exception as exc:  # the writer contains failures per run; this is the DB itself failing
                 failures.report(exc)
                 stop.wait(self.options.scan_interval_s)
@@ -258,9 +315,10 @@ class Loop:
             def on_any_event(self, event: FileSystemEvent) -> None:
                 if event.event_type in {"opened", "closed_no_write"}:
                     return
-                if event.event_type in {"created", "moved", "deleted"}:  # may be a new log: scan again
-                    touched.add(Path(os.fsdecode(event.src_path)))
-                wake.set()  # a write to a known log: the stat poll finds it right away
+                touched.add(Path(os.fsdecode(event.src_path)))  # a new log (scan again), or a known one (stat it now)
+                if getattr(event, "dest_path", None):
+                    touched.add(Path(os.fsdecode(event.dest_path)))
+                wake.set()
 
         observer = Observer()
         try:
@@ -271,6 +329,35 @@ class Loop:
             log.warning("filesystem events unavailable (%s); relying on polling", exc)
             return None
         return observer
+
+
+class _PollSchedule:
+    """When to stat each known log again: a poll interval after it changed, then twice as long after each
+    look that found it still, up to a cap."""
+
+    def __init__(self, base_s: float, cap_s: float) -> None:
+        self.base_s, self.cap_s = base_s, cap_s
+        self._next: dict[Path, float] = {}
+        self._interval: dict[Path, float] = {}
+
+    def due(self, path: Path, now: float) -> bool:
+        return self._next.get(path, 0.0) <= now
+
+    def changed(self, path: Path, now: float) -> None:
+        self._interval[path] = self.base_s
+        self._next[path] = now + self.base_s
+
+    def still(self, path: Path, now: float) -> None:
+        interval = min(self.cap_s, self._interval.get(path, self.base_s) * 2)
+        self._interval[path] = interval
+        self._next[path] = now + interval
+
+    def forget(self, path: Path) -> None:
+        self._next.pop(path, None)
+        self._interval.pop(path, None)
+
+    def next_due(self) -> float:
+        return min(self._next.values(), default=time.monotonic() + self.cap_s)
 
 
 class _RepeatedFailure:

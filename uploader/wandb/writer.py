@@ -38,6 +38,7 @@ from uploader.wandb.circuit import Circuit
 log = logging.getLogger("mmdet_wandb.writer")
 
 DEFAULT_PROJECT = "mmdet-wandb"
+CLIENT_IDLE_S = 60.0  # wandb-core is let go after this long with no run open (it costs memory and wake-ups)
 # init_kwargs keys the service must own: one run id per lineage, our own segment directories and settings.
 RESERVED_INIT_KWARGS = frozenset({"id", "resume", "dir", "reinit", "settings", "mode", "config", "resume_from", "fork_from"})
 
@@ -89,6 +90,8 @@ class WandbWriter:
         self._verifier = ThreadPoolExecutor(1, thread_name_prefix="verify")
         self._artifacts = ArtifactBuilder(db, options.media_dir or options.runs_dir.parent / "media")
         self.circuit = Circuit(db) if options.mode == "online" else None
+        self._client_live = False  # wandb-core is running for this process
+        self._last_open = time.monotonic()  # when a run of ours was last open
 
     @property
     def online(self) -> bool:
@@ -101,7 +104,23 @@ class WandbWriter:
     def warm_up(self) -> None:
         """Start wandb-core in the background (the first wandb.init of a process pays ~0.5 s for it),
         so that it overlaps with reading the logs instead of delaying the first row."""
+        self._client_live = True
         threading.Thread(target=wandb.setup, name="wandb-setup", daemon=True).start()
+
+    def busy(self) -> bool:
+        """A segment is open or being read back."""
+        for run_id in list(self._closing):
+            self._still_closing(run_id)
+        return bool(self._open or self._closing)
+
+    def release_client_when_idle(self) -> None:
+        """With no run open for CLIENT_IDLE_S, stop wandb-core; the next start starts it again (~0.5 s)."""
+        if self.busy():
+            self._last_open = time.monotonic()
+        elif self._client_live and time.monotonic() - self._last_open >= CLIENT_IDLE_S:
+            wandb.teardown()
+            self._client_live = False
+            log.info("no run open for %.0f s: wandb-core stopped until the next upload", CLIENT_IDLE_S)
 
     def recover(self) -> None:
         """Settle what a previous process left, reading each file once and waiting for nothing: an open segment
@@ -288,6 +307,7 @@ class WandbWriter:
         """`wandb.init`; a start that failed half-way (e.g. the disk full while wandb-core set the run up), or a
         finish that timed out online, leaves the run id "in use" in wandb-core for good, so wandb-core is
         restarted (the other runs' open segments are rebuilt from the DB) and the start tried once more."""
+        self._client_live = True
         try:
             return wandb.init(**kwargs)
         except Exception as exc:
