@@ -34,7 +34,7 @@ log = logging.getLogger("mmdet_wandb.service")
 
 IDLE_POLL_MAX_S = 30.0  # the longest a still log goes without a stat (with events: a write to it wakes us anyway)
 ACTIVE_S = 60.0  # a work_dir stays active this long after its last change: its checkpoints are looked at every pass
-SCAN_SHARE = 0.005  # full scans take at most this share of the time (their interval grows with their cost)
+SCAN_SHARE = 0.002  # full scans (and the look at every work_dir after one) take at most this share of the time
 QUEUE_EVERY_S = 5.0  # the artifact producers run at least this often (the writer and workers settle things too)
 HEARTBEAT_MAX_S = 30.0  # the loop passes at least this often, however quiet (health checks allow 120 s)
 
@@ -258,13 +258,13 @@ class Loop:
                 touched.clear()
                 try:
                     full = time.monotonic() >= next_scan or bool(hinted - set(self._logs))
+                    started = time.monotonic()
                     if full:
-                        started = time.monotonic()
                         self.scan()
-                        cost = time.monotonic() - started
-                        next_scan = time.monotonic() + max(self.options.scan_interval_s, cost / SCAN_SHARE)
                     if self.read_step(hinted, everything=full):
                         read.set()
+                    if full:  # paced by what it cost: 1,000 idle work_dirs are scanned about once a minute
+                        next_scan = time.monotonic() + max(self.options.scan_interval_s, (time.monotonic() - started) / SCAN_SHARE)
                     if on_tick is not None:
                         on_tick()
                 except Exception as exc:  # e.g. the DB unavailable or its disk full: log, wait, try again; never exit
@@ -333,7 +333,8 @@ class Loop:
 
 class _PollSchedule:
     """When to stat each known log again: a poll interval after it changed, then twice as long after each
-    look that found it still, up to a cap."""
+    look that found it still, up to a cap. A still log's next look falls on a multiple of its interval, so that
+    the still logs are looked at together (one wake-up a cap for a thousand idle logs, not one each)."""
 
     def __init__(self, base_s: float, cap_s: float) -> None:
         self.base_s, self.cap_s = base_s, cap_s
@@ -350,7 +351,7 @@ class _PollSchedule:
     def still(self, path: Path, now: float) -> None:
         interval = min(self.cap_s, self._interval.get(path, self.base_s) * 2)
         self._interval[path] = interval
-        self._next[path] = now + interval
+        self._next[path] = (now // interval + 1) * interval
 
     def forget(self, path: Path) -> None:
         self._next.pop(path, None)

@@ -120,6 +120,7 @@ class WandbWriter:
         elif self._client_live and time.monotonic() - self._last_open >= CLIENT_IDLE_S:
             wandb.teardown()
             self._client_live = False
+            _return_free_memory()
             log.info("no run open for %.0f s: wandb-core stopped until the next upload", CLIENT_IDLE_S)
 
     def recover(self) -> None:
@@ -557,6 +558,19 @@ def retry_now(db: Database, wandb_ids: list[str] | None = None) -> int:
         if wandb_ids:
             stmt = stmt.where(Run.wandb_id.in_(wandb_ids))
         return session.execute(stmt.values(retry_at=None)).rowcount
+
+
+def _return_free_memory() -> None:
+    """After a burst of uploads the heap keeps what the finished run objects used: collect it and hand the free
+    pages back to the OS (glibc's malloc_trim), so that an idle service's RSS does not stay at its peak."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
 
 
 def _runs_with_sent_segments(session: Any) -> set[int]:
