@@ -127,9 +127,10 @@ class Loop:
         """Read the logs that are due, look at the checkpoints of active work_dirs (all of them with
         `everything`); True when something may be there to upload."""
         now = time.monotonic()
+        known = self._work_dirs() if touched else set()
         for path in touched:  # an event in a work_dir (a checkpoint being written, say) makes it active
             for work_dir in (path.parent, path.parent.parent):
-                if work_dir in self._work_dirs():
+                if work_dir in known:
                     self._active[work_dir] = now
         added = self.ingest_changed(touched)
         active = {w for w, at in self._active.items() if now - at < ACTIVE_S} | self._unsettled
