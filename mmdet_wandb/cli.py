@@ -14,6 +14,7 @@ import time
 import typing
 from pathlib import Path
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 from typing import Annotated, Any, Optional
 
@@ -36,9 +37,10 @@ from mmdet_wandb import eval_runner, heartbeat, logs, paths, status
 from uploader import checkpoints, discovery, hook_options
 from uploader.checkpoints import CheckpointOptions
 from uploader.ingest import FreshLaunch, IngestOptions
-from uploader.loop import Loop, LoopOptions
 from uploader.parsers import config_dump
-from uploader.wandb.writer import WandbWriter, WriterOptions, resolve_mode
+
+if TYPE_CHECKING:
+    from uploader.wandb.writer import WandbWriter
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__, pretty_exceptions_enable=False)
 err = Console(stderr=True, width=None if sys.stderr.isatty() else 160)  # logs and pipes get whole rows
@@ -168,6 +170,10 @@ def _zone(name: str | None, layers: hook_options.Layers) -> ZoneInfo | None:
 
 
 def _writer(db: Database, home: paths.DataDir, layers: hook_options.Layers, **extra: float) -> WandbWriter:
+    """The W&B writer (imported here: wandb is the CLI's heaviest import, and status, doctor, ... need none)."""
+    from uploader.wandb.mode import resolve_mode
+    from uploader.wandb.writer import WandbWriter, WriterOptions
+
     options = WriterOptions(runs_dir=home.runs_dir, mode=resolve_mode(), layers=layers, media_dir=home.media_dir, **extra)
     return WandbWriter(db, options)
 
@@ -201,6 +207,8 @@ def watch(
     log_format: LogFormatOpt = LogFormat.TEXT,
 ) -> None:
     """Follow every work_dir under the roots, live, until SIGTERM or Ctrl-C."""
+    from uploader.loop import Loop, LoopOptions
+
     root_paths = _roots(roots)
     home, db = _setup(data_dir, root_paths, log_level, log_format, "uploader", node)
     layers = _layers(home, hook_flags)
@@ -242,6 +250,8 @@ def backfill(
 ) -> None:
     """Upload finished work_dirs once and exit (running it again uploads nothing twice; SIGTERM stops it
     cleanly with exit status 143, and running it again finishes the work)."""
+    from uploader.loop import Loop, LoopOptions
+
     root_paths = _roots(roots)
     home, db = _setup(data_dir, root_paths, log_level, log_format, "backfill", node)
     layers = _layers(home, hook_flags)

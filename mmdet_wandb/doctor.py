@@ -19,7 +19,7 @@ from db import jobs
 from db.session import Database
 from mmdet_wandb.paths import DataDir
 from uploader.parsers import config_dump
-from uploader.wandb.writer import resolve_mode
+from uploader.wandb.mode import resolve_mode
 
 log = logging.getLogger("mmdet_wandb.doctor")
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
 import threading
 import time
@@ -41,16 +40,6 @@ DEFAULT_PROJECT = "mmdet-wandb"
 CLIENT_IDLE_S = 60.0  # wandb-core is let go after this long with no run open (it costs memory and wake-ups)
 # init_kwargs keys the service must own: one run id per lineage, our own segment directories and settings.
 RESERVED_INIT_KWARGS = frozenset({"id", "resume", "dir", "reinit", "settings", "mode", "config", "resume_from", "fork_from"})
-
-
-def resolve_mode() -> str:
-    """Offline is the embedded default; an API key (or WANDB_MODE) turns on online uploads unchanged."""
-    mode = os.environ.get("WANDB_MODE", "").strip().lower()
-    if mode in {"online", "offline", "disabled"}:
-        return mode
-    if mode == "dryrun":
-        return "offline"
-    return "online" if os.environ.get("WANDB_API_KEY") else "offline"
 
 
 @dataclass(frozen=True)
