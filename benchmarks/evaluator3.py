@@ -119,13 +119,15 @@ def prepare(tmp: Path, n: int, size: int) -> dict[str, Any]:
     work_dir = tmp / "work_dir"
     work_dir.mkdir()
     checkpoint = work_dir / last.name
-    rewrite = (
-        "import sys, torch, re\nfrom evaluator import checkpoint_globals\n"
+    rewrite = (  # through mmengine's Config, not the config text (yapf wraps long paths onto lines of their own)
+        "import sys, torch\nfrom mmengine.config import Config\nfrom evaluator import checkpoint_globals\n"
         "src, dst, root = sys.argv[1:4]\n"
         "with checkpoint_globals.allowed():\n    c = torch.load(src, map_location='cpu')\n"
-        "c['meta']['cfg'] = re.sub(r\"data_root = '[^']*'\", f\"data_root = '{root}/'\", c['meta']['cfg'])\n"
-        "c['meta']['cfg'] = re.sub(r\"'[^']*annotations/val.json'\", f\"'{root}/annotations/val.json'\", c['meta']['cfg'])\n"
-        "c['meta']['cfg'] = re.sub(r\"data_root='[^']*'\", f\"data_root='{root}/'\", c['meta']['cfg'])\n"
+        "cfg = Config.fromstring(c['meta']['cfg'], '.py')\n"
+        "for loader in (cfg.val_dataloader, cfg.test_dataloader):\n"
+        "    loader.dataset.data_root = root + '/'\n    loader.dataset.ann_file = 'annotations/val.json'\n"
+        "for evaluator in (cfg.val_evaluator, cfg.test_evaluator):\n    evaluator.ann_file = root + '/annotations/val.json'\n"
+        "c['meta']['cfg'] = cfg.pretty_text\n"
         "torch.save(c, dst)\n"
     )
     subprocess.run([mmdet3_python(), "-c", rewrite, str(last), str(checkpoint), str(data.root)], check=True, cwd=REPO)
