@@ -16,7 +16,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Set as AbstractSet
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -84,7 +84,7 @@ class Loop:
             log.info("the training config of a failing run changed; trying it again")
         return found
 
-    def ingest_changed(self, touched: set[Path] = frozenset()) -> int:  # type: ignore[assignment]
+    def ingest_changed(self, touched: AbstractSet[Path] = frozenset()) -> int:
         """Ingest each log whose size, mtime or inode moved since we last read it (or that just went idle),
         looking at the logs that are due (or that an event named); returns the rows added."""
         added = 0
@@ -123,7 +123,7 @@ class Loop:
         self.read_step(everything=True)
         self.upload_step()
 
-    def read_step(self, touched: set[Path] = frozenset(), everything: bool = False) -> bool:  # type: ignore[assignment]
+    def read_step(self, touched: AbstractSet[Path] = frozenset(), everything: bool = False) -> bool:
         """Read the logs that are due, look at the checkpoints of active work_dirs (all of them with
         `everything`); True when something may be there to upload."""
         now = time.monotonic()
