@@ -88,10 +88,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.checkpoint import write_checkpoint
-from benchmarks.report import (
-    exit_cleanly_on_sigterm,
-    finite,
-)
+from benchmarks.report import exit_cleanly_on_sigterm, finite, isolated_env
 
 REPO = Path(__file__).resolve().parents[1]
 REAL_LOGS = Path(os.environ.get("MMDET_WANDB_REAL_LOGS", REPO.parent / "shared" / "real_logs")).resolve()
@@ -308,20 +305,6 @@ def child_main(kind: str, spec_path: str) -> int:
 # --------------------------------------------------------------------------------------------------------
 # Parent: preparation, orchestration, live test, report.
 # --------------------------------------------------------------------------------------------------------
-
-
-def isolated_env(home: Path) -> dict[str, str]:
-    """A service/child environment with everything under `home`: offline, no credentials, no WANDB_DIR."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("WANDB_", "MMDET_WANDB_"))}
-    env.update(
-        MMDET_WANDB_HOME=str(home),
-        WANDB_DATA_DIR=str(home / "wandb-data"),
-        WANDB_CACHE_DIR=str(home / "wandb-cache"),
-        WANDB_CONFIG_DIR=str(home / "wandb-config"),
-        WANDB_MODE="offline",
-        PYTHONUNBUFFERED="1",
-    )
-    return env
 
 
 def _make_writable(path: Path) -> None:

@@ -78,7 +78,7 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 
-from benchmarks.report import exit_cleanly_on_sigterm, finite  # noqa: E402
+from benchmarks.report import exit_cleanly_on_sigterm, finite, isolated_env  # noqa: E402
 
 DETECTORS = {"retinanet": "retinanet_epoch", "maskrcnn": "maskrcnn_epoch"}
 TARGET_CPU_RATIO = 1.0
@@ -473,15 +473,6 @@ def bench_throughput(args: argparse.Namespace, detector: str, prepared: dict[str
 # --------------------------------------------------------------------------------------------------------
 # Bytes per prediction artifact: the CLI, end to end.
 # --------------------------------------------------------------------------------------------------------
-
-
-def isolated_env(home: Path) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("WANDB_", "MMDET_WANDB_"))}
-    env.update(
-        MMDET_WANDB_HOME=str(home), WANDB_DATA_DIR=str(home / "wandb-data"), WANDB_CACHE_DIR=str(home / "wandb-cache"),
-        WANDB_CONFIG_DIR=str(home / "wandb-config"), WANDB_MODE="offline", PYTHONUNBUFFERED="1",
-    )
-    return env
 
 
 def _entry_kind(path: str) -> str:

@@ -26,6 +26,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from benchmarks.report import isolated_env
+
 REPO = Path(__file__).resolve().parents[1]
 REAL_LOGS = Path(os.environ.get("MMDET_WANDB_REAL_LOGS", REPO.parent / "shared" / "real_logs"))
 SMALL_LOG = "winycg__detection/work_dirs/faster_rcnn_r50_fpn_1x_coco/20210812_190636.log.json"
@@ -75,14 +77,8 @@ def rss_mb(pids: list[int]) -> float:
     return total / 1024
 
 
-def env_for(home: Path) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("WANDB_", "MMDET_WANDB_"))}
-    env.update(MMDET_WANDB_HOME=str(home), WANDB_MODE="offline", PYTHONUNBUFFERED="1")
-    return env
-
-
 def settled(home: Path) -> bool:
-    proc = subprocess.run([sys.executable, "-m", "mmdet_wandb.cli", "status", "--json"], env=env_for(home), cwd=REPO,
+    proc = subprocess.run([sys.executable, "-m", "mmdet_wandb.cli", "status", "--json"], env=isolated_env(home), cwd=REPO,
                           capture_output=True, text=True)
     if proc.returncode != 0:
         return False
@@ -94,7 +90,7 @@ def measure(root: Path, home: Path, poll: bool, windows: int, window_s: float, s
     command = [sys.executable, "-m", "mmdet_wandb.cli", "watch", str(root), "--segment-idle", "2", "--finish-after", "5",
                "--log-level", "WARNING", *(["--poll"] if poll else [])]
     log = (home.parent / f"watch-{'poll' if poll else 'events'}.log").open("wb")
-    watch = subprocess.Popen(command, env=env_for(home), cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    watch = subprocess.Popen(command, env=isolated_env(home), cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         started = time.monotonic()
         while not settled(home):

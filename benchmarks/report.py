@@ -1,9 +1,26 @@
-"""What the benchmark scripts share: JSON-safe reports and a SIGTERM that still cleans up."""
+"""What the benchmark scripts share: an isolated service environment, JSON-safe reports and a SIGTERM that
+still cleans up."""
 from __future__ import annotations
 
 import math
+import os
 import signal
+from pathlib import Path
 from typing import Any
+
+
+def isolated_env(home: Path) -> dict[str, str]:
+    """A service/child environment with everything under `home`: offline, no credentials, no WANDB_DIR."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("WANDB_", "MMDET_WANDB_"))}
+    env.update(
+        MMDET_WANDB_HOME=str(home),
+        WANDB_DATA_DIR=str(home / "wandb-data"),
+        WANDB_CACHE_DIR=str(home / "wandb-cache"),
+        WANDB_CONFIG_DIR=str(home / "wandb-config"),
+        WANDB_MODE="offline",
+        PYTHONUNBUFFERED="1",
+    )
+    return env
 
 
 def finite(value: Any) -> Any:

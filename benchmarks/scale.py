@@ -26,6 +26,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from benchmarks.report import isolated_env
+
 REPO = Path(__file__).resolve().parents[1]
 REAL_LOGS = Path(os.environ.get("MMDET_WANDB_REAL_LOGS", REPO.parent / "shared" / "real_logs"))
 TARGET_SPEEDUP_2 = 1.6
@@ -33,14 +35,8 @@ TARGET_BYTES_PER_ROW = 64
 TARGET_STATUS_S = 1.0
 
 
-def env_for(home: Path) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("WANDB_", "MMDET_WANDB_"))}
-    env.update(MMDET_WANDB_HOME=str(home), WANDB_MODE="offline", PYTHONUNBUFFERED="1")
-    return env
-
-
 def cli(home: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    proc = subprocess.run([sys.executable, "-m", "mmdet_wandb.cli", *args], env=env_for(home), cwd=REPO, capture_output=True, text=True)
+    proc = subprocess.run([sys.executable, "-m", "mmdet_wandb.cli", *args], env=isolated_env(home), cwd=REPO, capture_output=True, text=True)
     if proc.returncode != 0:
         raise RuntimeError(f"mmdet-wandb {' '.join(args)} exited {proc.returncode}:\n{proc.stderr[-3000:]}")
     return proc
@@ -64,7 +60,6 @@ def db_bytes(home: Path) -> int:
 
 
 def uploaded_rows(home: Path) -> int:
-    sys.path.insert(0, str(REPO))
     from sqlalchemy import func, select
 
     from db.models import OutboxRow
@@ -166,7 +161,6 @@ def main(argv: list[str]) -> int:
     args = p.parse_args(argv)
     if args.quick:
         args.work_dirs, args.status_work_dirs, args.status_rows = 10, 100, 20_000
-    sys.path.insert(0, str(REPO))
     with tempfile.TemporaryDirectory(prefix="bench-scale-") as tmp:
         backfills = bench_backfill(Path(tmp), args.work_dirs, args.jobs)
         status_result = bench_status(Path(tmp), args.status_work_dirs, args.status_rows)

@@ -169,16 +169,17 @@ def settle_uploaded(session: Session, segment_id: int) -> None:
         session.execute(update(table).where(table.segment_id == segment_id).values(uploaded=True))
 
 
-def release(session: Session, segment_id: int) -> None:
-    """The segment will never be synced: everything in it is pending again."""
-    session.execute(
-        update(OutboxRow).where(OutboxRow.segment_id == segment_id, OutboxRow.uploaded.is_(False)).values(segment_id=None)
-    )
+def release(session: Session, segment_id: int) -> int:
+    """What the segment holds and is not uploaded is pending again (a segment never synced gives everything
+    back). Returns how many rows."""
     session.execute(
         update(OutboxArtifact)
         .where(OutboxArtifact.segment_id == segment_id, OutboxArtifact.uploaded.is_(False))
         .values(segment_id=None, logged_json=None)
     )
+    return session.execute(
+        update(OutboxRow).where(OutboxRow.segment_id == segment_id, OutboxRow.uploaded.is_(False)).values(segment_id=None)
+    ).rowcount
 
 
 def confirm_sent(session: Session, segment_id: int, server_next_step: int) -> int:
@@ -188,15 +189,7 @@ def confirm_sent(session: Session, segment_id: int, server_next_step: int) -> in
     session.execute(
         update(OutboxRow).where(OutboxRow.segment_id == segment_id, OutboxRow.step < server_next_step).values(uploaded=True)
     )
-    session.execute(
-        update(OutboxArtifact).where(OutboxArtifact.segment_id == segment_id, OutboxArtifact.uploaded.is_(False))
-        .values(segment_id=None, logged_json=None)
-    )
-    return session.execute(
-        update(OutboxRow)
-        .where(OutboxRow.segment_id == segment_id, OutboxRow.uploaded.is_(False))
-        .values(segment_id=None)
-    ).rowcount
+    return release(session, segment_id)
 
 
 def mark_below_step(session: Session, run_id: int, step: int) -> None:

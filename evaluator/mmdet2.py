@@ -20,15 +20,15 @@ from typing import Any
 
 import numpy as np
 
-from common import checkpoint_file, dataset_paths
+from common import dataset_paths
 from common.records import (
     EvalOutcome,
     Instances,
     Manifest,
     ValImageRecord,
-    subset_indices,
 )
 from db.jobs import ClaimedJob
+from evaluator import job_inputs
 from evaluator.encoding import rle_text, segmentation_rle, stored_image
 from evaluator.errors import JobError, LeaseLost
 
@@ -45,11 +45,7 @@ def evaluate(
     """`dataset_roots`: where relative dataset paths are looked for first (`--dataset-root`)."""
     cfg = load_config(job)
     dataset = build_val_dataset(cfg, Path(job.work_dir), batched=batch_size > 1, dataset_roots=dataset_roots)
-    count = min(job.num_eval_images, len(dataset))
-    note = None
-    if count < job.num_eval_images:
-        note = f"num_eval_images ({job.num_eval_images}) is greater than the val set ({len(dataset)}): using {count}, as the hook does"
-    indices = subset_indices(len(dataset), count)
+    indices, note = job_inputs.subset(job, len(dataset))
     manifest = build_manifest(dataset, indices, cfg)
     model = build_model(cfg, job.checkpoint_path, device, dataset)
     subset = take_subset(dataset, indices)
@@ -63,29 +59,9 @@ def evaluate(
 
 def load_config(job: ClaimedJob) -> Any:
     from mmcv import Config
+    from mmcv.utils import import_modules_from_strings
 
-    try:
-        with open(job.checkpoint_path, "rb") as handle:
-            meta = checkpoint_file.read_checkpoint_meta(handle) or {}
-    except OSError as exc:
-        raise JobError(f"cannot read the checkpoint {job.checkpoint_path}: {exc.strerror}", retryable=True) from exc
-    text, name = meta.get("config"), "checkpoint meta"
-    if not isinstance(text, str) or not text.strip():
-        text, name = job.config_text, f"{job.config_name} in {job.work_dir}"
-    if not text:
-        raise JobError("no config: the checkpoint's meta has none and the work_dir has no config dump", retryable=False)
-    try:
-        cfg = Config.fromstring(text, ".py")
-    except Exception as exc:
-        raise JobError(f"the config ({name}) cannot be read: {type(exc).__name__}: {exc}", retryable=False) from exc
-    if cfg.get("custom_imports"):
-        from mmcv.utils import import_modules_from_strings
-
-        try:
-            import_modules_from_strings(**cfg["custom_imports"])
-        except ImportError as exc:
-            raise JobError(f"custom_imports of the config: {exc} (put the module on the worker's PYTHONPATH)", retryable=False) from exc
-    return cfg
+    return job_inputs.load_config(job, "config", Config, import_modules_from_strings)
 
 
 def build_val_dataset(cfg: Any, work_dir: Path, *, batched: bool, dataset_roots: tuple[Path, ...] = ()) -> Any:

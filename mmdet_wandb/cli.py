@@ -14,9 +14,8 @@ import time
 import typing
 from pathlib import Path
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Annotated, Any, Optional
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
-from typing import Annotated, Any, Optional
 
 import typer
 from rich.console import Console

@@ -30,14 +30,15 @@ def evaluate_all(db: Database, data_dir: Path, device: str | None, batch_size: i
     here = stacks.installed()
     waiting = []
     for stack in stacks.STACKS:
-        if stop.is_set() or not jobs.unfinished(db, stack):
+        queued = 0 if stop.is_set() else jobs.unfinished(db, stack)
+        if not queued:
             continue
         if stack == here:
             _run_here(db, stack, device, batch_size, dataset_roots, stop)
             continue
         python = os.environ.get(_STACK_PYTHON_ENV[stack])
         if not python:
-            waiting.append(f"{jobs.unfinished(db, stack)} {_STACK_NAME[stack]} eval job(s) wait for a worker of that stack: "
+            waiting.append(f"{queued} {_STACK_NAME[stack]} eval job(s) wait for a worker of that stack: "
                            f"set {_STACK_PYTHON_ENV[stack]} to the python of its environment, or run `mmdet-wandb evaluate` there")
             continue
         _run_in(python, stack, data_dir, device, batch_size, dataset_roots, stop)

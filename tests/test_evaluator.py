@@ -115,11 +115,7 @@ def test_predictions_equal_mmdet_inference_detector(trained_work_dir, tmp_path):
     home = tmp_path / "home"
     cli(home, "backfill", str(work_dir.parent), "--no-progress", "--evaluate", "--num-eval-images", str(NUM))
     (job,) = [j for j in jobs(home) if j.number == 6]
-    with db_of(home).transaction() as session:
-        stored = [Instances.from_json(t) for t in session.scalars(
-            select(Prediction.result_json).where(Prediction.job_id == job.id).order_by(Prediction.position))]
-        images = session.execute(select(ValImage.image_name).where(ValImage.manifest_id == job.manifest_id)
-                                 .order_by(ValImage.position)).scalars().all()
+    images, stored = stored_predictions(home, job)
 
     config = next(work_dir.glob("*.py"))
     model = init_detector(str(config), str(work_dir / "epoch_6.pth"), device="cpu")
@@ -140,6 +136,16 @@ def test_predictions_equal_mmdet_inference_detector(trained_work_dir, tmp_path):
         for rle, theirs in zip(ours.masks, [m for m, k in zip(masks, keep) if k]):
             ours_bitmap = mask_util.decode({"size": rle["size"], "counts": rle["counts"].encode()})
             assert (ours_bitmap.astype(bool) == theirs).all()
+
+
+def stored_predictions(home: Path, job: EvalJob) -> tuple[list[str], list[Instances]]:
+    """The job's subset (image names, in subset order) and the predictions stored for it, as the DB holds them."""
+    with db_of(home).transaction() as session:
+        stored = [Instances.from_json(t) for t in session.scalars(
+            select(Prediction.result_json).where(Prediction.job_id == job.id).order_by(Prediction.position))]
+        images = session.execute(select(ValImage.image_name).where(ValImage.manifest_id == job.manifest_id)
+                                 .order_by(ValImage.position)).scalars().all()
+    return list(images), stored
 
 
 def val_annotation_path(config: Path) -> str:

@@ -14,13 +14,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from sqlalchemy import select
 
-from common.records import Instances, subset_indices
-from db.models import JobState, Prediction, ValImage
+from common.records import subset_indices
+from db.models import JobState
 from tests.conftest import REPO, cli, service_env, status
 from tests.mmdet3_run.fixtures import mmdet3_python
-from tests.test_evaluator import NUM, THR, artifacts_of, db_of, jobs, table_of
+from tests.test_evaluator import NUM, THR, artifacts_of, jobs, stored_predictions, table_of
 
 CLASSES = ("square", "disk", "triangle")
 STACK_ENV = {"MMDET_WANDB_MMDET3_PYTHON": mmdet3_python()}
@@ -99,11 +98,7 @@ def test_predictions_equal_mmdet3_inference_detector(trained_work_dir3, tmp_path
     home = tmp_path / "home"
     backfill(home, work_dir.parent, "--evaluate")
     (job,) = [j for j in jobs(home) if j.number == 3]
-    with db_of(home).transaction() as session:
-        stored = [Instances.from_json(t) for t in session.scalars(
-            select(Prediction.result_json).where(Prediction.job_id == job.id).order_by(Prediction.position))]
-        images = session.execute(select(ValImage.image_name).where(ValImage.manifest_id == job.manifest_id)
-                                 .order_by(ValImage.position)).scalars().all()
+    images, stored = stored_predictions(home, job)
     config = next(work_dir.glob("*.py"))
     root = re.search(r"data_root = '([^']+)'", config.read_text()).group(1)  # type: ignore[union-attr]
     out = in_mmdet3(INFER, str(config), str(work_dir / "epoch_3.pth"), *[str(Path(root, "val", n)) for n in images])

@@ -31,6 +31,29 @@ from tests.wandb_standin import WandbStandin, b64_md5
 
 CLIENT_TIMEOUT_S = 120
 ELTD_LOG = REAL_LOGS / "masati91__ELTD/work_dirs/eltd_r101_fpn_1x_coco/20210427_101754.log.json"
+YOLOV3_LOG = REAL_LOGS / "masati91__ELTD/work_dirs/yolov3_d53_320_273e_coco/20210422_141751.log.json"  # 4,368 rows
+
+
+def yolov3_work_dir(tmp_path: Path) -> tuple[Path, Path, Path]:
+    """(root, log, home): the yolov3 log in a work_dir of its own under `root`, and an empty data dir."""
+    work_dir = tmp_path / "root" / "yolov3_d53_320_273e_coco"
+    work_dir.mkdir(parents=True)
+    log = Path(shutil.copy(YOLOV3_LOG, work_dir))
+    home = tmp_path / "home"
+    home.mkdir()
+    return work_dir.parent, log, home
+
+
+def backfill_again_sends_nothing_twice(standin: WandbStandin, home: Path, root: Path, log: Path) -> None:
+    """After an interrupted backfill: the next one sends each line once, with no "Tried to log to step"."""
+    again = cli(home, "backfill", str(root), "--no-progress", "--log-level", "INFO", timeout=300, **standin.env())
+    assert "Tried to log to step" not in again.stderr + again.stdout
+    [entry] = [r for w in status(home)["work_dirs"] for r in w["runs"]]
+    run = standin.run(entry["wandb_id"])
+    assert run.history_offsets == list(range(4368)), "every line once, in order"
+    assert len(run.history_writes) == len({w.offset for w in run.history_writes}) == 4368, "nothing sent twice"
+    assert_history_matches(run.history, expected_rows(log))
+    assert (entry["rows_uploaded"], entry["rows_pending"]) == (4368, 0)
 
 # A process of its own per wandb session: wandb-core is started with the stand-in's environment, the
 # test process's wandb singleton stays untouched, and a hang is bounded by the subprocess timeout.
@@ -254,14 +277,10 @@ def test_sigkill_mid_backfill_online_then_restart_sends_nothing_twice(wandb_stan
     """Killed once W&B has rows that the service has not seen confirmed: the restart learns W&B's starting step
     when it starts the run again, counts what is below it as uploaded and never sends it again (no "Tried to
     log to step" warnings)."""
-    root = tmp_path / "root" / "yolov3_d53_320_273e_coco"
-    root.mkdir(parents=True)
-    log = Path(shutil.copy(REAL_LOGS / "masati91__ELTD/work_dirs/yolov3_d53_320_273e_coco/20210422_141751.log.json", root))
-    home = tmp_path / "home"
-    home.mkdir()
+    root, log, home = yolov3_work_dir(tmp_path)
     env = {**service_env(home), **wandb_standin.env()}
     throttle = wandb_standin.slow("file_stream", 1.0)  # so that the kill lands while rows are on their way
-    first = subprocess.Popen([sys.executable, "-m", "mmdet_wandb.cli", "backfill", str(tmp_path / "root"), "--no-progress"],
+    first = subprocess.Popen([sys.executable, "-m", "mmdet_wandb.cli", "backfill", str(root), "--no-progress"],
                              env=env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
         wandb_standin.wait_for(lambda: any(r.history for r in wandb_standin.runs.values()), 120, "part of the rows")
@@ -274,14 +293,7 @@ def test_sigkill_mid_backfill_online_then_restart_sends_nothing_twice(wandb_stan
     assert wandb_standin.run(name).history, "W&B has rows that the service has not seen confirmed"
     [entry] = [r for w in status(home)["work_dirs"] for r in w["runs"]]
     assert entry["rows_uploaded"] < 4368
-    again = cli(home, "backfill", str(tmp_path / "root"), "--no-progress", "--log-level", "INFO", timeout=300, **wandb_standin.env())
-    assert "Tried to log to step" not in again.stderr + again.stdout
-    run = wandb_standin.run(name)
-    assert run.history_offsets == list(range(4368)), "every line once, in order"
-    assert len(run.history_writes) == len(set(w.offset for w in run.history_writes)) == 4368, "nothing sent twice"
-    assert_history_matches(run.history, expected_rows(log))
-    [entry] = [r for w in status(home)["work_dirs"] for r in w["runs"]]
-    assert (entry["rows_uploaded"], entry["rows_pending"]) == (4368, 0)
+    backfill_again_sends_nothing_twice(wandb_standin, home, root, log)
 
 
 # ---- the stand-in's own controls (no wandb client) -------------------------------------------------------
@@ -412,14 +424,10 @@ def test_history_server_errors_leave_rows_pending_then_arrive_once(wandb_standin
 
 
 def test_server_killed_mid_backfill_ends_in_bounded_time_then_every_line_once(wandb_standin: WandbStandin, tmp_path, real_logs):
-    root = tmp_path / "root" / "yolov3_d53_320_273e_coco"
-    root.mkdir(parents=True)
-    log = Path(shutil.copy(REAL_LOGS / "masati91__ELTD/work_dirs/yolov3_d53_320_273e_coco/20210422_141751.log.json", root))
-    home = tmp_path / "home"
-    home.mkdir()
+    root, log, home = yolov3_work_dir(tmp_path)
     env = {**service_env(home), **wandb_standin.env()}
     throttle = wandb_standin.slow("file_stream", 1.0)
-    backfill = subprocess.Popen([sys.executable, "-m", "mmdet_wandb.cli", "backfill", str(root.parent), "--no-progress",
+    backfill = subprocess.Popen([sys.executable, "-m", "mmdet_wandb.cli", "backfill", str(root), "--no-progress",
                                  "--wandb-timeout", TIMEOUT], env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         wandb_standin.wait_for(lambda: any(r.history for r in wandb_standin.runs.values()), 120, "part of the rows")
@@ -439,14 +447,7 @@ def test_server_killed_mid_backfill_ends_in_bounded_time_then_every_line_once(wa
     with wandb_standin.lock:
         wandb_standin.faults.remove(throttle)
     wandb_standin.start()
-    again = cli(home, "backfill", str(root.parent), "--no-progress", "--log-level", "INFO", timeout=300, **wandb_standin.env())
-    assert "Tried to log to step" not in again.stderr + again.stdout
-    [entry] = runs_of(home)
-    run = wandb_standin.run(entry["wandb_id"])
-    assert run.history_offsets == list(range(4368)), "every line once, in order"
-    assert len(run.history_writes) == len({w.offset for w in run.history_writes}) == 4368, "nothing sent twice"
-    assert_history_matches(run.history, expected_rows(log))
-    assert (entry["rows_uploaded"], entry["rows_pending"]) == (4368, 0)
+    backfill_again_sends_nothing_twice(wandb_standin, home, root, log)
 
 
 def test_checkpoints_and_tables_online_a_failed_upload_keeps_its_pin(wandb_standin: WandbStandin, tmp_path, trained_work_dir):

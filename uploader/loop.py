@@ -57,6 +57,7 @@ class Loop:
         self.writer = writer
         self.options = options
         self._logs: dict[Path, FoundLog] = {}
+        self._work_dirs: set[Path] = set()  # of the logs found by the last scan
         self._newer: dict[Path, bool] = {}
         self._seen_stat: dict[Path, tuple[int, int, int]] = {}
         self._finished: dict[Path, tuple[int, int, int]] = {}  # stat of a log when it was read as finished
@@ -79,6 +80,7 @@ class Loop:
             self._seen_stat.pop(path, None)
             self._polls.forget(path)
         self._logs = current
+        self._work_dirs = {f.work_dir for f in found}
         self._newer = _newer_launch_flags(found)
         if refresh_failing_configs(self.db, found):
             log.info("the training config of a failing run changed; trying it again")
@@ -127,10 +129,9 @@ class Loop:
         """Read the logs that are due, look at the checkpoints of active work_dirs (all of them with
         `everything`); True when something may be there to upload."""
         now = time.monotonic()
-        known = self._work_dirs() if touched else set()
         for path in touched:  # an event in a work_dir (a checkpoint being written, say) makes it active
             for work_dir in (path.parent, path.parent.parent):
-                if work_dir in known:
+                if work_dir in self._work_dirs:
                     self._active[work_dir] = now
         added = self.ingest_changed(touched)
         active = {w for w, at in self._active.items() if now - at < ACTIVE_S} | self._unsettled
@@ -141,9 +142,6 @@ class Loop:
             return True
         return False
 
-    def _work_dirs(self) -> set[Path]:
-        return {f.work_dir for f in self._logs.values()}
-
     def upload_step(self) -> None:
         self.writer.drain()
         self.writer.close_idle()
@@ -152,7 +150,7 @@ class Loop:
         """Pin and settle the checkpoints of `work_dirs` (default: every one); True when it looked at any."""
         if self.options.checkpoints is None:
             return False
-        looked = self._work_dirs() if work_dirs is None else work_dirs & self._work_dirs()
+        looked = self._work_dirs if work_dirs is None else work_dirs & self._work_dirs
         if not looked:
             return False
         checkpoints.advance(self.db, checkpoints.find(looked), self.options.checkpoints, self.background, looked=looked)

@@ -197,7 +197,7 @@ class WandbWriter:
                 summary = json.loads(session.get_one(Run, run_id).summary_json)
             seg.handle.summary.update(summary)
             crash_points.reached("segment-closing")
-            committed = self._wait_for_artifacts(seg) if self.online else {}
+            committed, failed = self._wait_for_artifacts(seg) if self.online else ({}, {})
             seg.handle.finish()
         except Exception as exc:
             log.exception("run %s: closing segment %s failed; it will be rebuilt", run_id, seg.segment_id)
@@ -206,34 +206,34 @@ class WandbWriter:
             self._lost_wandb()
             return
         if self.online:
-            self._sent(seg, committed)
+            self._sent(seg, committed, failed)
             return
         self._closing[run_id] = self._verifier.submit(self._settle_finished, seg)
 
-    def _wait_for_artifacts(self, seg: _OpenSegment) -> dict[int, dict[str, Any] | str]:
+    def _wait_for_artifacts(self, seg: _OpenSegment) -> tuple[dict[int, dict[str, Any]], dict[int, str]]:
         """Online: wait (all of them within `wandb_timeout_s`) until W&B has committed each artifact logged into
-        the segment; wandb-core only logs a failed upload, so this is what tells. Outbox id → the version W&B
-        holds, or why not."""
+        the segment; wandb-core only logs a failed upload, so this is what tells. Returns (outbox id → the
+        version W&B holds, outbox id → why it holds none)."""
         deadline = time.monotonic() + self.options.wandb_timeout_s
-        outcome: dict[int, dict[str, Any] | str] = {}
+        committed: dict[int, dict[str, Any]] = {}
+        failed: dict[int, str] = {}
         for entry_id, artifact in seg.artifacts.items():
             try:
                 artifact.wait(timeout=max(1.0, deadline - time.monotonic()))
                 if artifact.state != "COMMITTED":
                     raise RuntimeError(f"W&B holds it as {artifact.state}")
-                outcome[entry_id] = {"server_id": artifact.id, "version": artifact.version}
+                committed[entry_id] = {"server_id": artifact.id, "version": artifact.version}
             except Exception as exc:
-                outcome[entry_id] = f"{artifact.name} not committed by W&B: {type(exc).__name__}: {exc}"
-        return outcome
+                failed[entry_id] = f"{artifact.name} not committed by W&B: {type(exc).__name__}: {exc}"
+        return committed, failed
 
-    def _sent(self, seg: _OpenSegment, artifacts: dict[int, dict[str, Any] | str]) -> None:
+    def _sent(self, seg: _OpenSegment, committed: dict[int, dict[str, Any]], failed: dict[int, str]) -> None:
         """Online, `finish()` returning says nothing of what W&B kept (it returns normally after W&B refused
         the rows): the rows wait, in a sent segment, for the run's next start, whose starting step is what W&B
         has. Artifacts are settled now, by what `Artifact.wait()` read back: committed ones are uploaded (their
         pins can go), the others are pending again."""
-        failed = {entry_id: why for entry_id, why in artifacts.items() if isinstance(why, str)}
         with self.db.transaction() as session:
-            outbox.artifacts_committed(session, {i: r for i, r in artifacts.items() if not isinstance(r, str)})
+            outbox.artifacts_committed(session, committed)
             outbox.release_artifacts(session, list(failed))
             segment = session.get_one(Segment, seg.segment_id)
             content = outbox.content(session, seg.segment_id)
@@ -437,7 +437,7 @@ class WandbWriter:
                 continue
             self._open.pop(run_id)
             _abandon(seg.handle, None, exit_code=0)
-            self._sent(seg, {})  # it logged nothing: closed at once
+            self._sent(seg, {}, {})  # it logged nothing: closed at once
 
     def _settle_sent(self, run_id: int, server_next_step: int) -> None:
         """Online: the run just started again and W&B says it holds every step below `server_next_step`. Rows

@@ -1,0 +1,46 @@
+"""What both adapters (mmdet2, mmdet3) take from a job the same way: the training config — the one inside the
+checkpoint (exactly what trained it), else the work_dir's dump — with its `custom_imports` imported, and the
+hook's subset of the val set."""
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from common import checkpoint_file
+from common.records import subset_indices
+from db.jobs import ClaimedJob
+from evaluator.errors import JobError
+
+
+def load_config(job: ClaimedJob, meta_key: str, config_class: Any, import_modules_from_strings: Callable[..., Any]) -> Any:
+    """`meta_key`: where the stack keeps the config in a checkpoint's meta (mmcv: `config`, MMEngine: `cfg`);
+    `config_class` and `import_modules_from_strings`: the stack's own (mmcv's or mmengine's)."""
+    try:
+        with open(job.checkpoint_path, "rb") as handle:
+            meta = checkpoint_file.read_checkpoint_meta(handle) or {}
+    except OSError as exc:
+        raise JobError(f"cannot read the checkpoint {job.checkpoint_path}: {exc.strerror}", retryable=True) from exc
+    text, name = meta.get(meta_key), "checkpoint meta"
+    if not isinstance(text, str) or not text.strip():
+        text, name = job.config_text, f"{job.config_name} in {job.work_dir}"
+    if not text:
+        raise JobError("no config: the checkpoint's meta has none and the work_dir has no config dump", retryable=False)
+    try:
+        cfg = config_class.fromstring(text, ".py")
+    except Exception as exc:
+        raise JobError(f"the config ({name}) cannot be read: {type(exc).__name__}: {exc}", retryable=False) from exc
+    if cfg.get("custom_imports"):
+        try:
+            import_modules_from_strings(**cfg["custom_imports"])
+        except ImportError as exc:
+            raise JobError(f"custom_imports of the config: {exc} (put the module on the worker's PYTHONPATH)", retryable=False) from exc
+    return cfg
+
+
+def subset(job: ClaimedJob, val_size: int) -> tuple[list[int], str | None]:
+    """The hook's subset: the first `num_eval_images` of a seed-42 permutation, clamped to the val set (with a note)."""
+    count = min(job.num_eval_images, val_size)
+    note = None
+    if count < job.num_eval_images:
+        note = f"num_eval_images ({job.num_eval_images}) is greater than the val set ({val_size}): using {count}, as the hook does"
+    return subset_indices(val_size, count), note
