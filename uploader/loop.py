@@ -34,7 +34,8 @@ log = logging.getLogger("mmdet_wandb.service")
 
 IDLE_POLL_MAX_S = 30.0  # the longest a still log goes without a stat (with events: a write to it wakes us anyway)
 ACTIVE_S = 60.0  # a work_dir stays active this long after its last change: its checkpoints are looked at every pass
-SCAN_SHARE = 0.002  # full scans (and the look at every work_dir after one) take at most this share of the time
+SCAN_SHARE = 0.001  # the walk of a full scan takes at most this share of the time (the look at every work_dir after
+SCAN_MAX_INTERVAL_S = 120.0  # it costs about as much again); a new log is found within this, however slow the walk
 QUEUE_EVERY_S = 5.0  # the artifact producers run at least this often (the writer and workers settle things too)
 HEARTBEAT_MAX_S = 30.0  # the loop passes at least this often, however quiet (health checks allow 120 s)
 
@@ -257,13 +258,13 @@ class Loop:
                 touched.clear()
                 try:
                     full = time.monotonic() >= next_scan or bool(hinted - set(self._logs))
-                    started = time.monotonic()
-                    if full:
+                    if full:  # paced by what the walk cost (not by the reading it finds): 1,000 idle work_dirs about once a minute
+                        started = time.monotonic()
                         self.scan()
+                        walk = time.monotonic() - started
+                        next_scan = time.monotonic() + min(SCAN_MAX_INTERVAL_S, max(self.options.scan_interval_s, walk / SCAN_SHARE))
                     if self.read_step(hinted, everything=full):
                         read.set()
-                    if full:  # paced by what it cost: 1,000 idle work_dirs are scanned about once a minute
-                        next_scan = time.monotonic() + max(self.options.scan_interval_s, (time.monotonic() - started) / SCAN_SHARE)
                     if on_tick is not None:
                         on_tick()
                 except Exception as exc:  # e.g. the DB unavailable or its disk full: log, wait, try again; never exit
