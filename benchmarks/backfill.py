@@ -18,8 +18,8 @@ What is measured (one run of this script prints both, side by side with their ba
      file and verified (the status table the command prints afterwards is not timed; CPU seconds include
      it). A fresh data dir every repetition.
    - "ceiling" (the BASELINE): the W&B client alone over the SAME rows. The rows the backfill put in
-     the outbox (``outbox_rows.payload_json`` ordered by step, per run), dumped by an untimed warm-up
-     backfill and parsed before the clock starts, are logged with a plain loop: ``wandb.init`` (offline,
+     the outbox (``outbox_rows.payload_json`` ordered by step, per run, captured as the writer takes them:
+     uploaded rows are folded afterwards), dumped by an untimed warm-up backfill and parsed before the clock starts, are logged with a plain loop: ``wandb.init`` (offline,
      the writer's own settings: console off, reinit create_new, x_disable_stats, its transaction-log
      flush interval, ...) + ``run.log(row, step=step, commit=True)`` per row + ``run.finish()`` + waiting
      for the exit record in the ``.wandb`` file (``uploader.wandb_reader.wait_for_exit``, as the writer
@@ -140,7 +140,8 @@ def _child_ours(spec: dict[str, Any]) -> dict[str, Any]:
     import wandb  # imported before the clock, as on the ceiling side
     from sqlalchemy import func, select
 
-    from db.models import OutboxRow, Run, Segment, SegmentState
+    from db import outbox
+    from db.models import OutboxRow, Run, Segment, SegmentState, UploadedSpan
     from db.session import Database
     from mmdet_wandb import cli, paths
     from uploader.loop import Loop
@@ -161,6 +162,17 @@ def _child_ours(spec: dict[str, Any]) -> dict[str, Any]:
             seen["returned"] = time.perf_counter()
 
     Loop.backfill = backfill  # type: ignore[method-assign]
+    taken: dict[int, list[list[Any]]] = {}
+    if spec.get("rows_out"):
+        original_pending_rows = outbox.pending_rows
+
+        def pending_rows(session: Any, run_id: int, limit: int) -> Any:
+            """The rows as the writer takes them from the outbox (once uploaded, they are folded: no payload)."""
+            rows = original_pending_rows(session, run_id, limit)
+            taken.setdefault(run_id, []).extend([row.step, row.payload_json] for row in rows)
+            return rows
+
+        outbox.pending_rows = pending_rows  # type: ignore[assignment]
     if not spec.get("profile_out"):  # nested phases are subtracted in the parent (see _phase_medians)
         phases.wrap(Loop, "_ingest_one", "ingest")
         phases.wrap(WandbWriter, "drain", "drain")
@@ -193,8 +205,9 @@ def _child_ours(spec: dict[str, Any]) -> dict[str, Any]:
 
     db = Database(paths.resolve(None).db_url)
     with db.transaction() as session:
-        total = session.scalar(select(func.count()).select_from(OutboxRow)) or 0
-        uploaded = session.scalar(select(func.count()).select_from(OutboxRow).where(OutboxRow.uploaded.is_(True))) or 0
+        folded = session.scalar(select(func.coalesce(func.sum(UploadedSpan.rows), 0))) or 0
+        total = folded + (session.scalar(select(func.count()).select_from(OutboxRow)) or 0)
+        uploaded = folded + (session.scalar(select(func.count()).select_from(OutboxRow).where(OutboxRow.uploaded.is_(True))) or 0)
         runs = session.scalars(select(Run).order_by(Run.id)).all()
         errors = [f"{r.wandb_id}: {r.last_error}" for r in runs if r.last_error]
         closed = session.scalar(
@@ -204,9 +217,7 @@ def _child_ours(spec: dict[str, Any]) -> dict[str, Any]:
         if spec.get("rows_out"):
             dump = []
             for run in runs:
-                rows = session.execute(
-                    select(OutboxRow.step, OutboxRow.payload_json).where(OutboxRow.run_id == run.id).order_by(OutboxRow.step)
-                ).all()
+                rows = sorted({step: payload for step, payload in taken.get(run.id, [])}.items())
                 dump.append({"wandb_id": run.wandb_id, "name": run.name, "group": run.group, "job_type": run.job_type,
                              "rows": [[step, payload] for step, payload in rows]})
     if dump is not None:

@@ -21,6 +21,11 @@ POINTS = frozenset({
     "job-completed",  # an eval job's results committed; the worker has not released anything yet
 })
 _hits: dict[str, int] = {}
+_with: list[int] = []  # processes that die at the crash point too: a backfill share's parent (the command as a whole)
+
+
+def kill_with(pid: int) -> None:
+    _with.append(pid)
 
 
 def reached(point: str) -> None:
@@ -34,4 +39,6 @@ def reached(point: str) -> None:
         return
     _hits[point] = _hits.get(point, 0) + 1
     if _hits[point] == int(nth or 1):
+        for pid in _with:
+            os.kill(pid, signal.SIGKILL)
         os.kill(os.getpid(), signal.SIGKILL)

@@ -13,7 +13,6 @@ import hashlib
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
-import numpy as np
 import orjson
 
 
@@ -123,7 +122,10 @@ SUBSET_SEED = 42
 
 
 def subset_indices(dataset_size: int, num_eval_images: int) -> list[int]:
-    """Same legacy MT19937 stream as `np.random.seed(42); np.random.shuffle(idx)` in the hook."""
+    """Same legacy MT19937 stream as `np.random.seed(42); np.random.shuffle(idx)` in the hook (numpy imported
+    here: the CLI's read-only commands import this module and need no numpy)."""
+    import numpy as np
+
     order = np.arange(dataset_size)
     np.random.RandomState(SUBSET_SEED).shuffle(order)
     return [int(i) for i in order[:num_eval_images]]

@@ -177,6 +177,31 @@ class OutboxRow(Base):
     uploaded: Mapped[bool] = mapped_column(Boolean, default=False)
 
 
+class UploadedSpan(Base):
+    """Rows of one log that are uploaded and verified, folded into one record: their payloads are gone (W&B has
+    them); what dedup, resume, checkpoint lookups and `status` still need stays (DESIGN 4: state that does not
+    grow with content). `lines` packs each line as (offset delta: varint, first 8 bytes of its hash): see
+    db/spans.py."""
+
+    __tablename__ = "uploaded_spans"
+    __table_args__ = (Index("ix_uploaded_spans_source", "source_id", "first_offset"), Index("ix_uploaded_spans_run", "run_id"))
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    run_id: Mapped[int] = mapped_column(ForeignKey("runs.id"))
+    source_id: Mapped[int] = mapped_column(ForeignKey("sources.id"))
+    generation: Mapped[int] = mapped_column(Integer)
+    first_offset: Mapped[int] = mapped_column(BigInteger)
+    last_offset: Mapped[int] = mapped_column(BigInteger)
+    first_step: Mapped[int] = mapped_column(BigInteger)
+    last_step: Mapped[int] = mapped_column(BigInteger)
+    rows: Mapped[int] = mapped_column(Integer)
+    min_epoch: Mapped[int | None] = mapped_column(Integer, nullable=True)  # the rows' axes, for checkpoint lookups
+    max_epoch: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    min_iter: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    max_iter: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    lines: Mapped[bytes] = mapped_column(LargeBinary)
+
+
 class Segment(Base):
     """One offline `.wandb` file (or one online session) of a run; steps only ever grow across segments."""
 

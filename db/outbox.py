@@ -14,6 +14,7 @@ from typing import Any
 from sqlalchemy import delete, func, select, union, update
 from sqlalchemy.orm import Session
 
+from db import spans
 from db.models import ArtifactKind, OutboxArtifact, OutboxRow, Run, Segment
 from db.session import node_of
 
@@ -53,7 +54,7 @@ def add_rows(session: Session, rows: list[dict[str, Any]]) -> None:
 
 
 def stored_lines(session: Session, source_id: int, first_offset: int, last_offset: int) -> set[tuple[int, str]]:
-    """(offset, line hash) of the rows already stored from this source between two offsets."""
+    """`spans.line_key`s of the lines already stored from this source between two offsets, folded or not."""
     rows = session.execute(
         select(OutboxRow.byte_offset, OutboxRow.line_hash).where(
             OutboxRow.source_id == source_id,
@@ -61,7 +62,7 @@ def stored_lines(session: Session, source_id: int, first_offset: int, last_offse
             OutboxRow.byte_offset <= last_offset,
         )
     )
-    return {(offset, line_hash) for offset, line_hash in rows}
+    return {spans.line_key(offset, line_hash) for offset, line_hash in rows} | spans.stored_lines(session, source_id, first_offset, last_offset)
 
 
 def add_artifact(session: Session, run_id: int, kind: ArtifactKind, key: str, **values: Any) -> bool:
@@ -164,9 +165,10 @@ def content(session: Session, segment_id: int) -> SegmentContent:
 
 
 def settle_uploaded(session: Session, segment_id: int) -> None:
-    """The segment is verified: everything in it is uploaded."""
+    """The segment is verified: everything in it is uploaded, and its rows are folded."""
     for table in (OutboxRow, OutboxArtifact):
         session.execute(update(table).where(table.segment_id == segment_id).values(uploaded=True))
+    spans.fold_uploaded(session, session.get_one(Segment, segment_id).run_id)
 
 
 def release(session: Session, segment_id: int) -> int:
@@ -189,6 +191,7 @@ def confirm_sent(session: Session, segment_id: int, server_next_step: int) -> in
     session.execute(
         update(OutboxRow).where(OutboxRow.segment_id == segment_id, OutboxRow.step < server_next_step).values(uploaded=True)
     )
+    spans.fold_uploaded(session, session.get_one(Segment, segment_id).run_id)
     return release(session, segment_id)
 
 
@@ -197,6 +200,7 @@ def mark_below_step(session: Session, run_id: int, step: int) -> None:
     session.execute(
         update(OutboxRow).where(OutboxRow.run_id == run_id, OutboxRow.step < step, OutboxRow.uploaded.is_(False)).values(uploaded=True)
     )
+    spans.fold_uploaded(session, run_id)
 
 
 def pending_row_count(session: Session) -> int:
@@ -256,7 +260,8 @@ def outcomes(session: Session, kind: ArtifactKind, ids: list[int] | None = None)
 def reached(session: Session, run_id: int, unit: str, number: int) -> bool:
     """Whether the run logged any row at this epoch (or global iteration)."""
     axis = OutboxRow.epoch if unit == "epoch" else OutboxRow.iter
-    return session.scalar(select(OutboxRow.id).where(OutboxRow.run_id == run_id, axis == number).limit(1)) is not None
+    found = session.scalar(select(OutboxRow.id).where(OutboxRow.run_id == run_id, axis == number).limit(1)) is not None
+    return found or spans.reached(session, run_id, unit, number)
 
 
 def val_values_at(session: Session, run_id: int, unit: str, number: int) -> dict[str, Any] | None:
@@ -272,4 +277,5 @@ def val_values_at(session: Session, run_id: int, unit: str, number: int) -> dict
 
 
 def rows_of_source(session: Session, source_id: int) -> int:
-    return session.scalar(select(func.count()).select_from(OutboxRow).where(OutboxRow.source_id == source_id)) or 0
+    unfolded = session.scalar(select(func.count()).select_from(OutboxRow).where(OutboxRow.source_id == source_id)) or 0
+    return unfolded + spans.rows_of_source(session, source_id)

@@ -10,15 +10,14 @@ import contextlib
 from collections.abc import Iterator
 from pathlib import Path
 
-from alembic import command
-from alembic.config import Config
-from alembic.runtime.migration import MigrationContext
-from alembic.script import ScriptDirectory
-from sqlalchemy import Engine, create_engine, event
+from sqlalchemy import Engine, create_engine, event, inspect, text
 from sqlalchemy.orm import Session, sessionmaker
 
 MIGRATIONS = Path(__file__).with_name("migrations")
+SCHEMA_HEAD = "0008"  # the newest migration (a test keeps it equal to alembic's head): read-only commands import no alembic
 MIGRATION_LOCK = 0x6D6D6477  # PostgreSQL advisory lock key held while migrating ("mmdw")
+RECLAIM_SHARE = 0.25  # SQLite: the file is shrunk once this much of it is free pages ...
+RECLAIM_MIN_PAGES = 64  # ... and at least this many (256 KiB at 4 KiB pages)
 
 
 def sqlite_url(path: Path) -> str:
@@ -43,26 +42,38 @@ class Database:
     def upgrade(self) -> None:
         """Bring the schema to the newest migration; safe to call on every start of a service. On SQLite the
         foreign keys are off meanwhile: batch migrations rebuild tables that other rows reference."""
+        from alembic import command
+
+        from db.models import Base
+
         cfg = _alembic_config()
         with self.engine.connect() as connection:
             driver = connection.connection.driver_connection if self.is_sqlite else None
             if driver is not None:
                 driver.execute("PRAGMA foreign_keys=OFF")  # outside any transaction, or it has no effect
+                driver.execute("PRAGMA auto_vacuum=INCREMENTAL")  # takes effect on a new file only (see below)
             try:
                 with connection.begin():
                     if not self.is_sqlite:  # services starting together on one PostgreSQL migrate one after the other
                         connection.exec_driver_sql(f"SELECT pg_advisory_xact_lock({MIGRATION_LOCK})")
                     cfg.attributes["connection"] = connection
-                    command.upgrade(cfg, "head")
+                    if inspect(connection).get_table_names():
+                        command.upgrade(cfg, "head")
+                    else:  # a new DB: the schema at once, as the migrations build it (a test holds them equal)
+                        Base.metadata.create_all(connection)
+                        command.stamp(cfg, "head")
+                if driver is not None and driver.execute("PRAGMA auto_vacuum").fetchone()[0] == 0:
+                    driver.execute("VACUUM")  # a file from before spans: once, so that it can shrink from now on
             finally:
                 if driver is not None:
                     driver.execute("PRAGMA foreign_keys=ON")
 
     def revisions(self) -> tuple[str | None, str]:
         """(the schema's revision, the newest one this code knows): read-only commands check, never migrate."""
-        head = ScriptDirectory.from_config(_alembic_config()).get_current_head()
         with self.engine.connect() as connection:
-            return MigrationContext.configure(connection).get_current_revision(), head  # type: ignore[return-value]
+            if not self.engine.dialect.has_table(connection, "alembic_version"):
+                return None, SCHEMA_HEAD
+            return connection.execute(text("SELECT version_num FROM alembic_version")).scalar(), SCHEMA_HEAD
 
     @contextlib.contextmanager
     def transaction(self) -> Iterator[Session]:
@@ -76,6 +87,21 @@ class Database:
         with self._reads() as session:
             yield session
             session.rollback()
+
+    def reclaim_space(self) -> None:
+        """SQLite: once a good part of the file is free pages (rows folded into spans), give them back to the
+        filesystem, keeping a few for the next rows to reuse. In a transaction of its own, stepped to the end
+        (`executescript`: the pragma frees one page per step). PostgreSQL's autovacuum does this by itself."""
+        if not self.is_sqlite:
+            return
+        raw = self.engine.raw_connection()  # no BEGIN of ours: the script runs in a transaction of its own
+        try:
+            driver = raw.driver_connection
+            free = driver.execute("PRAGMA freelist_count").fetchone()[0]
+            if free > max(RECLAIM_MIN_PAGES, RECLAIM_SHARE * driver.execute("PRAGMA page_count").fetchone()[0]):
+                driver.executescript(f"PRAGMA incremental_vacuum({free - RECLAIM_MIN_PAGES // 4})")
+        finally:
+            raw.close()
 
     def dispose(self) -> None:
         self.engine.dispose()
@@ -107,7 +133,9 @@ def _make_engine(url: str) -> Engine:
     return engine
 
 
-def _alembic_config() -> Config:
+def _alembic_config():  # type: ignore[no-untyped-def]
+    from alembic.config import Config
+
     cfg = Config()
     cfg.set_main_option("script_location", str(MIGRATIONS))
     return cfg

@@ -1,8 +1,10 @@
 """What both adapters (mmdet2, mmdet3) take from a job the same way: the training config — the one inside the
-checkpoint (exactly what trained it), else the work_dir's dump — with its `custom_imports` imported, and the
-hook's subset of the val set."""
+checkpoint (exactly what trained it), else the work_dir's dump — with its `custom_imports` imported when the
+operator allows them (evaluator/trust.py), and the hook's subset of the val set."""
 from __future__ import annotations
 
+import os
+import tempfile
 from collections.abc import Callable
 from typing import Any
 
@@ -10,9 +12,11 @@ from common import checkpoint_file
 from common.records import subset_indices
 from db.jobs import ClaimedJob
 from evaluator.errors import JobError
+from evaluator.trust import Trust
 
 
-def load_config(job: ClaimedJob, meta_key: str, config_class: Any, import_modules_from_strings: Callable[..., Any]) -> Any:
+def load_config(job: ClaimedJob, meta_key: str, config_class: Any, import_modules_from_strings: Callable[..., Any],
+                trust: Trust) -> Any:
     """`meta_key`: where the stack keeps the config in a checkpoint's meta (mmcv: `config`, MMEngine: `cfg`);
     `config_class` and `import_modules_from_strings`: the stack's own (mmcv's or mmengine's)."""
     try:
@@ -25,16 +29,38 @@ def load_config(job: ClaimedJob, meta_key: str, config_class: Any, import_module
         text, name = job.config_text, f"{job.config_name} in {job.work_dir}"
     if not text:
         raise JobError("no config: the checkpoint's meta has none and the work_dir has no config dump", retryable=False)
+    cfg = _parse(config_class, text, name)
+    if cfg.get("custom_imports"):
+        _import_custom_modules(cfg["custom_imports"], trust, import_modules_from_strings)
+    return cfg
+
+
+def _parse(config_class: Any, text: str, name: str) -> Any:
+    """`Config.fromstring` without its import of `custom_imports` (fromstring is fromfile on a temporary file)."""
+    with tempfile.NamedTemporaryFile("w", encoding="utf-8", suffix=".py", delete=False) as handle:
+        handle.write(text)
     try:
-        cfg = config_class.fromstring(text, ".py")
+        return config_class.fromfile(handle.name, import_custom_modules=False)
     except Exception as exc:
         raise JobError(f"the config ({name}) cannot be read: {type(exc).__name__}: {exc}", retryable=False) from exc
-    if cfg.get("custom_imports"):
-        try:
-            import_modules_from_strings(**cfg["custom_imports"])
-        except ImportError as exc:
-            raise JobError(f"custom_imports of the config: {exc} (put the module on the worker's PYTHONPATH)", retryable=False) from exc
-    return cfg
+    finally:
+        os.remove(handle.name)
+
+
+def _import_custom_modules(custom_imports: Any, trust: Trust, import_modules_from_strings: Callable[..., Any]) -> None:
+    """Only modules the operator allowed: importing one runs its code in the worker."""
+    if not isinstance(custom_imports, dict):
+        raise JobError(f"custom_imports of the config is a {type(custom_imports).__name__}, not dict(imports=[...])", retryable=False)
+    modules = custom_imports.get("imports", [])
+    modules = [modules] if isinstance(modules, str) else [str(m) for m in modules]
+    refused = trust.refused(modules)
+    if refused:
+        raise JobError(f"the config's custom_imports name {', '.join(refused)}: importing them would run code from the work_dir; "
+                       f"allow them with --allow-import {' --allow-import '.join(refused)} (or --trust-configs)", retryable=False)
+    try:
+        import_modules_from_strings(**custom_imports)
+    except ImportError as exc:
+        raise JobError(f"custom_imports of the config: {exc} (put the module on the worker's PYTHONPATH)", retryable=False) from exc
 
 
 def subset(job: ClaimedJob, val_size: int) -> tuple[list[int], str | None]:

@@ -2,7 +2,8 @@
 
 Set up as mmdet 2.28's `tools/test.py` does (pretrained weights off, `compat_cfg`, `replace_ImageToTensor` for
 batches, `build_dp`, CLASSES from the checkpoint), then `single_gpu_test`'s loop over a dataloader of the
-subset with `samples_per_gpu = batch_size`. The config is the one inside the checkpoint (exactly what
+subset with `samples_per_gpu = batch_size`. The weights are loaded as for 3.x, by torch's weights-only unpickler
+(evaluator/checkpoint_globals.py), not by mmcv's `load_checkpoint`, which leaves weights_only to torch's default. The config is the one inside the checkpoint (exactly what
 trained it); the work_dir's dump is the fallback. Imports torch/mmcv/mmdet lazily: `import evaluator` stays
 cheap for the uploader.
 """
@@ -28,9 +29,10 @@ from common.records import (
     ValImageRecord,
 )
 from db.jobs import ClaimedJob
-from evaluator import job_inputs
+from evaluator import checkpoint_globals, job_inputs
 from evaluator.encoding import rle_text, segmentation_rle, stored_image
 from evaluator.errors import JobError, LeaseLost
+from evaluator.trust import Trust
 
 log = logging.getLogger("mmdet_wandb.evaluator")
 
@@ -40,14 +42,15 @@ HOOK_ONLY_EVAL_KEYS = ("interval", "tmpdir", "start", "gpu_collect", "save_best"
 
 def evaluate(
     job: ClaimedJob, device: str, batch_size: int, lease_lost: threading.Event | None = None,
-    dataset_roots: tuple[Path, ...] = (),
+    dataset_roots: tuple[Path, ...] = (), trust: Trust = Trust(),
 ) -> EvalOutcome:
-    """`dataset_roots`: where relative dataset paths are looked for first (`--dataset-root`)."""
-    cfg = load_config(job)
+    """`dataset_roots`: where relative dataset paths are looked for first (`--dataset-root`); `trust`: what code
+    from the work_dir may run (by default none)."""
+    cfg = load_config(job, trust)
     dataset = build_val_dataset(cfg, Path(job.work_dir), batched=batch_size > 1, dataset_roots=dataset_roots)
     indices, note = job_inputs.subset(job, len(dataset))
     manifest = build_manifest(dataset, indices, cfg)
-    model = build_model(cfg, job.checkpoint_path, device, dataset)
+    model = build_model(cfg, job.checkpoint_path, device, dataset, trust)
     subset = take_subset(dataset, indices)
     started = time.perf_counter()
     results = run_inference(model, subset, cfg, batch_size, lease_lost)
@@ -57,11 +60,11 @@ def evaluate(
     return EvalOutcome(manifest=manifest, predictions=predictions, metrics=metrics, device=device, seconds=seconds, note=note)
 
 
-def load_config(job: ClaimedJob) -> Any:
+def load_config(job: ClaimedJob, trust: Trust = Trust()) -> Any:
     from mmcv import Config
     from mmcv.utils import import_modules_from_strings
 
-    return job_inputs.load_config(job, "config", Config, import_modules_from_strings)
+    return job_inputs.load_config(job, "config", Config, import_modules_from_strings, trust)
 
 
 def build_val_dataset(cfg: Any, work_dir: Path, *, batched: bool, dataset_roots: tuple[Path, ...] = ()) -> Any:
@@ -153,9 +156,9 @@ def _ground_truth(ann: dict, height: int, width: int) -> Instances:
     return Instances(boxes=boxes.round(2).tolist(), labels=labels, masks=masks)
 
 
-def build_model(cfg: Any, checkpoint_path: str, device: str, dataset: Any) -> Any:
+def build_model(cfg: Any, checkpoint_path: str, device: str, dataset: Any, trust: Trust = Trust()) -> Any:
     import torch
-    from mmcv.runner import load_checkpoint, wrap_fp16_model
+    from mmcv.runner import load_state_dict, wrap_fp16_model
     from mmdet.models import build_detector
     from mmdet.utils import build_dp
 
@@ -172,10 +175,7 @@ def build_model(cfg: Any, checkpoint_path: str, device: str, dataset: Any) -> An
         raise JobError(f"the model cannot be built from the config: {type(exc).__name__}: {exc}", retryable=False) from exc
     if cfg.get("fp16") is not None:
         wrap_fp16_model(model)
-    try:
-        checkpoint = load_checkpoint(model, checkpoint_path, map_location="cpu", logger="silent")
-    except Exception as exc:
-        raise JobError(f"the checkpoint cannot be loaded: {type(exc).__name__}: {exc}", retryable=False) from exc
+    checkpoint = checkpoint_globals.load_weights(model, checkpoint_path, trust=trust.checkpoints, load_state_dict=load_state_dict)
     model.CLASSES = checkpoint.get("meta", {}).get("CLASSES") or dataset.CLASSES
     if device.startswith("cuda"):
         index = int(device.split(":", 1)[1]) if ":" in device else 0

@@ -3,9 +3,9 @@ the same records as the 2.x adapter's (evaluator/mmdet2.py), so that both give t
 
 Set up as mmdet 3.3's `init_detector`/`tools/test.py` do: the config inside the checkpoint (`meta['cfg']`,
 exactly what trained it; fallbacks: the launch's `vis_data/config.py` or the work_dir's dump), the registry
-scope (`init_default_scope`), the backbone's `init_cfg` off, the weights loaded through an explicit allowlist of
-what an MMEngine checkpoint holds (evaluator/checkpoint_globals.py), `val_dataloader.dataset` built by the
-DATASETS registry with relative paths resolved as for 2.x. The hook's subset (first N of a seed-42
+scope (`init_default_scope`), the backbone's `init_cfg` off, the weights loaded by torch's weights-only
+unpickler with an explicit allowlist of what an MMEngine checkpoint holds (evaluator/checkpoint_globals.py),
+`val_dataloader.dataset` built by the DATASETS registry with relative paths resolved as for 2.x. The hook's subset (first N of a seed-42
 permutation) goes batched through the model's `test_step` (data preprocessor included); the subset's metrics
 come from the config's own `val_evaluator`, restricted to the subset's images. Imports torch/mmengine/mmdet
 lazily, like the 2.x adapter.
@@ -30,20 +30,22 @@ from db.jobs import ClaimedJob
 from evaluator import checkpoint_globals, job_inputs
 from evaluator.encoding import rle_text, segmentation_rle, stored_image
 from evaluator.errors import JobError, LeaseLost
+from evaluator.trust import Trust
 
 log = logging.getLogger("mmdet_wandb.evaluator")
 
 
 def evaluate(
     job: ClaimedJob, device: str, batch_size: int, lease_lost: threading.Event | None = None,
-    dataset_roots: tuple[Path, ...] = (),
+    dataset_roots: tuple[Path, ...] = (), trust: Trust = Trust(),
 ) -> EvalOutcome:
-    """`dataset_roots`: where relative dataset paths are looked for first (`--dataset-root`)."""
-    cfg = load_config(job)
+    """`dataset_roots`: where relative dataset paths are looked for first (`--dataset-root`); `trust`: what code
+    from the work_dir may run (by default none)."""
+    cfg = load_config(job, trust)
     dataset, base = build_val_dataset(cfg, Path(job.work_dir), dataset_roots)
     indices, note = job_inputs.subset(job, len(dataset))
     manifest = build_manifest(dataset, indices, cfg)
-    model = build_model(cfg, job.checkpoint_path, device)
+    model = build_model(cfg, job.checkpoint_path, device, trust)
     started = time.perf_counter()
     samples = run_inference(model, dataset, indices, cfg, batch_size, lease_lost)
     seconds = time.perf_counter() - started
@@ -52,12 +54,12 @@ def evaluate(
     return EvalOutcome(manifest=manifest, predictions=predictions, metrics=metrics, device=device, seconds=seconds, note=note)
 
 
-def load_config(job: ClaimedJob) -> Any:
+def load_config(job: ClaimedJob, trust: Trust = Trust()) -> Any:
     from mmengine.config import Config
     from mmengine.registry import init_default_scope
     from mmengine.utils import import_modules_from_strings
 
-    cfg = job_inputs.load_config(job, "cfg", Config, import_modules_from_strings)
+    cfg = job_inputs.load_config(job, "cfg", Config, import_modules_from_strings, trust)
     init_default_scope(cfg.get("default_scope", "mmdet"))
     return cfg
 
@@ -141,10 +143,10 @@ def _ground_truth(instances: list[dict], height: int, width: int) -> Instances:
     return Instances(boxes=boxes.round(2).tolist(), labels=labels, masks=masks)
 
 
-def build_model(cfg: Any, checkpoint_path: str, device: str) -> Any:
+def build_model(cfg: Any, checkpoint_path: str, device: str, trust: Trust = Trust()) -> Any:
     from mmdet.registry import MODELS
     from mmengine.model.utils import revert_sync_batchnorm
-    from mmengine.runner import load_checkpoint
+    from mmengine.runner.checkpoint import load_state_dict
 
     cfg = copy.deepcopy(cfg)
     if "init_cfg" in cfg.model.get("backbone", {}):
@@ -153,11 +155,7 @@ def build_model(cfg: Any, checkpoint_path: str, device: str) -> Any:
         model = revert_sync_batchnorm(MODELS.build(cfg.model))
     except Exception as exc:
         raise JobError(f"the model cannot be built from the config: {type(exc).__name__}: {exc}", retryable=False) from exc
-    try:
-        with checkpoint_globals.allowed():
-            checkpoint = load_checkpoint(model, checkpoint_path, map_location="cpu", logger="silent")
-    except Exception as exc:
-        raise JobError(f"the checkpoint cannot be loaded: {checkpoint_globals.explain(exc)}", retryable=False) from exc
+    checkpoint = checkpoint_globals.load_weights(model, checkpoint_path, trust=trust.checkpoints, load_state_dict=load_state_dict)
     dataset_meta = (checkpoint.get("meta") or {}).get("dataset_meta")
     if isinstance(dataset_meta, dict):
         model.dataset_meta = {k.lower(): v for k, v in dataset_meta.items()}

@@ -22,6 +22,7 @@ from db import jobs
 from db.jobs import ClaimedJob
 from db.session import Database
 from evaluator.errors import JobError, LeaseLost
+from evaluator.trust import Trust
 
 log = logging.getLogger("mmdet_wandb.evaluator")
 
@@ -45,6 +46,7 @@ class WorkerOptions:
     poll_s: float = 2.0
     exit_when_idle: bool = False
     dataset_roots: tuple[Path, ...] = ()  # tried first for relative dataset paths (--dataset-root)
+    trust: Trust = Trust()  # what code from the work_dirs may run (default: none)
     worker_id: str = field(default_factory=default_worker_id)
 
 
@@ -58,6 +60,8 @@ class Worker:
         A job in hand is finished first. `on_tick` after each claim attempt and each job."""
         done = 0
         log.info("worker %s (%s) on %s", self.options.worker_id, self.options.stack, self.options.device)
+        for line in self.options.trust.warnings():
+            log.warning(line)
         while not stop.is_set():
             if on_tick is not None:
                 on_tick()
@@ -83,7 +87,8 @@ class Worker:
                                      name=f"lease-{job.id}")
         heartbeat.start()
         try:
-            outcome = _adapter(job.stack).evaluate(job, self.options.device, self.options.batch_size, lease_lost, self.options.dataset_roots)
+            outcome = _adapter(job.stack).evaluate(job, self.options.device, self.options.batch_size, lease_lost, self.options.dataset_roots,
+                                                   self.options.trust)
         except LeaseLost:
             log.warning("job %s: lease lost to another worker; result dropped", job.id)
             return 0

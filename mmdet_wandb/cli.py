@@ -32,9 +32,8 @@ from rich.table import Table
 from common import stacks
 from db import nodes
 from db.session import Database
-from mmdet_wandb import eval_runner, heartbeat, logs, paths, status
-from uploader import checkpoints, discovery, hook_options
-from uploader.checkpoints import CheckpointOptions
+from mmdet_wandb import heartbeat, logs, paths, status
+from uploader import discovery, hook_options
 from uploader.ingest import FreshLaunch, IngestOptions
 from uploader.parsers import config_dump
 
@@ -63,9 +62,14 @@ IncompleteAfterOpt = Annotated[float, typer.Option(help="Seconds a checkpoint ma
 DeviceOpt = Annotated[Optional[str], typer.Option(help="cuda:N or cpu (default: cuda:0 when a GPU is visible, else cpu)")]
 NodeOpt = Annotated[Optional[str], typer.Option("--node", envvar="MMDET_WANDB_NODE", show_envvar=False, help="This uploader's name in a shared state DB: it reads and changes only its own rows (env: MMDET_WANDB_NODE; default: the host name)")]
 DatasetRootOpt = Annotated[Optional[list[Path]], typer.Option("--dataset-root", help="Where relative dataset paths of training configs are looked for first; repeatable (env: MMDET_WANDB_DATASET_ROOTS, separated by ':')")]
+JobsOpt = Annotated[Optional[int], typer.Option("--jobs", "-j", min=1, help="Processes that read and upload disjoint work_dirs, each with its own W&B client (default: the cores, at most 8)")]
 LogTimezoneOpt = Annotated[Optional[str], typer.Option("--log-timezone", envvar="MMDET_WANDB_LOG_TIMEZONE", show_envvar=False, help="IANA zone of the training hosts, for the naive times in logs (env: MMDET_WANDB_LOG_TIMEZONE; config file: log_timezone; default: this machine's zone)")]
 WandbTimeoutOpt = Annotated[float, typer.Option("--wandb-timeout", envvar="MMDET_WANDB_TIMEOUT", show_envvar=False, help="Online: seconds one W&B start, finish or the artifact commits of a segment may take before it counts as failed (env: MMDET_WANDB_TIMEOUT)")]
 BatchSizeOpt = Annotated[int, typer.Option(help="Images per inference batch (halved on CUDA out of memory)")]
+# What code from the work_dirs the evaluator may run (CLI > env > config file > none; README "Security model")
+TrustCheckpointsOpt = Annotated[Optional[bool], typer.Option("--trust-checkpoints", envvar="MMDET_WANDB_TRUST_CHECKPOINTS", show_envvar=False, help="Load checkpoints with the full unpickler (weights_only=False), which runs any code a checkpoint holds (env: MMDET_WANDB_TRUST_CHECKPOINTS; config file: trust_checkpoints; default: the weights-only unpickler with an allowlist)", show_default=False)]
+TrustConfigsOpt = Annotated[Optional[bool], typer.Option("--trust-configs", envvar="MMDET_WANDB_TRUST_CONFIGS", show_envvar=False, help="Import whatever modules a config's custom_imports name (env: MMDET_WANDB_TRUST_CONFIGS; config file: trust_configs; default: only --allow-import's)", show_default=False)]
+AllowImportOpt = Annotated[Optional[list[str]], typer.Option("--allow-import", metavar="MODULE", help="A module (with its submodules) that a config's custom_imports may import; repeatable (env: MMDET_WANDB_ALLOW_IMPORT, comma-separated; config file: allow_import, a list)", show_default=False)]
 
 # The hook's options (CLI > MMDET_WANDB_<OPTION> > config file > MMDetWandbHook entry > defaults; see `config show`)
 ConfigOpt = Annotated[Optional[Path], typer.Option("--config", help="TOML or YAML file of the hook's options (env: MMDET_WANDB_CONFIG; default: <data dir>/config.toml if present)")]
@@ -156,7 +160,7 @@ def _layers(home: paths.DataDir, flags: dict[str, Any]) -> hook_options.Layers:
 def _zone(name: str | None, layers: hook_options.Layers) -> ZoneInfo | None:
     """--log-timezone (or its variable), else the config file's `log_timezone`, else `TZ` when it names an IANA
     zone (compose passes it); None: this machine's zone."""
-    name = name or layers.file.get("log_timezone")
+    name = name or str(layers.file.get("log_timezone") or "")
     if not name:
         try:
             return ZoneInfo(os.environ["TZ"].lstrip(":")) if os.environ.get("TZ") else None
@@ -201,11 +205,15 @@ def watch(
     checkpoint_incomplete_after: IncompleteAfterOpt = 600.0,
     wandb_timeout: WandbTimeoutOpt = 60.0,
     log_timezone: LogTimezoneOpt = None,
+    jobs: JobsOpt = None,
     node: NodeOpt = None,
     log_level: LogLevelOpt = "INFO",
     log_format: LogFormatOpt = LogFormat.TEXT,
 ) -> None:
-    """Follow every work_dir under the roots, live, until SIGTERM or Ctrl-C."""
+    """Follow every work_dir under the roots, live, until SIGTERM or Ctrl-C. A backlog at start (16 work_dirs or
+    more with unread lines) is caught up by `--jobs` processes first."""
+    from uploader import shards
+    from uploader.checkpoints import CheckpointOptions
     from uploader.loop import Loop, LoopOptions
 
     root_paths = _roots(roots)
@@ -225,7 +233,11 @@ def watch(
     )
     stop = _stop_on_signals()
     logging.getLogger("mmdet_wandb").info("watching %s (W&B mode %s, data in %s)", ", ".join(map(str, root_paths)), writer.options.mode, home.path)
-    Loop(db, writer, options).watch(stop, on_tick=heartbeat.Heartbeat(home.heartbeat("uploader")).beat)
+    uploader, beat = Loop(db, writer, options), heartbeat.Heartbeat(home.heartbeat("uploader")).beat
+    shards.read_and_upload_in_shares(uploader, jobs or shards.default_jobs(), stop,
+                                     functools.partial(logs.setup, log_level, log_format.value, "uploader"),
+                                     min_work_dirs=shards.WATCH_CATCH_UP_MIN, on_tick=beat)
+    uploader.watch(stop, on_tick=beat)
 
 
 @app.command()
@@ -238,7 +250,11 @@ def backfill(
     device: DeviceOpt = None,
     batch_size: BatchSizeOpt = 4,
     dataset_root: DatasetRootOpt = None,
+    trust_checkpoints: TrustCheckpointsOpt = None,
+    trust_configs: TrustConfigsOpt = None,
+    allow_import: AllowImportOpt = None,
     fresh_launch: FreshOpt = FreshLaunch.NEW_RUN,
+    jobs: JobsOpt = None,
     progress: Annotated[bool, typer.Option(help="Show progress bars")] = True,
     checkpoint_incomplete_after: IncompleteAfterOpt = 10.0,
     wandb_timeout: WandbTimeoutOpt = 60.0,
@@ -249,6 +265,9 @@ def backfill(
 ) -> None:
     """Upload finished work_dirs once and exit (running it again uploads nothing twice; SIGTERM stops it
     cleanly with exit status 143, and running it again finishes the work)."""
+    from mmdet_wandb import eval_runner
+    from uploader import shards
+    from uploader.checkpoints import CheckpointOptions
     from uploader.loop import Loop, LoopOptions
 
     root_paths = _roots(roots)
@@ -264,7 +283,13 @@ def backfill(
     uploader = Loop(db, writer, options)
     stop = _stop_on_signals()
     waiting: list[str] = []
-    run_jobs = (lambda: waiting.extend(eval_runner.evaluate_all(db, home.path, device, batch_size, _dataset_roots(dataset_root), stop))) if evaluate else None
+    workers = eval_runner.WorkerFlags(device, batch_size, _dataset_roots(dataset_root), hook_flags["config"],
+                                      _trust(layers.file, trust_checkpoints, trust_configs, allow_import)) if evaluate else None
+    run_jobs = (lambda: waiting.extend(eval_runner.evaluate_all(db, home.path, workers, stop))) if workers else None
+    started = shards.read_and_upload_in_shares(uploader, jobs or shards.default_jobs(), stop,
+                                               functools.partial(logs.setup, log_level, log_format.value, "backfill"))
+    if started and progress:
+        err.print(f"read and uploaded in {started} processes; now checkpoints, artifacts and what is left")
     if not progress:
         uploader.backfill(evaluate=run_jobs, stop=stop)
     else:
@@ -297,6 +322,41 @@ def backfill(
         raise typer.Exit(1)
 
 
+def _file_settings(home: paths.DataDir, config: Path | None) -> dict[str, Any]:
+    """The config file's values (--config, MMDET_WANDB_CONFIG, or the data dir's config.toml), for a command
+    without the hook's options."""
+    try:
+        path = hook_options.find_file(config, home.path, os.environ)
+        return hook_options.load_file(path) if path is not None else {}
+    except hook_options.HookOptionsError as exc:
+        raise _fail(str(exc)) from None
+
+
+def _trust(file: dict[str, Any], checkpoints: bool | None, configs: bool | None, imports: list[str] | None) -> Any:
+    """The evaluator's evaluator.trust.Trust: each flag (or its variable), else the config file's key, else none."""
+    from evaluator.trust import Trust
+
+    def file_flag(name: str) -> bool:
+        value = file.get(name, False)
+        if not isinstance(value, bool):
+            raise _fail(f"config file: {name} = {value!r}: true or false expected")
+        return value
+
+    def modules(value: Any) -> list[str]:  # a list of names, or a comma-separated string of them
+        return [str(m).strip() for m in (value.split(",") if isinstance(value, str) else value) if str(m).strip()]
+
+    listed = modules(imports or []) or modules(os.environ.get("MMDET_WANDB_ALLOW_IMPORT", "")) or modules(file.get("allow_import") or [])
+    return Trust(checkpoints=file_flag("trust_checkpoints") if checkpoints is None else checkpoints,
+                 configs=file_flag("trust_configs") if configs is None else configs, imports=tuple(listed))
+
+
+def _refuse_secrets() -> None:
+    """The evaluator runs code from the work_dirs and never talks to W&B: it must not hold the key."""
+    if os.environ.get("WANDB_API_KEY"):
+        raise _fail("WANDB_API_KEY is set: the evaluator runs code from work_dirs and never talks to W&B, so it holds no key "
+                    "(unset it, or --allow-secrets)")
+
+
 def _dataset_roots(given: list[Path] | None) -> tuple[Path, ...]:
     """--dataset-root (repeatable), else MMDET_WANDB_DATASET_ROOTS (os.pathsep-separated)."""
     if given:
@@ -314,6 +374,11 @@ def evaluate(
     poll: Annotated[float, typer.Option(help="Seconds between looks for a job when the queue is empty")] = 2.0,
     dataset_root: DatasetRootOpt = None,
     stack: Annotated[Optional[str], typer.Option("--stack", help="mmdet2 or mmdet3: the stack this environment must have (./dev.sh picks the environment by it; default: the one installed)")] = None,
+    trust_checkpoints: TrustCheckpointsOpt = None,
+    trust_configs: TrustConfigsOpt = None,
+    allow_import: AllowImportOpt = None,
+    allow_secrets: Annotated[bool, typer.Option("--allow-secrets", help="Start even with WANDB_API_KEY in the environment (refused by default: this worker runs code from work_dirs)")] = False,
+    config: ConfigOpt = None,
     log_level: LogLevelOpt = "INFO",
     log_format: LogFormatOpt = LogFormat.TEXT,
 ) -> None:
@@ -321,13 +386,16 @@ def evaluate(
     checkpoint on the val subset, stores predictions for the uploader."""
     from evaluator.worker import Worker, WorkerOptions, default_device
 
+    if not allow_secrets:
+        _refuse_secrets()
     installed = stacks.installed()
     if installed is None or (stack is not None and stack != installed):
         raise _fail(f"this environment has {installed or 'no MMDetection stack'}{f', not {stack}' if stack else ''}: install one with "
                     "tools/install.sh VENV eval (mmdet 2.x) or tools/install.sh VENV mmdet3")
     home, db = _setup(data_dir, [], log_level, log_format, "evaluator")
+    trust = _trust(_file_settings(home, config), trust_checkpoints, trust_configs, allow_import)
     options = WorkerOptions(stack=installed, device=device or default_device(), batch_size=batch_size, lease_s=lease, poll_s=poll,
-                            exit_when_idle=exit_when_idle, dataset_roots=_dataset_roots(dataset_root))
+                            exit_when_idle=exit_when_idle, dataset_roots=_dataset_roots(dataset_root), trust=trust)
     stop = _stop_on_signals()
     done = Worker(db, options).run(stop, on_tick=heartbeat.Heartbeat(home.heartbeat("evaluator")).beat)
     err.print(f"worker {options.worker_id}: {done} job(s) done")
@@ -493,6 +561,8 @@ def status_command(
 @app.command("clean-store")
 def clean_store_command(data_dir: DataDirOpt = None, node: NodeOpt = None) -> None:
     """Delete pinned checkpoints that `wandb sync` has uploaded (offline mode keeps them until then)."""
+    from uploader import checkpoints
+
     removed, kept = checkpoints.clean_store(_existing_db(data_dir, node))
     err.print(f"removed {removed} pinned checkpoint(s); kept {kept} whose segment is not synced yet")
 

@@ -39,8 +39,10 @@ class DataDir:
         return self.path / "media"
 
     def heartbeat(self, service: str) -> Path:
-        """Touched by each loop pass of a service; `mmdet-wandb health SERVICE` reads its age."""
-        return self.path / "heartbeat" / service
+        """Touched by each loop pass of a service; `mmdet-wandb health SERVICE` reads its age. MMDET_WANDB_HEARTBEAT_DIR
+        puts it elsewhere, for a service whose data dir is read-only (the evaluator beside PostgreSQL)."""
+        elsewhere = os.environ.get("MMDET_WANDB_HEARTBEAT_DIR")
+        return Path(elsewhere) / service if elsewhere else self.path / "heartbeat" / service
 
     def lock_uploader(self, command: str) -> IO[str]:
         """One uploader per data dir (DESIGN 11): an advisory lock, held as long as the returned file is open

@@ -415,3 +415,84 @@ def test_a_work_dir_outside_the_training_folder_is_evaluated_with_dataset_root(t
     (job,) = status(home)["work_dirs"][0]["eval_jobs"]
     assert job["state"] == "done" and job["table_uploaded"], job
     assert [a.metadata["epoch"] for _, a in artifacts_of(home) if a.type == "evaluation"] == [8]
+
+
+# --- least privilege: nothing from a work_dir runs unless the operator says so -----------------------------
+
+
+class RunsCode:
+    """What a hostile work_dir could put into a checkpoint: unpickling it runs a shell command."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):  # type: ignore[no-untyped-def]
+        return (os.system, (f"touch {self.marker}",))
+
+
+def evaluated_epochs(home: Path) -> list[int]:
+    return sorted(a.metadata["epoch"] for _, a in artifacts_of(home) if a.type == "evaluation")
+
+
+def test_a_checkpoint_that_would_run_code_is_parked_naming_the_global_and_loads_only_when_trusted(trained_work_dir, tmp_path):
+    work_dir = trained_work_dir("retinanet_epoch", writable=True)
+    poisoned, marker = work_dir / "epoch_7.pth", tmp_path / "ran"
+    rewrite_checkpoint(poisoned, poisoned, lambda meta: {**meta, "payload": RunsCode(marker)})
+    home = tmp_path / "home"
+    args = ("backfill", str(work_dir.parent), "--no-progress", "--num-eval-images", str(NUM), "--evaluate")
+    cli(home, *args)
+    by_name = {Path(j.checkpoint_path).name.split("-", 1)[1]: j for j in jobs(home)}
+    assert by_name["epoch_7.pth"].state is JobState.DEAD and "posix.system" in by_name["epoch_7.pth"].last_error
+    assert "--trust-checkpoints" in by_name["epoch_7.pth"].last_error
+    assert not marker.exists(), "nothing in the checkpoint ran"
+    assert by_name["epoch_8.pth"].state is JobState.DONE and evaluated_epochs(home) == [8], "the other checkpoint is evaluated"
+    assert "posix.system" in table_column(cli(home, "status").stdout, -1).replace(" ", "")
+
+    cli(home, "requeue")
+    trusted = cli(home, *args, "--trust-checkpoints")
+    assert "--trust-checkpoints: checkpoints are loaded with the full unpickler" in trusted.stderr
+    assert marker.exists(), "the full unpickler ran the payload: the test above was live"
+    assert {j.state for j in jobs(home)} == {JobState.DONE} and evaluated_epochs(home) == [7, 8]
+
+
+@pytest.mark.parametrize("kind", ["retinanet_epoch", "retinanet_iter", "maskrcnn_epoch", "retinanet_resume"])
+def test_every_checkpoint_of_the_2x_trainings_loads_with_the_allowlist(trained_work_dir, kind):
+    from evaluator import checkpoint_globals
+
+    checkpoints = sorted(trained_work_dir(kind).glob("*.pth"))
+    assert checkpoints
+    for path in checkpoints:
+        assert checkpoint_globals.load(str(path), trust=False)["state_dict"], path
+
+
+def test_custom_imports_are_parked_unless_the_module_is_allowed(trained_work_dir, tmp_path):
+    work_dir = trained_work_dir("retinanet_epoch", writable=True)
+    (work_dir / "epoch_7.pth").unlink()
+    checkpoint, plugins, marker = work_dir / "epoch_8.pth", tmp_path / "plugins", tmp_path / "imported"
+    plugins.mkdir()
+    (plugins / "team_plugin.py").write_text(f"open({str(marker)!r}, 'w').close()\n")
+    custom = "\ncustom_imports = dict(imports=['team_plugin'], allow_failed_imports=False)\n"
+    rewrite_checkpoint(checkpoint, checkpoint, lambda meta: {**meta, "config": meta["config"] + custom})
+    home = tmp_path / "home"
+    args = ("backfill", str(work_dir.parent), "--no-progress", "--num-eval-images", str(NUM), "--evaluate")
+    cli(home, *args, PYTHONPATH=str(plugins))
+    (job,) = jobs(home)
+    assert job.state is JobState.DEAD and "custom_imports name team_plugin" in job.last_error, job.last_error
+    assert "--allow-import team_plugin" in job.last_error and not marker.exists()
+
+    cli(home, "requeue")
+    (home / "config.toml").write_text('allow_import = ["team_plugin"]\n')  # the config file's layer; the flag is the same list
+    cli(home, *args, PYTHONPATH=str(plugins))
+    (job,) = jobs(home)
+    assert job.state is JobState.DONE and marker.exists() and evaluated_epochs(home) == [8]
+
+
+def test_evaluate_refuses_to_start_holding_a_wandb_key(tmp_path):
+    home, key = tmp_path / "home", "k" * 40
+    refused = cli(home, "evaluate", "--exit-when-idle", "--device", "cpu", check=False, WANDB_API_KEY=key)
+    assert refused.returncode == 2, refused.stderr
+    (line,) = refused.stderr.strip().splitlines()
+    assert "WANDB_API_KEY is set" in line and "--allow-secrets" in line and key not in line
+    assert not home.exists(), "refused before touching the state"
+    allowed = cli(home, "evaluate", "--exit-when-idle", "--device", "cpu", "--allow-secrets", WANDB_API_KEY=key)
+    assert "0 job(s) done" in allowed.stderr

@@ -104,9 +104,9 @@ def test_a_second_uploader_on_one_data_dir_is_refused_while_status_works(real_lo
     assert cli(home, "backfill", str(root), "--no-progress").returncode == 0, "free again once it stopped"
 
 
-def start_backfill(home: Path, root: Path, **env: str) -> subprocess.Popen[str]:
+def start_backfill(home: Path, root: Path, *args: str, **env: str) -> subprocess.Popen[str]:
     return subprocess.Popen(
-        [sys.executable, "-m", "mmdet_wandb.cli", "backfill", str(root), "--no-progress", "--log-level", "INFO"],
+        [sys.executable, "-m", "mmdet_wandb.cli", "backfill", str(root), "--no-progress", "--log-level", "INFO", *args],
         env=service_env(home, **env), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         start_new_session=True,
     )
@@ -139,7 +139,7 @@ def test_restart_after_sigkill_settles_open_segments_at_once_and_ends_exactly_on
     for name, rel in (("eltd", ELTD), ("yolo", YOLO), ("cornernet", CORNERNET)):
         (root / name).mkdir(parents=True)
         logs[name] = Path(shutil.copy(real_logs / rel, root / name))
-    proc = start_backfill(home, root, MMDET_WANDB_CRASH_AT="segment-closing")
+    proc = start_backfill(home, root, "--jobs", "1", MMDET_WANDB_CRASH_AT="segment-closing")  # one process: all three open
     output = proc.communicate(timeout=300)[0]
     assert proc.returncode == -signal.SIGKILL, output
     left = open_segments(home)

@@ -9,6 +9,7 @@ import sqlalchemy as sa
 from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
+from alembic.script import ScriptDirectory
 
 from db import nodes, outbox
 from db.models import ArtifactKind, Base
@@ -30,11 +31,21 @@ def empty_db(request, tmp_path: Path) -> Database:
 
 
 def test_the_migrations_build_exactly_the_models(empty_db: Database) -> None:
-    empty_db.upgrade()
+    migrated_to(empty_db, "head")
     with empty_db.engine.connect() as connection:
         assert compare_metadata(MigrationContext.configure(connection), Base.metadata) == []
     current, head = empty_db.revisions()
-    assert current == head
+    assert current == head == ScriptDirectory.from_config(_alembic_config()).get_current_head()
+
+
+def test_a_new_state_db_gets_the_models_at_once_stamped_at_the_head(empty_db: Database) -> None:
+    """A new DB is built from the models in one go (faster than replaying every migration), stamped at the head,
+    so that the next migration applies to it as to any other."""
+    empty_db.upgrade()
+    with empty_db.engine.connect() as connection:
+        assert compare_metadata(MigrationContext.configure(connection), Base.metadata) == []
+    assert empty_db.revisions() == (ScriptDirectory.from_config(_alembic_config()).get_current_head(),) * 2
+    empty_db.upgrade()  # started again: nothing to do
 
 
 def test_an_existing_state_db_keeps_what_was_uploaded(empty_db: Database) -> None:
@@ -98,3 +109,57 @@ def test_services_starting_together_on_one_postgresql_migrate_one_after_the_othe
     assert [p.exitcode for p in processes] == [0, 0, 0, 0]
     current, head = Database(postgres_url).revisions()
     assert current == head
+
+
+def test_uploaded_rows_of_an_existing_state_db_are_folded_and_the_file_shrinks(empty_db: Database) -> None:
+    """A DB written before spans (revision 0007) that holds every payload it ever uploaded: the migration folds
+    the uploaded rows (val rows and pending rows stay whole), dedup still knows every line, and SQLite's file
+    gives the space back."""
+    db = empty_db
+    migrated_to(db, "0007")
+    uploaded, pending = 20_000, 50
+    payload = json.dumps({"train/loss": 0.5, "learning_rate": 0.01, "note": "x" * 300})
+    with db.engine.begin() as connection:
+        connection.execute(sa.text(
+            "INSERT INTO work_dirs (id, node, path, root, name, discovered_at, gone) VALUES (1, 'n1', '/w/exp', '/w', 'exp', :now, false)"
+        ), {"now": "2026-11-01 00:00:00"})
+        connection.execute(sa.text(
+            "INSERT INTO runs (id, node, work_dir_id, wandb_id, name, \"group\", job_type, launch, next_step, summary_json, state,"
+            " created_at, hook_options_json, failures) VALUES (1, 'n1', 1, 'abc12345', 'exp-1', 'exp', 'train', 'l', :next, '{}',"
+            " 'active', :now, '{}', 0)"
+        ), {"now": "2026-11-01 00:00:00", "next": uploaded + pending + 1})
+        connection.execute(sa.text(
+            "INSERT INTO sources (id, node, work_dir_id, path, format, launch, generation, head_len, head_hash, \"offset\", tail_hash,"
+            " size_seen, mtime_ns, parse_state_json, state, updated_at) VALUES (1, 'n1', 1, '/w/exp/l.log.json', 'mmdet2', 'l', 0, 0,"
+            " '', 0, '', 0, 0, '{}', 'active', :now)"
+        ), {"now": "2026-11-01 00:00:00"})
+        connection.execute(sa.text(
+            "INSERT INTO outbox_rows (run_id, step, source_id, generation, byte_offset, line_hash, kind, epoch, iter, payload_json,"
+            " uploaded) VALUES (1, :step, 1, 0, :offset, :hash, :kind, :epoch, :step, :payload, :uploaded)"
+        ), [
+            {"step": step, "offset": step * 400, "hash": f"{step:016x}{0:016x}", "kind": "val" if step % 1000 == 0 else "train",
+             "epoch": 1 + step // 1000, "payload": payload, "uploaded": step <= uploaded}
+            for step in range(1, uploaded + pending + 1)
+        ])
+    size_before = _file_size(db)
+
+    db.upgrade()
+    with db.read() as session:
+        counts = session.execute(sa.text("SELECT kind, uploaded, count(*) FROM outbox_rows GROUP BY kind, uploaded ORDER BY kind, uploaded")).all()
+        assert [tuple(c) for c in counts] == [("train", False, pending), ("val", True, uploaded // 1000)]
+        assert session.scalar(sa.text("SELECT sum(rows) FROM uploaded_spans")) == uploaded - uploaded // 1000
+        stored = outbox.stored_lines(session, 1, 0, (uploaded + pending) * 400)
+        assert len(stored) == uploaded + pending and (400, f"{1:016x}") in stored
+        assert outbox.reached(session, 1, "epoch", 20) and outbox.reached(session, 1, "iter", 17) and not outbox.reached(session, 1, "epoch", 22)
+        assert outbox.rows_of_source(session, 1) == uploaded + pending
+    if db.is_sqlite:
+        with db.engine.connect() as connection:
+            assert connection.exec_driver_sql("PRAGMA auto_vacuum").scalar() == 2  # incremental from now on
+        assert _file_size(db) < size_before / 5
+
+
+def _file_size(db: Database) -> int:
+    if not db.is_sqlite:
+        return 0
+    db.dispose()  # the WAL goes back into the file
+    return Path(db.engine.url.database).stat().st_size

@@ -242,3 +242,18 @@ with checkpoint_globals.allowed():
 checkpoint["meta"]["payload"] = Payload()
 torch.save(checkpoint, path)
 """
+
+
+LOAD_ALL = r"""
+import sys
+from evaluator import checkpoint_globals
+
+for path in sys.argv[1:]:
+    assert checkpoint_globals.load(path, trust=False)["state_dict"], path
+print(len(sys.argv) - 1)
+"""
+
+
+def test_every_checkpoint_of_the_3x_trainings_loads_with_the_allowlist(trained_work_dir3):
+    checkpoints = [str(p) for kind in ("retinanet3_epoch", "retinanet3_iter", "maskrcnn3_epoch") for p in sorted(trained_work_dir3(kind).glob("*.pth"))]
+    assert in_mmdet3(LOAD_ALL, *checkpoints).strip() == str(len(checkpoints))

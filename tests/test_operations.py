@@ -253,6 +253,48 @@ def test_compose_file_follows_the_compose_spec(tmp_path):
         assert re.search(rf"^{name}=", env_example, re.M), name
 
 
+class ComposeLoader(yaml.SafeLoader):
+    """Compose's merge tags: `!reset` removes what the file before set (here: None)."""
+
+
+ComposeLoader.add_constructor("!reset", lambda loader, node: None)
+
+
+def test_compose_gives_the_evaluator_no_secret_no_network_and_only_the_db_to_write(tmp_path):
+    spec = yaml.safe_load((REPO / "docker-compose.yml").read_text())
+    for name in ("uploader", "evaluator", "evaluator-mmdet3"):
+        service = spec["services"][name]
+        assert service["cap_drop"] == ["ALL"] and service["security_opt"] == ["no-new-privileges:true"], name
+        assert service["read_only"] is True and "/tmp" in service["tmpfs"], name
+    for name in ("evaluator", "evaluator-mmdet3"):
+        service = spec["services"][name]
+        assert "env_file" not in service, ".env holds WANDB_API_KEY"
+        assert not [k for k in service["environment"] if k.startswith("WANDB_")]
+        assert service["network_mode"] == "none"
+        (store,) = [m for m in service["volumes"] if isinstance(m, dict) and m["target"] == "/var/lib/mmdet-wandb/store"]
+        assert store["source"] == "state" and store["read_only"] and store["volume"]["subpath"] == "store"
+        assert service["environment"]["MMDET_WANDB_HEARTBEAT_DIR"].startswith("/tmp/"), "the DB is all it writes there"
+    assert {"WANDB_API_KEY", "WANDB_PROJECT"} <= set(spec["services"]["uploader"]["environment"])
+    for name in ("Dockerfile.uploader", "Dockerfile.evaluator"):
+        text = (REPO / "docker" / name).read_text()
+        assert re.search(r"^ENV HOME=/tmp\b", text, re.M) and "mkdir -p /var/lib/mmdet-wandb/store" in text, name
+
+    override = yaml.load((REPO / "docker-compose.postgres.yml").read_text(), ComposeLoader)
+    for name in ("evaluator", "evaluator-mmdet3"):
+        service = override["services"][name]
+        assert service["network_mode"] is None and service["networks"] == ["evaluator-db"]
+        assert service["volumes"] == ["state:/var/lib/mmdet-wandb:ro"], "with PostgreSQL it writes nothing"
+    on_it = sorted(n for n, s in override["services"].items() if "evaluator-db" in s.get("networks", []))
+    assert on_it == ["db", "evaluator", "evaluator-mmdet3"] and override["networks"]["evaluator-db"]["internal"] is True
+    assert override["networks"]["state-db"]["internal"] is True
+    for service in override["services"].values():  # the schema has no !reset: validate what is left
+        service.pop("network_mode", None)
+    (tmp_path / "postgres.yml").write_text(yaml.safe_dump(override))
+    checked = subprocess.run([sys.executable, "-m", "check_jsonschema", "--builtin-schema", "vendor.compose-spec", str(tmp_path / "postgres.yml")],
+                             capture_output=True, text=True)
+    assert checked.returncode == 0, checked.stdout
+
+
 def test_dockerfiles_install_with_the_steps_ci_runs():
     """Each image installs only through tools/install.sh, the script that dev.sh (the README's and CI's test
     command) runs; so CI exercises the images' install steps, minus the CUDA build flags."""

@@ -28,8 +28,9 @@ OPTIONS: dict[str, tuple[type, Any]] = {
     "num_eval_images": (int, 100),
     "bbox_score_thr": (float, 0.3),
 }
-#: Options of the service itself that the config file may set too (the CLI flag and its variable come first).
-SERVICE_OPTIONS = ("log_timezone",)
+#: Options of the service itself that the config file may set too (the CLI flag and its variable come first);
+#: kept as the file has them, for the command that reads them to check.
+SERVICE_OPTIONS = ("log_timezone", "trust_checkpoints", "trust_configs", "allow_import")
 ENV_PREFIX = "MMDET_WANDB_"
 CONFIG_ENV = "MMDET_WANDB_CONFIG"
 TRUE, FALSE = {"1", "true", "yes", "on"}, {"0", "false", "no", "off", ""}
@@ -175,7 +176,7 @@ def load_file(path: Path) -> dict[str, Any]:
     unknown = sorted(set(data) - set(OPTIONS) - set(SERVICE_OPTIONS))
     if unknown:
         raise HookOptionsError(f"config file {path}: unknown option(s) {', '.join(unknown)}; known: {', '.join([*OPTIONS, *SERVICE_OPTIONS])}")
-    return {name: convert(name, value) if name in OPTIONS else str(value) for name, value in data.items()}
+    return {name: convert(name, value) if name in OPTIONS else value for name, value in data.items()}
 
 
 def find_file(given: Path | None, data_dir: Path, environ: Mapping[str, str]) -> Path | None:

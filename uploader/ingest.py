@@ -23,7 +23,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from common.records import LineageBreak, LogFormat, MetricRow, ParseState, RowKind
-from db import outbox
+from db import outbox, spans
 from db.models import Run, Source, SourceState, WorkDir
 from db.problems import record_problem
 from db.session import Database, node_of
@@ -206,7 +206,7 @@ def _commit(
                 lineage = record.lineage
                 run = _new_run(session, source, found, state, lineage)
             elif isinstance(record, MetricRow):
-                if (line.offset, line.line_hash) in stored:
+                if spans.line_key(line.offset, line.line_hash) in stored:
                     continue
                 if run is None:
                     run = _choose_run(session, source, found, state, lineage, record, options)

@@ -48,6 +48,7 @@ class LoopOptions:
     scan_interval_s: float = 10.0
     poll_interval_s: float = 0.5
     use_events: bool = True
+    share: frozenset[Path] | None = None  # backfill --jobs: the work_dirs this process reads (uploader/shards.py)
 
 
 class Loop:
@@ -71,10 +72,11 @@ class Loop:
     def scan(self) -> list[FoundLog]:
         """Discover every log under the roots, record what is wrong, and tombstone logs that disappeared."""
         results = [discovery.scan(root) for root in self.options.roots]  # the walk holds no DB lock
-        found = [log for result in results for log in result.logs]
-        with self.db.transaction() as session:
-            for problem in (p for result in results for p in result.problems):
-                record_problem(session, str(problem.path), problem.kind, problem.message)
+        found = [log for result in results for log in result.logs if self.options.share is None or log.work_dir in self.options.share]
+        if self.options.share is None:  # a share's parent records them
+            with self.db.transaction() as session:
+                for problem in (p for result in results for p in result.problems):
+                    record_problem(session, str(problem.path), problem.kind, problem.message)
         current = {f.path: f for f in found}
         for path in set(self._logs) - set(current):
             mark_gone(self.db, str(path))

@@ -15,6 +15,7 @@ import logging
 import shutil
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,11 +23,12 @@ from typing import Any
 
 import wandb
 from sqlalchemy import func, select, update
+from sqlalchemy.orm import Session
 
 from common import crash_points
 from common.backoff import BACKOFF_BASE_S, backoff_s
 from db import outbox
-from db.models import ArtifactKind, Run, Segment, SegmentState, utcnow
+from db.models import ArtifactKind, Run, Segment, SegmentState, WorkDir, utcnow
 from db.outbox import PendingArtifact
 from db.session import Database, node_of
 from uploader import hook_options
@@ -54,6 +56,7 @@ class WriterOptions:
     exit_timeout_s: float = 120.0
     wandb_timeout_s: float = 60.0  # online: the most one init(), finish() or the artifact waits of a segment may take
     media_dir: Path | None = None  # where val images and masks are written for the tables (default: next to runs_dir)
+    share: frozenset[Path] | None = None  # backfill --jobs: only the runs of these work_dirs are this writer's
 
 
 @dataclass
@@ -123,7 +126,8 @@ class WandbWriter:
             self.circuit.check()
         with self.db.transaction() as session:
             stale = session.scalars(select(Segment).where(Segment.node == node_of(session), Segment.state == SegmentState.OPEN)).all()
-            leftovers = [(s.id, s.run_id, Path(s.dir), s.mode) for s in stale if s.run_id not in self._open]
+            ours = self._ours(session)
+            leftovers = [(s.id, s.run_id, Path(s.dir), s.mode) for s in stale if s.run_id not in self._open and ours(s.run_id)]
         for segment_id, run_id, directory, mode in leftovers:
             try:
                 if mode == "offline":
@@ -140,7 +144,8 @@ class WandbWriter:
             owned = {
                 Path(d) for d in session.scalars(select(Segment.dir).where(Segment.node == node_of(session), Segment.state.in_((SegmentState.OPEN, SegmentState.SENT, SegmentState.CLOSED))))
             }
-            runs = set(session.scalars(select(Run.wandb_id).where(Run.node == node_of(session))))
+            ours = self._ours(session)
+            runs = {wandb_id for run_id, wandb_id in session.execute(select(Run.id, Run.wandb_id).where(Run.node == node_of(session))) if ours(run_id)}
         root = self.options.runs_dir
         for run_dir in sorted(root.iterdir()) if root.is_dir() else []:
             if run_dir.name not in runs or not run_dir.is_dir():
@@ -150,6 +155,16 @@ class WandbWriter:
                     log.info("deleting %s: no segment of the state DB owns it", directory)
                     shutil.rmtree(directory, ignore_errors=True)
 
+    def _ours(self, session: Session) -> Callable[[int], bool]:
+        """Whether a run of this node is this writer's: all of them, or those of its share's work_dirs."""
+        if self.options.share is None:
+            return lambda _run_id: True
+        share = {str(path) for path in self.options.share}
+        mine = {run_id for run_id, path in session.execute(
+            select(Run.id, WorkDir.path).join(WorkDir, WorkDir.id == Run.work_dir_id).where(Run.node == node_of(session))
+        ) if path in share}
+        return mine.__contains__
+
     def drain(self) -> int:
         """Log one batch of pending rows, then the pending artifacts, of every run that has some and is not
         backing off after a failure; returns how many entries were logged."""
@@ -158,7 +173,8 @@ class WandbWriter:
         if self.circuit is not None and self.circuit.is_open and not (self.circuit.due() and self.circuit.check()):
             return 0
         with self.db.read() as session:
-            runs = sorted(set(outbox.pending_runs(session)) | _runs_with_sent_segments(session))
+            ours = self._ours(session)
+            runs = sorted(r for r in set(outbox.pending_runs(session)) | _runs_with_sent_segments(session) if ours(r))
             waiting = set(session.scalars(select(Run.id).where(Run.id.in_(runs), Run.retry_at > time.time())))
         waiting |= {run_id for run_id, until in self._not_before.items() if until > time.time()}
         logged = 0
@@ -422,7 +438,8 @@ class WandbWriter:
         has (its starting step), so that rows W&B did not keep are pending, with the error, when the command ends.
         Nothing is tried while W&B is unreachable."""
         with self.db.read() as session:
-            runs = sorted(_runs_with_sent_segments(session))
+            ours = self._ours(session)
+            runs = sorted(r for r in _runs_with_sent_segments(session) if ours(r))
         for run_id in runs:
             if self.unreachable():
                 return
@@ -457,6 +474,7 @@ class WandbWriter:
             if sent and not missing:
                 run = session.get_one(Run, run_id)
                 run.last_error, run.failures, run.retry_at = None, 0, None
+        self.db.reclaim_space()
         for directory in settled:
             shutil.rmtree(directory, ignore_errors=True)
         if missing:
@@ -481,6 +499,7 @@ class WandbWriter:
             run = session.get_one(Run, segment.run_id)
             run.last_error, run.failures, run.retry_at = None, 0, None
         crash_points.reached("segment-closed")
+        self.db.reclaim_space()
 
     def _discard(self, segment_id: int, directory: Path | None) -> None:
         """An unverified segment is never synced: delete its files and give what it held back to the outbox."""

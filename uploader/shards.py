@@ -1,0 +1,159 @@
+"""`backfill --jobs N` (and `watch` catching up a backlog): the work_dirs are split into N shares, each read and
+uploaded by a writer process of its own (one wandb-core each: the W&B client is what bounds a backfill, at about
+one core per process). For `watch` this also keeps the burst out of the long-lived process: the memory that
+reading and uploading a thousand runs leaves behind goes back to the system with the share processes.
+
+A run belongs to one work_dir, so disjoint shares of work_dirs mean disjoint runs: every W&B run still has one
+writer (DESIGN 1). The processes share the state DB (SQLite queues their write transactions). They read logs and
+upload rows only; the parent recovers what an earlier process left before they start, and after they end runs
+its ordinary pass (backfill's, or watch's loop), which settles checkpoints and artifacts and uploads whatever a
+share left.
+
+A share process dies with its parent (Linux: PR_SET_PDEATHSIG), so that a SIGKILLed backfill leaves no writer
+behind for the next one to race with; SIGTERM/SIGINT stop it cleanly, as they stop the parent.
+"""
+from __future__ import annotations
+
+import ctypes
+import logging
+import multiprocessing
+import os
+import signal
+import sys
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from sqlalchemy import select
+
+from db.models import Source
+from db.session import Database, node_of
+from uploader.discovery import FoundLog
+
+if TYPE_CHECKING:
+    from uploader.loop import Loop
+
+log = logging.getLogger("mmdet_wandb.service")
+
+MAX_DEFAULT_JOBS = 8  # past this, the state DB's single writer lock (SQLite) gains little
+WATCH_CATCH_UP_MIN = 16  # work_dirs with unread lines at start before `watch` catches up in share processes
+
+
+def default_jobs() -> int:
+    return max(1, min(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1, MAX_DEFAULT_JOBS))
+
+
+def split(logs: list[FoundLog], jobs: int) -> list[frozenset[Path]]:
+    """The work_dirs in at most `jobs` shares of about equal bytes of logs (the largest work_dir first, onto
+    the lightest share)."""
+    sizes: dict[Path, int] = {}
+    for found in logs:
+        try:
+            size = found.path.stat().st_size
+        except OSError:
+            size = 0
+        sizes[found.work_dir] = sizes.get(found.work_dir, 0) + size
+    shares: list[tuple[int, list[Path]]] = [(0, []) for _ in range(min(jobs, len(sizes)))]
+    for work_dir, size in sorted(sizes.items(), key=lambda item: (-item[1], str(item[0]))):
+        lightest = min(range(len(shares)), key=lambda i: shares[i][0])
+        total, members = shares[lightest]
+        shares[lightest] = (total + size, [*members, work_dir])
+    return [frozenset(members) for _, members in shares]
+
+
+@dataclass(frozen=True)
+class ShareTask:
+    """Everything a share process needs, resolved by the parent (options, layers, zone): it parses no flags."""
+
+    db_url: str
+    node: str
+    writer: object  # uploader.wandb.writer.WriterOptions, with `share` set
+    loop: object  # uploader.loop.LoopOptions, with `share` set and no checkpoints
+    setup_logging: Callable[[], None]  # the service's own (a module-level function or a partial of one: pickled)
+
+
+def read_and_upload_in_shares(
+    loop: Loop, jobs: int, stop: threading.Event, setup_logging: Callable[[], None], *, min_work_dirs: int = 2,
+    on_tick: Callable[[], None] | None = None,
+) -> int:
+    """Read and upload the loop's work_dirs that have unread bytes in `jobs` processes, when there are at least
+    `min_work_dirs` of them; returns how many processes ran (0: none, the loop's own pass does it all).
+    `on_tick` is called while they run (the service's heartbeat)."""
+    behind = backlog(loop.db, loop.scan())
+    shares = split(behind, jobs) if jobs > 1 and len({f.work_dir for f in behind}) >= min_work_dirs else []
+    if len(shares) < 2:
+        return 0
+    loop.writer.recover()  # what an earlier process left, before any share writes
+    tasks = [
+        ShareTask(loop.db.url, loop.db.node, replace(loop.writer.options, share=share),
+                  replace(loop.options, share=share, checkpoints=None), setup_logging)
+        for share in shares
+    ]
+    log.info("reading and uploading %d work_dirs in %d processes", sum(map(len, shares)), len(tasks))
+    codes = run_shares(tasks, stop, on_tick)
+    failed = [code for code in codes if code not in (0, 143)]
+    if failed:
+        log.warning("%d of %d share processes failed (exit codes %s); this process uploads what they left",
+                    len(failed), len(codes), failed)
+    return len(tasks)
+
+
+def backlog(db: Database, logs: list[FoundLog]) -> list[FoundLog]:
+    """The logs with bytes past their committed offset (all of a log never read)."""
+    with db.read() as session:
+        offsets = {path: offset for path, offset in session.execute(select(Source.path, Source.offset).where(Source.node == node_of(session)))}
+    behind = []
+    for found in logs:
+        try:
+            size = found.path.stat().st_size
+        except OSError:
+            continue
+        if size > offsets.get(str(found.path), 0):
+            behind.append(found)
+    return behind
+
+
+def run_shares(tasks: list[ShareTask], stop: threading.Event, on_tick: Callable[[], None] | None = None) -> list[int | None]:
+    """Start one process per share and wait for all of them; `stop` is passed on as SIGTERM. Returns their
+    exit codes."""
+    context = multiprocessing.get_context("spawn")
+    processes = [context.Process(target=_run_share, args=(task, os.getpid()), name=f"backfill-share-{i}") for i, task in enumerate(tasks)]
+    for process in processes:
+        process.start()
+    stopping = False
+    while alive := [p for p in processes if p.is_alive()]:
+        if stop.is_set() and not stopping:
+            stopping = True
+            for process in alive:
+                process.terminate()  # SIGTERM: the share closes its segments and exits
+        if on_tick is not None:
+            on_tick()
+        alive[0].join(0.2)
+    return [p.exitcode for p in processes]
+
+
+def _run_share(task: ShareTask, parent_pid: int) -> None:
+    _die_with(parent_pid)
+    from common import crash_points
+    from uploader.loop import Loop
+    from uploader.wandb.writer import WandbWriter
+
+    task.setup_logging()
+    crash_points.kill_with(parent_pid)
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    db = Database(task.db_url, node=task.node)
+    Loop(db, WandbWriter(db, task.writer), task.loop).backfill(stop=stop)  # type: ignore[arg-type]
+    sys.exit(143 if stop.is_set() else 0)
+
+
+def _die_with(parent_pid: int) -> None:
+    """SIGKILL this process when its parent dies (Linux); a parent that is already gone ends it at once."""
+    if sys.platform.startswith("linux"):
+        pr_set_pdeathsig = 1
+        ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL)
+    if os.getppid() != parent_pid:
+        os._exit(1)
