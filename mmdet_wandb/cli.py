@@ -291,7 +291,7 @@ def backfill(
     if started and progress:
         err.print(f"read and uploaded in {started} processes; now checkpoints, artifacts and what is left")
     if not progress:
-        uploader.backfill(evaluate=run_jobs, stop=stop)
+        uploader.backfill(evaluate=run_jobs, stop=stop, warm_up=not started)
     else:
         with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=err) as bar:
             tasks: dict[str, int] = {}
@@ -301,7 +301,7 @@ def backfill(
                     tasks[stage] = bar.add_task("reading logs" if stage == "read" else "uploading rows", total=total)
                 bar.update(tasks[stage], completed=done, total=max(total, done))
 
-            uploader.backfill(on_progress, evaluate=run_jobs, stop=stop)
+            uploader.backfill(on_progress, evaluate=run_jobs, stop=stop, warm_up=not started)
     _print_status(db, as_json=False, console=err, node=db.node)
     for line in waiting:
         err.print(line)

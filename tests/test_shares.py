@@ -148,15 +148,14 @@ def test_watch_catches_up_a_backlog_in_share_processes_then_tails_the_live_log_i
 
 
 def children(pid: int) -> list[int]:
+    """The share processes of a backfill (its spawned children)."""
     found = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            if int(fields[1]) == pid and "spawn" in (entry / "cmdline").read_bytes().decode(errors="replace"):
-                found.append(int(entry.name))
+    for child in Path(f"/proc/{pid}/task/{pid}/children").read_text().split():
+        try:
+            if "spawn_main" in Path(f"/proc/{child}/cmdline").read_bytes().decode(errors="replace"):
+                found.append(int(child))
+        except OSError:
+            continue
     return found
 
 

@@ -62,9 +62,13 @@ def ingest(db: Database, found: FoundLog, root: Path, *, newer_launch: bool, opt
     """Read everything new in one log; returns the number of rows added to the outbox."""
     added = 0
     while True:
-        with db.transaction() as session:
-            source = _source_for(session, found, root)
-            position, state, source_id = _position(source), ParseState.from_json(json.loads(source.parse_state_json)), source.id
+        with db.read() as session:  # no write lock for what is there already (share processes write side by side)
+            known = _known_source(session, found)
+            where = _where(known) if known is not None else None
+        if where is None:
+            with db.transaction() as session:
+                where = _where(_source_for(session, found, root))
+        position, state, source_id = where
         finished = newer_launch or _idle_for(found.path) >= options.finish_idle_s
         try:
             read = tail.read_lines(found.path, position, finished=finished, max_bytes=options.max_bytes)
@@ -114,8 +118,17 @@ def _idle_for(path: Path) -> float:
         return 0.0
 
 
+def _where(source: Source) -> tuple[tail.TailPosition | None, ParseState, int]:
+    """Where reading the source goes on from: its position, its parser's state, its id."""
+    return _position(source), ParseState.from_json(json.loads(source.parse_state_json)), source.id
+
+
+def _known_source(session: Session, found: FoundLog) -> Source | None:
+    return session.scalar(select(Source).where(Source.node == node_of(session), Source.path == str(found.path)))
+
+
 def _source_for(session: Session, found: FoundLog, root: Path) -> Source:
-    source = session.scalar(select(Source).where(Source.node == node_of(session), Source.path == str(found.path)))
+    source = _known_source(session, found)
     if source is not None:
         return source
     work_dir = work_dir_row(session, found.work_dir, root)

@@ -171,7 +171,7 @@ class Loop:
 
     def backfill(
         self, on_progress: Callable[[str, int, int], None] | None = None, evaluate: Callable[[], None] | None = None,
-        stop: threading.Event | None = None,
+        stop: threading.Event | None = None, warm_up: bool = True,
     ) -> None:
         """One pass over everything: read every log to its end while uploading what is read, then settle the
         checkpoints, upload the rest and close every segment. `evaluate` (run the eval jobs until none is left)
@@ -180,10 +180,12 @@ class Loop:
         Reading runs in a thread of its own (files and DB only); every W&B call stays in this thread. Rows
         reach the outbox in step order per run, so uploading them as they come keeps steps increasing.
         `stop` (SIGTERM) ends it early but cleanly: the file being read is finished, open segments are closed,
-        and what is left stays in the outbox and the offsets for the next run.
+        and what is left stays in the outbox and the offsets for the next run. `warm_up` False: wandb-core is
+        started by the first upload, if any (after share processes uploaded the rows there is often none).
         """
         stop = stop or threading.Event()
-        self.writer.warm_up()
+        if warm_up:
+            self.writer.warm_up()
         self.writer.recover()
         retry_now(self.db)  # a new command tries every run once; the backoff protects the loop within it
         logs = self.scan()
@@ -309,23 +311,25 @@ class Loop:
                 failures.clear()
 
     def _start_observer(self, wake: threading.Event, touched: set[Path]):  # type: ignore[no-untyped-def]
-        """watchdog as a wake-up call only; without inotify (limits, NFS) the poll and the scan still work."""
-        from watchdog.events import FileSystemEvent, FileSystemEventHandler
+        """watchdog as a wake-up call only; without inotify (limits, NFS) the poll and the scan still work. Only
+        changes are asked of the kernel: our own reads (a scan opens every folder, a poll opens logs) would
+        otherwise come back as open/close events, each handled in Python."""
+        from watchdog import events
         from watchdog.observers import Observer
 
-        class _Wake(FileSystemEventHandler):
-            def on_any_event(self, event: FileSystemEvent) -> None:
-                if event.event_type in {"opened", "closed_no_write"}:
-                    return
+        class _Wake(events.FileSystemEventHandler):
+            def on_any_event(self, event: events.FileSystemEvent) -> None:
                 touched.add(Path(os.fsdecode(event.src_path)))  # a new log (scan again), or a known one (stat it now)
                 if getattr(event, "dest_path", None):
                     touched.add(Path(os.fsdecode(event.dest_path)))
                 wake.set()
 
+        waking = [events.FileCreatedEvent, events.DirCreatedEvent, events.FileModifiedEvent, events.FileClosedEvent,
+                  events.FileMovedEvent, events.DirMovedEvent, events.FileDeletedEvent, events.DirDeletedEvent]
         observer = Observer()
         try:
             for root in self.options.roots:
-                observer.schedule(_Wake(), str(root), recursive=True)
+                observer.schedule(_Wake(), str(root), recursive=True, event_filter=waking)
             observer.start()
         except OSError as exc:
             log.warning("filesystem events unavailable (%s); relying on polling", exc)
