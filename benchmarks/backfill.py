@@ -88,7 +88,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.checkpoint import write_checkpoint
-from benchmarks.report import exit_cleanly_on_sigterm, finite, isolated_env
+from benchmarks.report import exit_cleanly_on_sigterm, finite, isolated_env, row_counts
 
 REPO = Path(__file__).resolve().parents[1]
 REAL_LOGS = Path(os.environ.get("MMDET_WANDB_REAL_LOGS", REPO.parent / "shared" / "real_logs")).resolve()
@@ -141,7 +141,7 @@ def _child_ours(spec: dict[str, Any]) -> dict[str, Any]:
     from sqlalchemy import func, select
 
     from db import outbox
-    from db.models import OutboxRow, Run, Segment, SegmentState, UploadedSpan
+    from db.models import Run, Segment, SegmentState
     from db.session import Database
     from mmdet_wandb import cli, paths
     from uploader.loop import Loop
@@ -205,9 +205,7 @@ def _child_ours(spec: dict[str, Any]) -> dict[str, Any]:
 
     db = Database(paths.resolve(None).db_url)
     with db.transaction() as session:
-        folded = session.scalar(select(func.coalesce(func.sum(UploadedSpan.rows), 0))) or 0
-        total = folded + (session.scalar(select(func.count()).select_from(OutboxRow)) or 0)
-        uploaded = folded + (session.scalar(select(func.count()).select_from(OutboxRow).where(OutboxRow.uploaded.is_(True))) or 0)
+        total, uploaded = row_counts(session)
         runs = session.scalars(select(Run).order_by(Run.id)).all()
         errors = [f"{r.wandb_id}: {r.last_error}" for r in runs if r.last_error]
         closed = session.scalar(

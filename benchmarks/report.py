@@ -23,6 +23,19 @@ def isolated_env(home: Path) -> dict[str, str]:
     return env
 
 
+def row_counts(session: Any) -> tuple[int, int]:
+    """(rows the outbox ever took, rows uploaded) of a state DB: uploaded rows are folded into spans, but val
+    rows, which stay whole."""
+    from sqlalchemy import func, select
+
+    from db.models import OutboxRow, UploadedSpan
+
+    folded = session.scalar(select(func.coalesce(func.sum(UploadedSpan.rows), 0))) or 0
+    total = session.scalar(select(func.count()).select_from(OutboxRow)) or 0
+    uploaded = session.scalar(select(func.count()).select_from(OutboxRow).where(OutboxRow.uploaded.is_(True))) or 0
+    return folded + total, folded + uploaded
+
+
 def finite(value: Any) -> Any:
     """JSON has no Infinity/NaN: they become null."""
     if isinstance(value, float) and not math.isfinite(value):

@@ -28,7 +28,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchmarks.report import isolated_env
+from benchmarks.report import isolated_env, row_counts
 
 REPO = Path(__file__).resolve().parents[1]
 REAL_LOGS = Path(os.environ.get("MMDET_WANDB_REAL_LOGS", REPO.parent / "shared" / "real_logs"))
@@ -62,14 +62,10 @@ def db_bytes(home: Path) -> int:
 
 
 def uploaded_rows(home: Path) -> int:
-    from sqlalchemy import func, select
-
-    from db.models import OutboxRow, UploadedSpan
     from db.session import Database, sqlite_url
 
     with Database(sqlite_url(home / "state.db")).read() as session:
-        folded = session.scalar(select(func.coalesce(func.sum(UploadedSpan.rows), 0))) or 0
-        return folded + (session.scalar(select(func.count()).select_from(OutboxRow).where(OutboxRow.uploaded.is_(True))) or 0)
+        return row_counts(session)[1]
 
 
 def bench_backfill(tmp: Path, count: int, jobs: list[int]) -> list[dict]:

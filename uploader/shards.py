@@ -33,7 +33,8 @@ from db.session import Database, node_of
 from uploader.discovery import FoundLog
 
 if TYPE_CHECKING:
-    from uploader.loop import Loop
+    from uploader.loop import Loop, LoopOptions
+    from uploader.wandb.writer import WriterOptions
 
 log = logging.getLogger("mmdet_wandb.service")
 
@@ -45,18 +46,11 @@ def default_jobs() -> int:
     return max(1, min(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1, MAX_DEFAULT_JOBS))
 
 
-def split(logs: list[FoundLog], jobs: int) -> list[frozenset[Path]]:
-    """The work_dirs in at most `jobs` shares of about equal bytes of logs (the largest work_dir first, onto
-    the lightest share)."""
-    sizes: dict[Path, int] = {}
-    for found in logs:
-        try:
-            size = found.path.stat().st_size
-        except OSError:
-            size = 0
-        sizes[found.work_dir] = sizes.get(found.work_dir, 0) + size
-    shares: list[tuple[int, list[Path]]] = [(0, []) for _ in range(min(jobs, len(sizes)))]
-    for work_dir, size in sorted(sizes.items(), key=lambda item: (-item[1], str(item[0]))):
+def split(behind: dict[Path, int], jobs: int) -> list[frozenset[Path]]:
+    """The work_dirs (→ their unread bytes) in at most `jobs` shares of about equal bytes (the largest work_dir
+    first, onto the lightest share)."""
+    shares: list[tuple[int, list[Path]]] = [(0, []) for _ in range(min(jobs, len(behind)))]
+    for work_dir, size in sorted(behind.items(), key=lambda item: (-item[1], str(item[0]))):
         lightest = min(range(len(shares)), key=lambda i: shares[i][0])
         total, members = shares[lightest]
         shares[lightest] = (total + size, [*members, work_dir])
@@ -69,8 +63,8 @@ class ShareTask:
 
     db_url: str
     node: str
-    writer: object  # uploader.wandb.writer.WriterOptions, with `share` set
-    loop: object  # uploader.loop.LoopOptions, with `share` set and no checkpoints
+    writer: WriterOptions  # with `share` set
+    loop: LoopOptions  # with `share` set and no checkpoints
     setup_logging: Callable[[], None]  # the service's own (a module-level function or a partial of one: pickled)
 
 
@@ -82,7 +76,7 @@ def read_and_upload_in_shares(
     `min_work_dirs` of them; returns how many processes ran (0: none, the loop's own pass does it all).
     `on_tick` is called while they run (the service's heartbeat)."""
     behind = backlog(loop.db, loop.scan())
-    shares = split(behind, jobs) if jobs > 1 and len({f.work_dir for f in behind}) >= min_work_dirs else []
+    shares = split(behind, jobs) if jobs > 1 and len(behind) >= min_work_dirs else []
     if len(shares) < 2:
         return 0
     loop.writer.recover()  # what an earlier process left, before any share writes
@@ -100,18 +94,18 @@ def read_and_upload_in_shares(
     return len(tasks)
 
 
-def backlog(db: Database, logs: list[FoundLog]) -> list[FoundLog]:
-    """The logs with bytes past their committed offset (all of a log never read)."""
+def backlog(db: Database, logs: list[FoundLog]) -> dict[Path, int]:
+    """The work_dirs whose logs have bytes past their committed offset (all of a log never read) → how many."""
     with db.read() as session:
         offsets = {path: offset for path, offset in session.execute(select(Source.path, Source.offset).where(Source.node == node_of(session)))}
-    behind = []
+    behind: dict[Path, int] = {}
     for found in logs:
         try:
-            size = found.path.stat().st_size
+            unread = found.path.stat().st_size - offsets.get(str(found.path), 0)
         except OSError:
             continue
-        if size > offsets.get(str(found.path), 0):
-            behind.append(found)
+        if unread > 0:
+            behind[found.work_dir] = behind.get(found.work_dir, 0) + unread
     return behind
 
 
@@ -146,7 +140,7 @@ def _run_share(task: ShareTask, parent_pid: int) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
     db = Database(task.db_url, node=task.node)
-    Loop(db, WandbWriter(db, task.writer), task.loop).backfill(stop=stop)  # type: ignore[arg-type]
+    Loop(db, WandbWriter(db, task.writer), task.loop).backfill(stop=stop)
     sys.exit(143 if stop.is_set() else 0)
 
 
