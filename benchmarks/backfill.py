@@ -28,11 +28,14 @@ What is measured (one run of this script prints both, side by side with their ba
      set-up time); its arguments are captured from the writer's own ``_init_kwargs``.
 
    Reported: median seconds and rows/s of each side, and ratio = ceiling_time / ours_time (1.0 means the
-   service costs nothing on top of wandb itself). Target: ratio >= 0.9 per log and in total (sum of the
+   service costs nothing on top of wandb itself); also the median over repetitions of the ratio of the two runs
+   of one repetition (they ran one after the other, so a slow spell of the machine moves both). Target: ratio >= 0.9 per log and in total (sum of the
    medians). Also printed: every repetition, the Python CPU seconds of the measuring process (less
    sensitive than wall time to other load on the machine), and a per-phase breakdown of both sides
    (ours: setup, ingest, segment open incl. wandb.init, log, finish, wait for the exit record, verify;
-   timed by wrappers set around those functions in the measuring child only). ``--profile auto``
+   timed by wrappers set around those functions in the measuring child only; "ingest" counts the reading done
+   in that process, i.e. none when the backfill forked a reading process, uploader/reading.py, whose time is
+   its own, beside the uploads). The CPU seconds are the measuring process's, not its reading child's. ``--profile auto``
    (default) profiles one extra "ours" run with cProfile for every log below the target and prints
    where the time goes (``--profile always|never``).
 
@@ -407,6 +410,7 @@ def bench_backfill(args: argparse.Namespace, tmp: Path) -> list[dict[str, Any]]:
             "ours_rows_per_s": warm["rows"] / ours_s,
             "ceiling_seconds": ceil_s, "ceiling_rows_per_s": warm["rows"] / ceil_s,
             "ratio": ceil_s / ours_s, "pass": ceil_s / ours_s >= TARGET_RATIO,
+            "pair_ratio": statistics.median(c["seconds"] / o["seconds"] for o, c in zip(ours, ceiling)),
             "ours_cpu_seconds": statistics.median(r["cpu_seconds"] for r in ours),
             "ceiling_cpu_seconds": statistics.median(r["cpu_seconds"] for r in ceiling),
             "ours_phases_s": ours_phases, "ceiling_phases_s": ceil_phases,
@@ -680,11 +684,12 @@ def render(report: dict[str, Any]) -> str:
         )
         lines.append(f"flush interval: writer {backfill['logs'][0]['writer_flush_interval_s']} s, "
                      f"ceiling {backfill['logs'][0]['flush_interval_s']} s")
-        lines.append("each repetition (s), and Python CPU seconds of the measuring process (median):")
+        lines.append("each repetition (s), Python CPU seconds of the measuring process (median), and the median of the")
+        lines.append("ratios of each repetition's two runs, which ran one after the other (less moved by this machine's drift):")
         for e in backfill["logs"]:
             lines.append(f"  {e['log'][:44]:44s} ours {' '.join(f'{s:.2f}' for s in e['ours_all_seconds'])} "
                          f"cpu {e['ours_cpu_seconds']:.2f} | ceiling {' '.join(f'{s:.2f}' for s in e['ceiling_all_seconds'])}"
-                         f" cpu {e['ceiling_cpu_seconds']:.2f}")
+                         f" cpu {e['ceiling_cpu_seconds']:.2f} | pair ratio {e['pair_ratio']:.3f}")
         lines.append("where the time goes (median s per phase):")
         lines.append(f"  {'':44s} ours: " + " ".join(f"{n:>10s}" for n in OURS_PHASES)
                      + " | ceiling: " + " ".join(f"{n:>10s}" for n in CEILING_PHASES))

@@ -110,8 +110,14 @@ def pending_artifacts(session: Session, run_id: int) -> list[PendingArtifact]:
     ]
 
 
-def assign_rows(session: Session, row_ids: list[int], segment_id: int) -> None:
-    session.execute(update(OutboxRow).where(OutboxRow.id.in_(row_ids)).values(segment_id=segment_id))
+def assign_rows(session: Session, run_id: int, first_step: int, last_step: int, segment_id: int) -> None:
+    """The run's pending rows from `first_step` to `last_step` are in the segment: the rows `pending_rows` gave,
+    as a range (no row can enter it meanwhile: a new row gets a step above every row of its run)."""
+    session.execute(
+        update(OutboxRow)
+        .where(OutboxRow.run_id == run_id, *_PENDING_ROW, OutboxRow.step >= first_step, OutboxRow.step <= last_step)
+        .values(segment_id=segment_id)
+    )
 
 
 def logged(session: Session, artifact_id: int, segment_id: int, record: dict[str, Any]) -> None:

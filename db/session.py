@@ -10,7 +10,7 @@ import contextlib
 from collections.abc import Iterator
 from pathlib import Path
 
-from sqlalchemy import Engine, create_engine, event, inspect, text
+from sqlalchemy import Column, Connection, Engine, MetaData, PrimaryKeyConstraint, String, Table, create_engine, event, inspect, text
 from sqlalchemy.orm import Session, sessionmaker
 
 MIGRATIONS = Path(__file__).with_name("migrations")
@@ -39,14 +39,14 @@ class Database:
     def is_sqlite(self) -> bool:
         return self.engine.dialect.name == "sqlite"
 
-    def upgrade(self) -> None:
+    def upgrade(self) -> bool:
         """Bring the schema to the newest migration; safe to call on every start of a service. On SQLite the
-        foreign keys are off meanwhile: batch migrations rebuild tables that other rows reference."""
-        from alembic import command
-
+        foreign keys are off meanwhile: batch migrations rebuild tables that other rows reference. Alembic is
+        imported only when there is a migration to run (its import costs more than the rest of a start).
+        Returns whether the DB was created (it holds no row yet)."""
         from db.models import Base
 
-        cfg = _alembic_config()
+        created = False
         with self.engine.connect() as connection:
             driver = connection.connection.driver_connection if self.is_sqlite else None
             if driver is not None:
@@ -56,24 +56,28 @@ class Database:
                 with connection.begin():
                     if not self.is_sqlite:  # services starting together on one PostgreSQL migrate one after the other
                         connection.exec_driver_sql(f"SELECT pg_advisory_xact_lock({MIGRATION_LOCK})")
-                    cfg.attributes["connection"] = connection
-                    if inspect(connection).get_table_names():
+                    if not inspect(connection).get_table_names():  # a new DB: the schema at once, as the migrations
+                        Base.metadata.create_all(connection)  # build it (a test holds them equal), at the head
+                        _VERSION_TABLE.create(connection)
+                        connection.execute(_VERSION_TABLE.insert().values(version_num=SCHEMA_HEAD))
+                        created = True
+                    elif _revision(connection) != SCHEMA_HEAD:
+                        from alembic import command
+
+                        cfg = _alembic_config()
+                        cfg.attributes["connection"] = connection
                         command.upgrade(cfg, "head")
-                    else:  # a new DB: the schema at once, as the migrations build it (a test holds them equal)
-                        Base.metadata.create_all(connection)
-                        command.stamp(cfg, "head")
                 if driver is not None and driver.execute("PRAGMA auto_vacuum").fetchone()[0] == 0:
                     driver.execute("VACUUM")  # a file from before spans: once, so that it can shrink from now on
             finally:
                 if driver is not None:
                     driver.execute("PRAGMA foreign_keys=ON")
+        return created
 
     def revisions(self) -> tuple[str | None, str]:
         """(the schema's revision, the newest one this code knows): read-only commands check, never migrate."""
         with self.engine.connect() as connection:
-            if not self.engine.dialect.has_table(connection, "alembic_version"):
-                return None, SCHEMA_HEAD
-            return connection.execute(text("SELECT version_num FROM alembic_version")).scalar(), SCHEMA_HEAD
+            return _revision(connection), SCHEMA_HEAD
 
     @contextlib.contextmanager
     def transaction(self) -> Iterator[Session]:
@@ -131,6 +135,18 @@ def _make_engine(url: str) -> Engine:
         connection.exec_driver_sql("BEGIN" if connection.get_execution_options().get("read_only") else "BEGIN IMMEDIATE")
 
     return engine
+
+
+_VERSION_TABLE = Table(  # alembic's own (alembic.runtime.migration), for stamping a new DB without alembic
+    "alembic_version", MetaData(), Column("version_num", String(32), nullable=False),
+    PrimaryKeyConstraint("version_num", name="alembic_version_pkc"),
+)
+
+
+def _revision(connection: Connection) -> str | None:
+    if not connection.dialect.has_table(connection, "alembic_version"):
+        return None
+    return connection.execute(text("SELECT version_num FROM alembic_version")).scalar()
 
 
 def _alembic_config():  # type: ignore[no-untyped-def]

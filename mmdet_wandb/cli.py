@@ -105,8 +105,8 @@ def _setup(
     except paths.DataDirError as exc:
         raise _fail(str(exc)) from None
     db = Database(home.db_url, node=node or nodes.default_node())
-    db.upgrade()
-    if service != "evaluator":
+    created = db.upgrade()
+    if service != "evaluator" and not created:
         nodes.adopt_rows_without_node(db)
     return home, db
 

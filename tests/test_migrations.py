@@ -38,14 +38,32 @@ def test_the_migrations_build_exactly_the_models(empty_db: Database) -> None:
     assert current == head == ScriptDirectory.from_config(_alembic_config()).get_current_head()
 
 
-def test_a_new_state_db_gets_the_models_at_once_stamped_at_the_head(empty_db: Database) -> None:
+def test_a_new_state_db_gets_the_models_at_once_stamped_at_the_head(empty_db: Database, tmp_path: Path) -> None:
     """A new DB is built from the models in one go (faster than replaying every migration), stamped at the head,
     so that the next migration applies to it as to any other."""
-    empty_db.upgrade()
+    assert empty_db.upgrade() is True, "created"
+    head = ScriptDirectory.from_config(_alembic_config()).get_current_head()
     with empty_db.engine.connect() as connection:
         assert compare_metadata(MigrationContext.configure(connection), Base.metadata) == []
-    assert empty_db.revisions() == (ScriptDirectory.from_config(_alembic_config()).get_current_head(),) * 2
-    empty_db.upgrade()  # started again: nothing to do
+        assert MigrationContext.configure(connection).get_current_revision() == head, "alembic reads our stamp"
+        ours = version_table(connection)
+    assert empty_db.revisions() == (head, head)
+    assert empty_db.upgrade() is False  # started again: nothing to do
+
+    if empty_db.is_sqlite:  # the same table as alembic's own stamp makes
+        stamped = Database(sqlite_url(tmp_path / "stamped.db"))
+        cfg = _alembic_config()
+        with stamped.engine.begin() as connection:
+            cfg.attributes["connection"] = connection
+            command.stamp(cfg, "head")
+        with stamped.engine.connect() as connection:
+            assert version_table(connection) == ours
+
+
+def version_table(connection: sa.Connection) -> tuple[list[tuple[str, str, bool]], dict]:
+    found = sa.inspect(connection)
+    columns = [(c["name"], str(c["type"]), c["nullable"]) for c in found.get_columns("alembic_version")]
+    return columns, found.get_pk_constraint("alembic_version")
 
 
 def test_an_existing_state_db_keeps_what_was_uploaded(empty_db: Database) -> None:

@@ -42,6 +42,9 @@ class FreshLaunch(str, enum.Enum):
     SAME_RUN = "same-run"
 
 
+FIRST_CHUNK_BYTES = 64 << 10
+
+
 @dataclass(frozen=True)
 class IngestOptions:
     fresh_launch: FreshLaunch = FreshLaunch.NEW_RUN
@@ -60,7 +63,7 @@ class _ParsedLine:
 
 def ingest(db: Database, found: FoundLog, root: Path, *, newer_launch: bool, options: IngestOptions) -> int:
     """Read everything new in one log; returns the number of rows added to the outbox."""
-    added = 0
+    added, chunk = 0, 0
     while True:
         with db.read() as session:  # no write lock for what is there already (share processes write side by side)
             known = _known_source(session, found)
@@ -71,7 +74,7 @@ def ingest(db: Database, found: FoundLog, root: Path, *, newer_launch: bool, opt
         position, state, source_id = where
         finished = newer_launch or _idle_for(found.path) >= options.finish_idle_s
         try:
-            read = tail.read_lines(found.path, position, finished=finished, max_bytes=options.max_bytes)
+            read = tail.read_lines(found.path, position, finished=finished, max_bytes=_chunk_bytes(chunk, options.max_bytes))
         except FileNotFoundError:
             with db.transaction() as session:
                 _gone(session, session.get_one(Source, source_id))
@@ -89,6 +92,13 @@ def ingest(db: Database, found: FoundLog, root: Path, *, newer_launch: bool, opt
             added += _commit(session, found, source_id, read, state, lineage, parsed, problems, finished, options)
         if read.at_eof:
             return added
+        chunk += 1
+
+
+def _chunk_bytes(chunk: int, max_bytes: int) -> int:
+    """The first chunks of a big read are small, so that the writer can open the run and start uploading
+    while the rest is read; then they double up to `max_bytes`."""
+    return min(max_bytes, FIRST_CHUNK_BYTES << chunk)
 
 
 def initial_state(found: FoundLog) -> ParseState:

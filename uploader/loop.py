@@ -28,6 +28,8 @@ from uploader.background import Background
 from uploader.checkpoints import CheckpointOptions
 from uploader.discovery import FoundLog
 from uploader.ingest import IngestOptions, ingest, mark_gone, refresh_failing_configs
+from uploader.reading import Reading
+from uploader.shards import backlog
 from uploader.wandb.writer import WandbWriter, retry_now
 
 log = logging.getLogger("mmdet_wandb.service")
@@ -177,29 +179,38 @@ class Loop:
         checkpoints, upload the rest and close every segment. `evaluate` (run the eval jobs until none is left)
         runs between settling the checkpoints and the last uploads, so that the tables go out in the same pass.
 
-        Reading runs in a thread of its own (files and DB only); every W&B call stays in this thread. Rows
-        reach the outbox in step order per run, so uploading them as they come keeps steps increasing.
+        Reading runs beside the uploading, in a forked process or a thread (uploader/reading.py: files and DB
+        only); every W&B call stays in this thread. Rows reach the outbox in step order per run, so uploading
+        them as they come keeps steps increasing.
         `stop` (SIGTERM) ends it early but cleanly: the file being read is finished, open segments are closed,
         and what is left stays in the outbox and the offsets for the next run. `warm_up` False: wandb-core is
         started by the first upload, if any (after share processes uploaded the rows there is often none).
         """
         stop = stop or threading.Event()
-        if warm_up:
-            self.writer.warm_up()
         self.writer.recover()
         retry_now(self.db)  # a new command tries every run once; the backoff protects the loop within it
         logs = self.scan()
-        reading = threading.Thread(target=self._read_all, args=(logs, on_progress, stop), name="backfill-read")
-        reading.start()
-        uploaded = 0
-        while reading.is_alive() and not stop.is_set():
-            logged = self.writer.drain()
-            uploaded += logged
-            if logged and on_progress:
-                on_progress("upload", uploaded, uploaded + _pending_rows(self.db))
-            if not logged:
-                reading.join(0.05)
-        reading.join()
+        reading = Reading(self.db, logs, self._ingest_one, stop, sum(backlog(self.db, logs).values()))
+        if warm_up:  # after the reader's fork: wandb-core's threads are this process's alone
+            self.writer.warm_up()
+        uploaded, read = 0, 0
+        try:
+            while reading.alive() and not stop.is_set():
+                logged = self.writer.drain()
+                uploaded += logged
+                if on_progress and reading.done() != read:
+                    read = reading.done()
+                    on_progress("read", read, len(logs))
+                if logged and on_progress:
+                    on_progress("upload", uploaded, uploaded + _pending_rows(self.db))
+                if not logged:
+                    reading.wait(0.02)
+        except BaseException:
+            reading.abandon()
+            raise
+        reading.finish()
+        if on_progress:
+            on_progress("read", reading.done(), len(logs))
         if stop.is_set():
             self.background.shutdown()
             self.writer.close_all()
@@ -223,14 +234,6 @@ class Loop:
                 break
         self.background.shutdown()
         self.queue_artifacts()  # follow-up of what the last segments settled
-
-    def _read_all(self, logs: list[FoundLog], on_progress: Callable[[str, int, int], None] | None, stop: threading.Event) -> None:
-        for index, found in enumerate(logs, 1):
-            if stop.is_set():
-                return
-            self._ingest_one(found)
-            if on_progress:
-                on_progress("read", index, len(logs))
 
     def _settle_checkpoints(self) -> None:
         """Backfill: look again until every checkpoint is decided (ready, incomplete or missed)."""

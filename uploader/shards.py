@@ -14,7 +14,6 @@ behind for the next one to race with; SIGTERM/SIGINT stop it cleanly, as they st
 """
 from __future__ import annotations
 
-import ctypes
 import logging
 import multiprocessing
 import os
@@ -28,6 +27,7 @@ from typing import TYPE_CHECKING
 
 from sqlalchemy import select
 
+from common.parent import die_with_parent
 from db.models import Source
 from db.session import Database, node_of
 from uploader.discovery import FoundLog
@@ -129,7 +129,7 @@ def run_shares(tasks: list[ShareTask], stop: threading.Event, on_tick: Callable[
 
 
 def _run_share(task: ShareTask, parent_pid: int) -> None:
-    _die_with(parent_pid)
+    die_with_parent(parent_pid)
     from common import crash_points
     from uploader.loop import Loop
     from uploader.wandb.writer import WandbWriter
@@ -142,12 +142,3 @@ def _run_share(task: ShareTask, parent_pid: int) -> None:
     db = Database(task.db_url, node=task.node)
     Loop(db, WandbWriter(db, task.writer), task.loop).backfill(stop=stop)
     sys.exit(143 if stop.is_set() else 0)
-
-
-def _die_with(parent_pid: int) -> None:
-    """SIGKILL this process when its parent dies (Linux); a parent that is already gone ends it at once."""
-    if sys.platform.startswith("linux"):
-        pr_set_pdeathsig = 1
-        ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL)
-    if os.getppid() != parent_pid:
-        os._exit(1)
