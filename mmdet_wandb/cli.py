@@ -62,7 +62,7 @@ IncompleteAfterOpt = Annotated[float, typer.Option(help="Seconds a checkpoint ma
 DeviceOpt = Annotated[Optional[str], typer.Option(help="cuda:N or cpu (default: cuda:0 when a GPU is visible, else cpu)")]
 NodeOpt = Annotated[Optional[str], typer.Option("--node", envvar="MMDET_WANDB_NODE", show_envvar=False, help="This uploader's name in a shared state DB: it reads and changes only its own rows (env: MMDET_WANDB_NODE; default: the host name)")]
 DatasetRootOpt = Annotated[Optional[list[Path]], typer.Option("--dataset-root", help="Where relative dataset paths of training configs are looked for first; repeatable (env: MMDET_WANDB_DATASET_ROOTS, separated by ':')")]
-JobsOpt = Annotated[Optional[int], typer.Option("--jobs", "-j", min=1, help="Processes that read and upload disjoint work_dirs, each with its own W&B client (default: the cores, at most 8)")]
+JobsOpt = Annotated[Optional[int], typer.Option("--jobs", "-j", min=1, help="Processes that read and upload disjoint work_dirs, each with its own W&B client (default: half the cores, at most 8)")]
 LogTimezoneOpt = Annotated[Optional[str], typer.Option("--log-timezone", envvar="MMDET_WANDB_LOG_TIMEZONE", show_envvar=False, help="IANA zone of the training hosts, for the naive times in logs (env: MMDET_WANDB_LOG_TIMEZONE; config file: log_timezone; default: this machine's zone)")]
 WandbTimeoutOpt = Annotated[float, typer.Option("--wandb-timeout", envvar="MMDET_WANDB_TIMEOUT", show_envvar=False, help="Online: seconds one W&B start, finish or the artifact commits of a segment may take before it counts as failed (env: MMDET_WANDB_TIMEOUT)")]
 BatchSizeOpt = Annotated[int, typer.Option(help="Images per inference batch (halved on CUDA out of memory)")]
@@ -571,7 +571,7 @@ def _print_status(db: Database, *, as_json: bool, console: Console, node: str | 
     statuses = status.collect(db, node)
     unreachable = status.unreachable(db, node)
     if as_json:
-        print(json.dumps(status.as_json(statuses, status.problems(db, node), unreachable), indent=2))
+        print(status.as_json(statuses, status.problems(db, node), unreachable))
         return
     for down in unreachable:
         since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(down["since"])) if down["since"] else "?"

@@ -42,8 +42,13 @@ MAX_DEFAULT_JOBS = 8  # past this, the state DB's single writer lock (SQLite) ga
 WATCH_CATCH_UP_MIN = 16  # work_dirs with unread lines at start before `watch` catches up in share processes
 
 
+CORES_PER_JOB = 2  # a share keeps about two cores busy: its uploads (the process and its wandb-core) and its reader
+
+
 def default_jobs() -> int:
-    return max(1, min(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1, MAX_DEFAULT_JOBS))
+    """Half the cores (at most 8): on 2 cores one process (with its reading process) beats two."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, min(cores // CORES_PER_JOB, MAX_DEFAULT_JOBS))
 
 
 def split(behind: dict[Path, int], jobs: int) -> list[frozenset[Path]]:
