@@ -210,7 +210,8 @@ def mark_below_step(session: Session, run_id: int, step: int) -> None:
 
 
 def pending_row_count(session: Session) -> int:
-    return session.scalar(select(func.count()).select_from(OutboxRow).where(OutboxRow.uploaded.is_(False))) or 0
+    """Rows not logged yet (a row logged into an open segment is counted by the writer, not here)."""
+    return session.scalar(select(func.count()).select_from(OutboxRow).where(*_PENDING_ROW)) or 0
 
 
 def queued(kind: ArtifactKind):  # type: ignore[no-untyped-def]

@@ -293,13 +293,15 @@ def backfill(
     if not progress:
         uploader.backfill(evaluate=run_jobs, stop=stop, warm_up=not started)
     else:
-        with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=err) as bar:
+        # refreshed by the updates, not by a thread of rich's: backfill forks its reader only while it has no thread
+        with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=err,
+                      auto_refresh=False) as bar:
             tasks: dict[str, int] = {}
 
             def on_progress(stage: str, done: int, total: int) -> None:
                 if stage not in tasks:
                     tasks[stage] = bar.add_task("reading logs" if stage == "read" else "uploading rows", total=total)
-                bar.update(tasks[stage], completed=done, total=max(total, done))
+                bar.update(tasks[stage], completed=done, total=max(total, done), refresh=True)
 
             uploader.backfill(on_progress, evaluate=run_jobs, stop=stop, warm_up=not started)
     _print_status(db, as_json=False, console=err, node=db.node)

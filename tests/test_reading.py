@@ -95,3 +95,16 @@ def test_a_small_backfill_reads_in_a_thread(real_logs, tmp_path):
     proc = cli(home, "backfill", str(root), "--no-progress", "--log-level", "INFO")
     assert "reading 1 logs in process" not in proc.stderr
     every_line_once(home, logs)
+
+
+def test_with_progress_bars_the_reading_process_is_forked_too_and_the_bars_add_up(real_logs, tmp_path):
+    """The bars refresh on updates (a refresh thread would keep the reader in a thread): the rows bar ends at the
+    rows uploaded, not at uploaded plus the ones still in an open segment."""
+    root, home = tmp_path / "work_dirs", tmp_path / "home"
+    logs = big_copies(real_logs, root, times=1)
+    proc = cli(home, "backfill", str(root), "--jobs", "1", "--log-level", "INFO")
+    assert "reading 3 logs in process" in proc.stderr
+    runs = every_line_once(home, logs)
+    rows = sum(run["rows_uploaded"] for run in runs.values())
+    assert "uploading rows" in proc.stderr and f"{rows}/{rows}" in proc.stderr, proc.stderr[-2000:]
+    assert "3/3" in proc.stderr, "every log read"

@@ -406,6 +406,6 @@ def _stat(path: Path) -> tuple[int, int, int] | None:
 
 
 def _pending_rows(db: Database) -> int:
-    with db.transaction() as session:
+    with db.read() as session:
         return outbox.pending_row_count(session)
 
