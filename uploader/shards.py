@@ -80,8 +80,10 @@ def read_and_upload_in_shares(
     """Read and upload the loop's work_dirs that have unread bytes in `jobs` processes, when there are at least
     `min_work_dirs` of them; returns how many processes ran (0: none, the loop's own pass does it all).
     `on_tick` is called while they run (the service's heartbeat)."""
+    if jobs < 2:
+        return 0
     behind = backlog(loop.db, loop.scan())
-    shares = split(behind, jobs) if jobs > 1 and len(behind) >= min_work_dirs else []
+    shares = split(behind, jobs) if len(behind) >= min_work_dirs else []
     if len(shares) < 2:
         return 0
     loop.writer.recover()  # what an earlier process left, before any share writes

@@ -5,11 +5,9 @@ ParseState they are given (the caller persists it with the offset) and never tou
 """
 from __future__ import annotations
 
-import json
 from typing import Any
 
-import orjson
-
+from common import json_values
 from common.records import LogFormat, ParseState, Record
 from uploader.parsers import mmdet2, mmengine
 
@@ -21,14 +19,11 @@ class LineError(ValueError):
 def decode_line(data: bytes) -> dict[str, Any]:
     """Decode one log line; bare NaN/Infinity (written by mmcv for diverged losses) are kept as floats."""
     try:
-        obj = orjson.loads(data)
-    except orjson.JSONDecodeError:
-        try:
-            obj = json.loads(data.decode("utf-8"))
-        except UnicodeDecodeError as exc:
-            raise LineError(f"not UTF-8 text ({exc.reason} at byte {exc.start})") from None
-        except ValueError as exc:
-            raise LineError(f"not JSON ({exc})") from None
+        obj = json_values.loads(data)
+    except UnicodeDecodeError as exc:
+        raise LineError(f"not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    except ValueError as exc:
+        raise LineError(f"not JSON ({exc})") from None
     if not isinstance(obj, dict):
         raise LineError(f"a JSON {type(obj).__name__}, not an object")
     return obj
