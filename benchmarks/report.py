@@ -23,6 +23,25 @@ def isolated_env(home: Path) -> dict[str, str]:
     return env
 
 
+def children_cpu_seconds() -> float:
+    """CPU seconds of this process's children: those it has reaped (the backfill's reading process) and those
+    still running (wandb-core lives until this process exits), read from /proc; on a 2-core machine the sum of
+    every process's CPU, not the measuring process's alone, tells how close a run is to saturating it."""
+    import resource
+
+    reaped = resource.getrusage(resource.RUSAGE_CHILDREN)
+    total = reaped.ru_utime + reaped.ru_stime
+    tick = os.sysconf("SC_CLK_TCK")
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:  # ended meanwhile
+            continue
+        if int(fields[1]) == os.getpid():  # utime, stime, and those of its own reaped children
+            total += sum(int(f) for f in fields[11:15]) / tick
+    return total
+
+
 def row_counts(session: Any) -> tuple[int, int]:
     """(rows the outbox ever took, rows uploaded) of a state DB: uploaded rows are folded into spans, but val
     rows, which stay whole."""

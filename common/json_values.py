@@ -15,3 +15,14 @@ def loads(data: bytes | str) -> Any:
         return orjson.loads(data)
     except orjson.JSONDecodeError:
         return json.loads(data.decode("utf-8") if isinstance(data, bytes) else data)
+
+
+def dumps(value: Any) -> str:
+    """Text that `loads` reads back as `value`: orjson's, unless it holds a `null` (orjson writes NaN and infinity
+    as null; a None or a key's own text may be one too) or orjson refuses the value (an integer beyond 64 bits);
+    then json's, which writes NaN and Infinity as mmcv's logs do."""
+    try:
+        text = orjson.dumps(value)
+    except orjson.JSONEncodeError:
+        return json.dumps(value)
+    return json.dumps(value) if b"null" in text else text.decode()

@@ -1,12 +1,104 @@
 """The writer's use of wandb internals stays equal to the public API it stands for."""
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
+import pytest
 import wandb
 
 from common import checkpoint_file
+from uploader.wandb import history_batch
 from uploader.wandb.artifacts import add_hashed_file
+from uploader.wandb.reader import iter_records, wait_for_exit
+
+ROWS = [  # what the parsers hand over: floats, ints, NaN and infinities, an `iter`/`epoch` axis, a time
+    {"train/loss": 1.0 / (i + 1), "train/loss_bbox": float("nan") if i % 97 == 0 else i * 0.5,
+     "learning_rate": 0.01, "val/bbox_mAP": float("inf") if i == 5 else i / 1000, "iter": i * 50, "epoch": i // 20 + 1,
+     "_timestamp": 1_700_000_000.0 + i}
+    for i in range(1000)  # several of history_batch's parts
+]
+
+
+@pytest.fixture
+def offline_wandb(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    for var in ("WANDB_DATA_DIR", "WANDB_CACHE_DIR", "WANDB_CONFIG_DIR"):
+        monkeypatch.setenv(var, str(tmp_path / var.lower()))
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    yield tmp_path
+    wandb.teardown()  # wandb-core must not outlive the test's folder
+
+
+def _init(root: Path, run_id: str) -> Any:
+    directory = root / run_id
+    directory.mkdir()
+    return wandb.init(dir=directory, project="batch-test", id=run_id, settings=wandb.Settings(
+        mode="offline", console="off", silent=True, x_disable_stats=True, x_save_requirements=False,
+        disable_git=True, reinit="create_new",
+    ))
+
+
+def _finish(run: Any) -> list[Any]:
+    path = Path(run.settings.sync_file)
+    run.finish()
+    wait_for_exit(path, timeout=60)
+    return list(iter_records(path))
+
+
+def _history(records: list[Any]) -> list[tuple[int, dict[str, str]]]:
+    """(step, {key: JSON value}) of each history record, without `_runtime` (seconds since the run's start)."""
+    return [(r.history.step.num, {key: i.value_json for i in r.history.item if (key := "/".join(i.nested_key) or i.key) != "_runtime"})
+            for r in records if r.HasField("history")]
+
+
+def test_batched_rows_are_the_records_run_log_writes(offline_wandb: Path) -> None:
+    """The pinned client is one that `batched` knows (if an upgrade changes its internals, this fails rather
+    than every row silently going on its own again), and what it writes equals plain `run.log`."""
+    plain, batched = _init(offline_wandb, "plain"), _init(offline_wandb, "batched")
+    assert history_batch.supported(batched)
+    for step, row in enumerate(ROWS):
+        plain.log(dict(row), step=step, commit=True)
+    plain.summary.update({"after": 1})
+    with history_batch.batched(batched):
+        for step, row in enumerate(ROWS):
+            batched.log(dict(row), step=step, commit=True)
+        assert "_publish" in vars(batched._interface), "the rows are being collected"
+    assert not {"_publish", "_deliver"} & vars(batched._interface).keys(), "the client's own methods are back"
+    batched.summary.update({"after": 1})
+    plain_records, batched_records = _finish(plain), _finish(batched)
+    assert _history(batched_records) == _history(plain_records)
+    assert len(_history(batched_records)) == len(ROWS)
+    after = min(i for i, r in enumerate(batched_records)
+                if r.HasField("summary") and any(item.key == "after" for item in r.summary.update))
+    assert after > max(i for i, r in enumerate(batched_records) if r.HasField("history")), "order kept"
+
+
+def test_a_request_inside_a_batch_goes_after_the_rows_before_it(offline_wandb: Path) -> None:
+    """wandb-core answers `history_step` from the rows it has: asked inside a batch, it must have them all."""
+    plain, batched = _init(offline_wandb, "plain"), _init(offline_wandb, "batched")
+    for step in (0, 7):
+        plain.log({"a": float(step)}, step=step)
+    expected = plain._interface.deliver_history_step().wait_or(timeout=30).step
+    with history_batch.batched(batched):
+        for step in (0, 7):
+            batched.log({"a": float(step)}, step=step)
+        answer = batched._interface.deliver_history_step().wait_or(timeout=30).step
+        batched.log({"a": 8.0}, step=8)
+    assert answer == expected > 0
+    assert [step for step, _ in _history(_finish(batched))] == [0, 7, 8]
+    _finish(plain)
+
+
+def test_a_failed_block_sends_no_more_and_gives_the_client_back(offline_wandb: Path) -> None:
+    run = _init(offline_wandb, "failed")
+    with pytest.raises(RuntimeError, match="mid-batch"):
+        with history_batch.batched(run):
+            run.log({"a": 1.0}, step=0)
+            raise RuntimeError("mid-batch")
+    assert not {"_publish", "_deliver"} & vars(run._interface).keys()
+    run.log({"a": 2.0}, step=1)  # after the block: one by one, through the client's own path
+    assert [step for step, _ in _history(_finish(run))] == [1]
 
 
 def test_adding_a_hashed_file_equals_add_file(tmp_path: Path, monkeypatch) -> None:

@@ -22,12 +22,13 @@ from zoneinfo import ZoneInfo
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from common import json_values
+from common.numbers import is_number
 from common.records import LineageBreak, LogFormat, MetricRow, ParseState, RowKind
 from db import outbox, spans
 from db.models import Run, Source, SourceState, WorkDir
 from db.problems import record_problem
 from db.session import Database, node_of
-from common.numbers import is_number
 from uploader import hook_options, row_times, tail
 from uploader.discovery import FoundLog
 from uploader.parsers import LineError, config_dump, decode_line, env_info, parse_line
@@ -276,15 +277,14 @@ def _append(
 ) -> None:
     """Queue one outbox row (inserted in bulk by the caller) and give it the run's next step; its time never
     goes back along the run's steps (a resumed launch after a log without a text log, whose times are estimates)."""
-    if row.timestamp is not None:
-        row = replace(row, timestamp=max(row.timestamp, run.last_timestamp or row.timestamp))
-        run.last_timestamp = row.timestamp
     payload = row.wandb_payload()
+    if row.timestamp is not None:
+        payload["_timestamp"] = run.last_timestamp = max(row.timestamp, run.last_timestamp or row.timestamp)
     new_rows.append(
         dict(
             run_id=run.id, step=run.next_step, source_id=source.id, generation=generation, byte_offset=line.offset,
             line_hash=line.line_hash, kind=row.kind.value, epoch=row.epoch, iter=row.iter,
-            payload_json=json.dumps(payload), uploaded=False,
+            payload_json=json_values.dumps(payload), uploaded=False,
         )
     )
     run.next_step += 1

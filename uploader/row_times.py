@@ -19,8 +19,9 @@ from zoneinfo import ZoneInfo
 
 from common.records import MetricRow, ParseState, RowKind, TimeKey
 
-MMCV_LINE = re.compile(rb"(\d{4}-\d{2}-\d{2} \d{2}:\d{2}:\d{2}),(\d{3}) - \S+ - [A-Z]+ - (.*)")
-MMENGINE_LINE = re.compile(rb"(\d{4}/\d{2}/\d{2} \d{2}:\d{2}:\d{2}) - \S+ - [A-Z]+ - (.*)")
+# the date and time fields (year to second) come first, then mmcv's milliseconds, then the message
+MMCV_LINE = re.compile(rb"(\d{4})-(\d{2})-(\d{2}) (\d{2}):(\d{2}):(\d{2}),(\d{3}) - \S+ - [A-Z]+ - (.*)")
+MMENGINE_LINE = re.compile(rb"(\d{4})/(\d{2})/(\d{2}) (\d{2}):(\d{2}):(\d{2}) - \S+ - [A-Z]+ - (.*)")
 VAL_EPOCH = re.compile(rb"Epoch\(val\)\s*\[(\d+)\]")
 VAL_ITER = re.compile(rb"Iter\(val\)\s*\[")
 TRAIN_EPOCH = re.compile(rb"Epoch(?:\(train\))?\s*\[(\d+)\]\[\s*(\d+)/(\d+)\]")
@@ -38,8 +39,17 @@ class TextLine:
 
 def local_time(text: str, fmt: str, zone: ZoneInfo | None) -> float:
     """A naive local time of the training host → epoch seconds (zone None: the service's own zone)."""
-    naive = dt.datetime.strptime(text, fmt)
+    return _epoch_seconds(dt.datetime.strptime(text, fmt), zone)
+
+
+def _epoch_seconds(naive: dt.datetime, zone: ZoneInfo | None) -> float:
     return (naive.replace(tzinfo=zone) if zone is not None else naive).timestamp()
+
+
+def _line_time(match: re.Match[bytes], zone: ZoneInfo | None) -> float:
+    """The time a text-log line starts with, from the line pattern's six date and time fields: what strptime
+    would make of them, without its cost (a text log has a line per iteration logged, and more)."""
+    return _epoch_seconds(dt.datetime(*map(int, match.group(1, 2, 3, 4, 5, 6))), zone)
 
 
 def launch_time(launch: str, zone: ZoneInfo | None) -> float | None:
@@ -59,11 +69,11 @@ def text_lines(data: bytes, base: int, last_iter: int | None, zone: ZoneInfo | N
         if not raw.endswith(b"\n"):
             break  # still being written
         if (mmcv := MMCV_LINE.match(raw)) is not None:
-            stamp = local_time(mmcv[1].decode(), "%Y-%m-%d %H:%M:%S", zone) + int(mmcv[2]) / 1000
-            message, mmengine = mmcv[3], False
+            stamp = _line_time(mmcv, zone) + int(mmcv[7]) / 1000
+            message, mmengine = mmcv[8], False
         elif (engine := MMENGINE_LINE.match(raw)) is not None:
-            stamp = local_time(engine[1].decode(), "%Y/%m/%d %H:%M:%S", zone)
-            message, mmengine = engine[2], True
+            stamp = _line_time(engine, zone)
+            message, mmengine = engine[7], True
         else:
             continue
         key: TimeKey | None = None

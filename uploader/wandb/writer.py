@@ -34,7 +34,7 @@ from db.models import ArtifactKind, Run, Segment, SegmentState, WorkDir, utcnow
 from db.outbox import PendingArtifact
 from db.session import Database, node_of
 from uploader import hook_options
-from uploader.wandb import reader, verify
+from uploader.wandb import history_batch, reader, verify
 from uploader.wandb.artifacts import ArtifactBuilder, NotBuildable
 from uploader.wandb.circuit import Circuit
 
@@ -299,9 +299,10 @@ class WandbWriter:
             floor = seg.steps[-1] if seg.steps else seg.uploaded_up_to
             if floor is not None and rows[0].step <= floor:
                 raise RuntimeError(f"run {run_id}: step {rows[0].step} is not above {floor}, which W&B has or this segment holds")
-            for row in rows:
-                seg.handle.log(json_values.loads(row.payload_json), step=row.step, commit=True)
-                seg.steps.append(row.step)
+            with history_batch.batched(seg.handle):
+                for row in rows:
+                    seg.handle.log(json_values.loads(row.payload_json), step=row.step, commit=True)
+            seg.steps.extend(row.step for row in rows)
             with self.db.transaction() as session:
                 outbox.assign_rows(session, run_id, rows[0].step, rows[-1].step, seg.segment_id)
             crash_points.reached("rows-logged")
