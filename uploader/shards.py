@@ -42,11 +42,12 @@ MAX_DEFAULT_JOBS = 8  # past this, the state DB's single writer lock (SQLite) ga
 WATCH_CATCH_UP_MIN = 16  # work_dirs with unread lines at start before `watch` catches up in share processes
 
 
-CORES_PER_JOB = 2  # a share keeps about two cores busy: its uploads (the process and its wandb-core) and its reader
+CORES_PER_JOB = 2  # a share keeps ~1.5 cores busy (its uploads, its wandb-core, its reader); training jobs want the rest
 
 
 def default_jobs() -> int:
-    """Half the cores (at most 8): on 2 cores one process (with its reading process) beats two."""
+    """Half the cores (at most 8): a share per core measured 0.90–1.18× a share per two cores (README, issue 14's
+    figures), and the node's training jobs want cores too."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     return max(1, min(cores // CORES_PER_JOB, MAX_DEFAULT_JOBS))
 
