@@ -110,14 +110,13 @@ def bench_backfill(tmp: Path, count: int, jobs: list[int], cores_per_job: int | 
             results.append({"jobs": n, "skipped": f"{n * cores_per_job} CPUs asked, {len(cpus)} here"})
             continue
         home = tmp / f"home-{n}"
-        with pinned_to(pinned):
+        with pinned_to(pinned):  # the backfill and its baseline on the same CPUs
             cpu_before, started = children_cpu_seconds(), time.monotonic()
             cli(home, "backfill", str(root), "--no-progress", *(["--jobs", str(n)] if supported else []))
             seconds, cpu = time.monotonic() - started, children_cpu_seconds() - cpu_before
-        rows = uploaded_rows(home)
-        runs = runs or written_runs(home / "wandb")
-        with pinned_to(pinned):
+            runs = runs or written_runs(home / "wandb")
             ceiling = bench_ceiling(tmp / f"ceiling-{n}", runs, n)
+        rows = uploaded_rows(home)
         results.append({"jobs": n, "cpus": len(pinned or cpus), "seconds": seconds, "cpu_s": cpu, "rows": rows,
                         "rows_per_s": rows / seconds, "state_bytes": db_bytes(home), "bytes_per_row": db_bytes(home) / max(rows, 1),
                         "ceiling": ceiling})
