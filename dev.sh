@@ -80,7 +80,7 @@ case "${1:-}" in
     ;;
   test)
     shift
-    setup test,postgres
+    setup test,postgres,docs
     setup_eval
     setup_mmdet3
     setup_postgres_server

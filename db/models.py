@@ -240,6 +240,7 @@ class Problem(Base):
     count: Mapped[int] = mapped_column(Integer, default=1)
     first_seen: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     last_seen: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    resolved_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)  # cause gone
 
 
 class Checkpoint(Base):

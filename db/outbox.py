@@ -210,8 +210,12 @@ def mark_below_step(session: Session, run_id: int, step: int) -> None:
 
 
 def pending_row_count(session: Session) -> int:
-    """Rows not logged yet (a row logged into an open segment is counted by the writer, not here)."""
-    return session.scalar(select(func.count()).select_from(OutboxRow).where(*_PENDING_ROW)) or 0
+    """This node's rows not logged yet (a row logged into an open segment is counted by the writer, not here);
+    on a shared PostgreSQL other nodes' rows are theirs to count (DESIGN 11)."""
+    ours = select(Run.id).where(Run.node == node_of(session))
+    return session.scalar(
+        select(func.count()).select_from(OutboxRow).where(*_PENDING_ROW, OutboxRow.run_id.in_(ours))
+    ) or 0
 
 
 def queued(kind: ArtifactKind):  # type: ignore[no-untyped-def]

@@ -32,7 +32,7 @@ from rich.table import Table
 from common import stacks
 from db import nodes
 from db.session import Database
-from mmdet_wandb import heartbeat, logs, paths, status
+from mmdet_wandb import heartbeat, logs, paths, status, status_table
 from uploader import discovery, hook_options
 from uploader.ingest import FreshLaunch, IngestOptions
 from uploader.parsers import config_dump
@@ -41,7 +41,7 @@ if TYPE_CHECKING:
     from uploader.wandb.writer import WandbWriter
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__, pretty_exceptions_enable=False)
-err = Console(stderr=True, width=None if sys.stderr.isatty() else 160)  # logs and pipes get whole rows
+err = status_table.console(sys.stderr)  # a terminal at its width (or COLUMNS), pipes get whole rows
 
 class LogFormat(str, enum.Enum):
     TEXT = "text"
@@ -288,6 +288,7 @@ def backfill(
     run_jobs = (lambda: waiting.extend(eval_runner.evaluate_all(db, home.path, workers, stop))) if workers else None
     started = shards.read_and_upload_in_shares(uploader, jobs or shards.default_jobs(), stop,
                                                functools.partial(logs.setup, log_level, log_format.value, "backfill"))
+    progress = progress and log_format is LogFormat.TEXT  # with JSON logs, stderr holds JSON lines only
     if started and progress:
         err.print(f"read and uploaded in {started} processes; now checkpoints, artifacts and what is left")
     if not progress:
@@ -304,7 +305,7 @@ def backfill(
                 bar.update(tasks[stage], completed=done, total=max(total, done), refresh=True)
 
             uploader.backfill(on_progress, evaluate=run_jobs, stop=stop, warm_up=not started)
-    _print_status(db, as_json=False, console=err, node=db.node)
+    status_table.print_status(db, as_json=False, out=err if log_format is LogFormat.TEXT else status_table.console(sys.stdout), node=db.node)
     for line in waiting:
         err.print(line)
     if writer.options.mode == "offline":
@@ -557,7 +558,7 @@ def status_command(
 ) -> None:
     """Work_dirs, their W&B runs, rows pending/uploaded, and problems found."""
     db = _existing_db(data_dir)
-    _print_status(db, as_json=as_json, console=Console(width=None if sys.stdout.isatty() else 160), node=node)
+    status_table.print_status(db, as_json=as_json, out=status_table.console(sys.stdout), node=node)
 
 
 @app.command("clean-store")
@@ -569,61 +570,14 @@ def clean_store_command(data_dir: DataDirOpt = None, node: NodeOpt = None) -> No
     err.print(f"removed {removed} pinned checkpoint(s); kept {kept} whose segment is not synced yet")
 
 
-def _print_status(db: Database, *, as_json: bool, console: Console, node: str | None = None) -> None:
-    statuses = status.collect(db, node)
-    unreachable = status.unreachable(db, node)
-    if as_json:
-        print(status.as_json(statuses, status.problems(db, node), unreachable))
-        return
-    for down in unreachable:
-        since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(down["since"])) if down["since"] else "?"
-        wait = max(0.0, (down["retry_at"] or time.time()) - time.time())
-        console.print(f"[red]W&B unreachable[/red] from node {down['node']} since {since} ({down['base_url']}: {down['error']}): "
-                      f"uploads wait, logs are still read; next try in {wait:.0f} s")
-    table = Table(title="mmdet-wandb status")
-    several_nodes = len({s.node for s in statuses}) > 1
-    for column in ("node",) * several_nodes + ("work_dir", "logs", "W&B run", "uploaded", "pending", "checkpoints", "eval jobs", "problems / last error"):
-        table.add_column(column, overflow="fold")
-    for s in statuses:
-        runs = s.runs or [None]
-        for index, run in enumerate(runs):
-            dead_job = next((j for j in reversed(s.eval_jobs) if j["state"] == "dead"), None)
-            error = (
-                (_run_error(run) if run and run.last_error else None)
-                or (s.last_problem if index == 0 else None)
-                or (_dead_job_line(dead_job, s.eval_jobs) if index == 0 and dead_job else None)
-            )
-            table.add_row(
-                *((s.node if index == 0 else "",) * several_nodes),
-                s.path if index == 0 else "",
-                str(s.logs) if index == 0 else "",
-                f"{run.wandb_id} {run.name}" if run else "-",
-                str(run.rows_uploaded) if run else "0",
-                str(run.rows_pending) if run else "0",
-                ", ".join(f"{n} {state}" for state, n in s.checkpoint_counts().items()) if index == 0 else "",
-                ", ".join(f"{n} {state}" for state, n in s.eval_job_counts().items()) if index == 0 else "",
-                (f"{s.problems} problem(s); " if index == 0 and s.problems else "") + (error or ""),
-            )
-    console.print(table)
-
-
-def _run_error(run: status.RunStatus) -> str:
-    if run.retry_at is None:
-        return run.last_error or ""
-    wait = max(0.0, run.retry_at - time.time())
-    return f"{run.last_error} (failure {run.failures} in a row; next try in {wait:.0f} s, or now with `mmdet-wandb retry`)"
-
-
-def _dead_job_line(job: dict[str, object], jobs: list[dict[str, object]]) -> str:
-    pinned = sum(1 for j in jobs if j["pin"])
-    held = f" ({pinned} dead job(s) hold their checkpoint pin: `requeue` retries them, `requeue --drop` releases them)" if pinned else ""
-    return f"eval job {job['id']} ({job['checkpoint']}): {job['last_error']}{held}"
-
-
 def main() -> None:
     """Console entry point: an unexpected failure is one clear line (the traceback with --log-level DEBUG)."""
+    app.rich_markup_mode = None  # click's plain help wraps option names instead of cutting them with "…"
     try:
         app()
+    except paths.DataDirError as exc:
+        err.print(f"[red]error:[/red] {escape(str(exc))}")
+        sys.exit(2)
     except Exception as exc:  # typer.Exit and SystemExit pass through
         logging.getLogger("mmdet_wandb").debug("unhandled error", exc_info=True)
         err.print(f"[red]error:[/red] {type(exc).__name__}: {exc}")

@@ -1,7 +1,8 @@
 """Logging of the service: readable lines, or one JSON object per line for log shippers (`--log-format json`).
 
 Secrets never reach a log line: the values of credential variables seen in the environment at start-up are
-replaced by `***` in every message, whatever library logged them.
+replaced by `***` in every message, whatever library logged them. A text line is one record: control characters
+of a message (a newline in a folder name) are escaped, so outside strings cannot forge lines.
 """
 from __future__ import annotations
 
@@ -12,6 +13,8 @@ import sys
 from typing import Any
 
 import orjson
+
+from common.display_names import escape_controls
 
 SECRET_VARIABLES = ("WANDB_API_KEY", "MMDET_WANDB_DB_URL", "PGPASSWORD")
 
@@ -45,6 +48,17 @@ class ServiceLogHandler(logging.StreamHandler):
         return redact(super().format(record), self.secrets)
 
 
+class TextFormatter(logging.Formatter):
+    """`<time> <LEVEL> <logger>: <message>`, the message escaped; a traceback keeps its own lines after it."""
+
+    def __init__(self) -> None:
+        super().__init__("%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        record.message = escape_controls(record.message)
+        return super().formatMessage(record)
+
+
 class JsonFormatter(logging.Formatter):
     """`{"ts", "level", "logger", "msg", "service", "exc"?}` per line."""
 
@@ -71,5 +85,5 @@ def setup(level: str, log_format: str, service: str) -> None:
     if log_format == "json":
         handler.setFormatter(JsonFormatter(service))
     else:
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        handler.setFormatter(TextFormatter())
     logging.basicConfig(level=getattr(logging, level.upper(), logging.INFO), handlers=[handler], force=True)

@@ -47,7 +47,10 @@ class DataDir:
     def lock_uploader(self, command: str) -> IO[str]:
         """One uploader per data dir (DESIGN 11): an advisory lock, held as long as the returned file is open
         (the kernel drops it when the process dies, SIGKILL included). Raises DataDirError naming the holder."""
-        handle = open(self.path / "uploader.lock", "a+", encoding="utf-8")
+        try:
+            handle = open(self.path / "uploader.lock", "a+", encoding="utf-8")
+        except OSError as exc:
+            raise DataDirError(_unwritable(self.path, exc)) from None
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -72,17 +75,28 @@ class DataDir:
                     f"data directory {self.path} is inside the watched root {root}; "
                     "nothing may be written there: choose another --data-dir"
                 )
-        self.path.mkdir(parents=True, exist_ok=True)
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise DataDirError(_unwritable(self.path, exc)) from None
         os.environ.setdefault("WANDB_DATA_DIR", str(self.path / "wandb-data"))
         os.environ.setdefault("WANDB_CACHE_DIR", str(self.path / "wandb-cache"))
         os.environ.setdefault("WANDB_CONFIG_DIR", str(self.path / "wandb-config"))
 
 
 def resolve(data_dir: Path | None) -> DataDir:
-    """--data-dir, else MMDET_WANDB_HOME, else the per-user data directory."""
+    """--data-dir, else MMDET_WANDB_HOME, else the per-user data directory; one that is a file is refused here,
+    so that every command says so in the same words."""
     if data_dir is not None:
-        return DataDir(data_dir.expanduser().absolute())
-    if os.environ.get("MMDET_WANDB_HOME"):
-        return DataDir(Path(os.environ["MMDET_WANDB_HOME"]).expanduser().absolute())
-    base = Path(os.environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share")
-    return DataDir(base / "mmdet-wandb")
+        home = DataDir(data_dir.expanduser().absolute())
+    elif os.environ.get("MMDET_WANDB_HOME"):
+        home = DataDir(Path(os.environ["MMDET_WANDB_HOME"]).expanduser().absolute())
+    else:
+        home = DataDir(Path(os.environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share") / "mmdet-wandb")
+    if home.path.exists() and not home.path.is_dir():
+        raise DataDirError(f"data directory {home.path} is a file, not a directory: give --data-dir (or MMDET_WANDB_HOME) a directory")
+    return home
+
+
+def _unwritable(path: Path, exc: OSError) -> str:
+    return f"data directory {path} cannot be written ({exc.strerror or exc}): give --data-dir a directory this user may write to"

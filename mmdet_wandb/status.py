@@ -127,20 +127,46 @@ def collect(db: Database, node: str | None = None) -> list[WorkDirStatus]:
                     "metrics": json.loads(job.metrics_json) if job.metrics_json else None,
                 }
             )
-        for problem in session.scalars(_problems_of(node).order_by(Problem.last_seen)):
+        for problem in session.scalars(_problems_of(node).where(Problem.resolved_at.is_(None)).order_by(Problem.last_seen)):
             target = work_dirs.get(problem.work_dir_id) if problem.work_dir_id is not None else None
             target = target or _by_path(work_dirs.values(), problem.path)
             if target is not None:
                 target.problems += 1
-                where = problem.path if problem.byte_offset < 0 else f"{problem.path}@{problem.byte_offset}"
-                target.last_problem = f"{problem.kind}: {where}: {problem.message}"
+                target.last_problem = f"{problem.kind}: {_where(problem)}: {problem.message}"
         return list(work_dirs.values())
+
+
+@dataclass
+class LooseProblem:
+    """An open problem of no known work_dir (an unreadable folder, a name that is not UTF-8, a symlink out of
+    the root): nothing below it is uploaded, so the table shows it on a row of its own."""
+
+    node: str
+    path: str
+    kind: str
+    message: str
+    count: int
+
+
+def loose_problems(db: Database, statuses: list[WorkDirStatus], node: str | None = None) -> list[LooseProblem]:
+    with db.read() as session:
+        return [
+            LooseProblem(p.node, _where(p), p.kind, p.message, p.count)
+            for p in session.scalars(_problems_of(node).where(Problem.resolved_at.is_(None), Problem.work_dir_id.is_(None))
+                                     .order_by(Problem.node, Problem.path))
+            if _by_path(statuses, p.path) is None
+        ]
+
+
+def _where(problem: Problem) -> str:
+    return problem.path if problem.byte_offset < 0 else f"{problem.path}@{problem.byte_offset}"
 
 
 def problems(db: Database, node: str | None = None) -> list[dict[str, Any]]:
     with db.read() as session:
         return [
-            {"node": p.node, "path": p.path, "offset": p.byte_offset, "kind": p.kind, "message": p.message, "count": p.count}
+            {"node": p.node, "path": p.path, "offset": p.byte_offset, "kind": p.kind, "message": p.message, "count": p.count,
+             "resolved_at": p.resolved_at.isoformat() if p.resolved_at else None}
             for p in session.scalars(_problems_of(node).order_by(Problem.node, Problem.path, Problem.byte_offset))
         ]
 

@@ -149,7 +149,8 @@ def test_a_half_written_checkpoint_waits_until_whole(live_work_dir):
         handle.write(data[: len(data) // 2])
         handle.flush()
         wait_until(lambda: "epoch_20.pth" in checkpoint_states(home), 30, "the half checkpoint to be seen", watch)
-        time.sleep(3)
+        wait_until(lambda: "end-of-central-directory" in (checkpoint_states(home)["epoch_20.pth"][0][1] or ""),
+                   30, "the half checkpoint to be looked at and refused", watch)
         (state,) = checkpoint_states(home)["epoch_20.pth"]
         assert state[0] == "seen" and "end-of-central-directory" in (state[1] or "")
         assert "epoch_20.pth" not in model_artifacts(home)

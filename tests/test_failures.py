@@ -275,8 +275,9 @@ def test_a_full_disk_under_the_data_dir_loses_nothing_and_the_service_resumes_wh
         )
     try:
         wait_until(lambda: (home / "wandb").is_dir() and runs_by_work_dir(home).get("yolo") is not None, 60, "the first writes", proc)
-        time.sleep(10)  # the disk fills up; the writer fails, backs off and tries again
+        wait_until(lambda: runs_by_work_dir(home)["yolo"]["failures"] >= 1, 120, "the writer to fail on the full disk", proc)
         run = runs_by_work_dir(home)["yolo"]
+        assert run["last_error"] and run["rows_pending"] > 0, run  # rows were read, and the write failed
         assert run["rows_uploaded"] < len(expected_rows(log)), "the disk was too full to upload everything"
         assert run["rows_uploaded"] == uploaded_per_closed_segments(home, run), "nothing counted as uploaded that is not"
 

@@ -31,6 +31,64 @@ def imported_packages(path: Path) -> set[str]:
     return found
 
 
+def module_name(path: Path, root: Path = REPO) -> str:
+    parts = path.relative_to(root).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def imported_modules(path: Path, modules: set[str], root: Path = REPO) -> set[str]:
+    """Modules of ours that a module imports, at the top or inside a function (`from a import b` names a.b when
+    that is a module, else a; a relative import is resolved from the module's package)."""
+    name = module_name(path, root)
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"), str(path))):
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                anchor = package.split(".")[: len(package.split(".")) - node.level + 1]
+                base = ".".join([*anchor, *([base] if base else [])])
+            found.update(f"{base}.{alias.name}" if f"{base}.{alias.name}" in modules else base for alias in node.names)
+    return {name for name in found if name in modules}
+
+
+def module_graph() -> dict[str, set[str]]:
+    """module → the modules of ours it imports (not counting itself)."""
+    paths = {module_name(p): p for package in PACKAGES for p in sorted((REPO / package).rglob("*.py")) if "migrations" not in p.parts}
+    return {name: imported_modules(path, set(paths)) - {name} for name, path in paths.items()}
+
+
+def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """The strongly connected groups of more than one module (Tarjan), each sorted."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    found: list[list[str]] = []
+
+    def visit(node: str) -> None:
+        index[node] = low[node] = len(index)
+        stack.append(node)
+        for target in graph.get(node, ()):
+            if target not in index:
+                visit(target)
+                low[node] = min(low[node], low[target])
+            elif target in stack:
+                low[node] = min(low[node], index[target])
+        if low[node] == index[node]:
+            group = []
+            while (member := stack.pop()) != node:
+                group.append(member)
+            if group:
+                found.append(sorted([node, *group]))
+
+    for node in sorted(graph):
+        if node not in index:
+            visit(node)
+    return found
+
+
 def package_graph() -> dict[str, dict[str, list[str]]]:
     """package → imported package → the modules that import it."""
     graph: dict[str, dict[str, list[str]]] = {p: {} for p in PACKAGES}
@@ -68,3 +126,20 @@ def test_the_graph_check_sees_imports_inside_functions(tmp_path: Path) -> None:
     module = tmp_path / "m.py"
     module.write_text("import os\n\ndef f():\n    from evaluator.worker import Worker\n    import uploader.loop\n")
     assert imported_packages(module) == {"evaluator", "uploader"}
+
+
+def test_no_module_imports_itself_back_through_others_even_lazily() -> None:
+    assert cycles(module_graph()) == []
+
+
+def test_the_cycle_check_sees_a_lazy_import_back_inside_a_package(tmp_path: Path) -> None:
+    package = tmp_path / "pkg"
+    package.mkdir()
+    (package / "__init__.py").write_text("")
+    (package / "loop.py").write_text("from pkg.shards import backlog\n")
+    (package / "shards.py").write_text("def run():\n    from . import loop\n")
+    (package / "other.py").write_text("from pkg import loop\n")
+    modules = {"pkg", "pkg.loop", "pkg.shards", "pkg.other"}
+    graph = {f"pkg.{p.stem}": imported_modules(p, modules, tmp_path) for p in package.glob("[!_]*.py")}
+    assert graph == {"pkg.loop": {"pkg.shards"}, "pkg.shards": {"pkg.loop"}, "pkg.other": {"pkg.loop"}}
+    assert cycles(graph) == [["pkg.loop", "pkg.shards"]]

@@ -7,7 +7,6 @@ import re
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -172,17 +171,21 @@ def test_secrets_never_reach_the_db_logs_or_run_files(trained_work_dir, tmp_path
                  ("config", "show", "--json")):
         proc = cli(home, *args, **env)
         outputs.append(proc.stdout + proc.stderr)
+    watched = tmp_path / "watched"  # a data dir of its own: watch uploads everything itself, nothing is left from backfill
     watch = subprocess.Popen(
         [sys.executable, "-m", "mmdet_wandb.cli", "watch", str(work_dir.parent), "--log-level", "DEBUG",
-         "--log-format", "json", "--poll-interval", "0.2"],
-        env=service_env(home, **env), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+         "--log-format", "json", "--poll-interval", "0.2", "--segment-idle", "1"],
+        env=service_env(watched, **env), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )
-    time.sleep(8)
+    wait_until(lambda: (watched / "state.db").exists() and (runs := [r for w in status(watched)["work_dirs"] for r in w["runs"]])
+               and all(r["rows_uploaded"] > 0 and r["rows_pending"] == 0 for r in runs), 120, "watch to upload every row", watch)
     outputs.append(stop(watch))
+    assert '"level": "DEBUG"' in outputs[-1] or '"level":"DEBUG"' in outputs[-1], "watch logged at DEBUG"
     assert all(key not in text for text in outputs), "no command prints the key"
-    leaked = [p for p in home.rglob("*") if p.is_file() and key.encode() in p.read_bytes()]
+    leaked = [p for h in (home, watched) for p in h.rglob("*") if p.is_file() and key.encode() in p.read_bytes()]
     assert leaked == [], f"the key was written to {leaked}"
-    assert (home / "state.db").exists() and list(home.rglob("*.wandb")), "the files checked exist"
+    for data_dir in (home, watched):
+        assert (data_dir / "state.db").exists() and list(data_dir.rglob("*.wandb")), f"the files checked exist in {data_dir}"
 
 
 def test_json_logs_are_one_object_per_line(trained_work_dir, tmp_path):
@@ -216,9 +219,9 @@ def test_health_follows_the_watch_loop(trained_work_dir, tmp_path):
     watch = start_watch(home, work_dir.parent, "--num-eval-images", "0")
     wait_until(lambda: cli(home, "health", "uploader", check=False).returncode == 0, 60, "a healthy uploader", watch)
     stop(watch)
-    time.sleep(1)
-    stale = cli(home, "health", "uploader", "--max-age", "0.5", check=False)
-    assert stale.returncode == 1
+    assert cli(home, "health", "uploader", "--max-age", "3600", check=False).returncode == 0, "the last beat is kept"
+    wait_until(lambda: cli(home, "health", "uploader", "--max-age", "0.5", check=False).returncode == 1, 30,
+               "the stopped uploader's heartbeat to go stale")
 
 
 # --- docker files (no engine here: validated against the compose spec, built by the steps CI runs) ----

@@ -256,3 +256,49 @@ def test_the_config_holds_the_environment_of_the_training(real_logs, tmp_path, l
     assert {k: env.get(k) for k in expected} == expected
     assert "PyTorch compiling details" not in env or env["PyTorch compiling details"] == "PyTorch built with:"
     assert segment.notes and str(root) in segment.notes, "the notes name the source work_dir"
+
+
+def _ingested_times(home: Path, found) -> list[float]:
+    """Ingest one log with the real ingest into a fresh state DB; the `_timestamp` of every row it queued."""
+    import json
+
+    from sqlalchemy import select
+
+    from db.models import OutboxRow
+    from db.session import Database, sqlite_url
+    from uploader.ingest import IngestOptions, ingest
+
+    home.mkdir(parents=True, exist_ok=True)
+    db = Database(sqlite_url(home / "state.db"))
+    db.upgrade()
+    ingest(db, found, found.work_dir, newer_launch=True, options=IngestOptions(log_timezone=UTC))
+    with db.transaction() as session:
+        return [json.loads(p)["_timestamp"] for p in session.scalars(select(OutboxRow.payload_json).order_by(OutboxRow.step))]
+
+
+@pytest.mark.parametrize("plant", ["symlink_out_of_root", "fifo"])
+def test_a_text_log_that_is_a_symlink_or_a_fifo_is_not_read(real_logs, tmp_path, caplog, plant):
+    """DESIGN 12: the text log goes through the one safe open. Discovery skips such a text log, but it can
+    become one after the scan (the race this test plants): the read neither follows the link nor blocks on the
+    FIFO, says why in a log line, and every row is still queued, with the times the log alone gives."""
+    from common.records import LogFormat
+    from uploader.discovery import FoundLog
+
+    log, text = next((log, text) for log, text in paired_logs() if log.name.endswith(".log.json"))
+    outside, work_dir = tmp_path / "outside", tmp_path / "root" / "work_dir"
+    outside.mkdir()
+    work_dir.mkdir(parents=True)
+    shutil.copy(log, work_dir / log.name)
+    shutil.copy(text, outside / text.name)
+    planted = work_dir / text.name
+    if plant == "fifo":
+        os.mkfifo(planted)
+    else:
+        planted.symlink_to(outside / text.name)
+    found = FoundLog(work_dir / log.name, work_dir, LogFormat.MMDET2_LOGJSON, log.name[:15], planted, None)
+    without = FoundLog(found.path, work_dir, found.format, found.launch, None, None)
+    with caplog.at_level("WARNING", logger="mmdet_wandb.row_times"):
+        times = _ingested_times(tmp_path / "home", found)  # a followed FIFO would block here for good
+    assert times and times == _ingested_times(tmp_path / "home-without", without)
+    assert expected_times(log, text, UTC) != times  # the text log would have given other times: it was not read
+    assert any(str(planted) in r.getMessage() and "text log not read" in r.getMessage() for r in caplog.records)

@@ -14,6 +14,7 @@ from common.records import LogFormat
 
 TIMESTAMP = re.compile(r"^\d{8}_\d{6}$")
 SKIPPED_DIRS = frozenset({"wandb", ".eval_hook", "__pycache__", ".git", "vis_image"})
+_UNDECODABLE = "name is not valid UTF-8: nothing in it is read or uploaded until it is renamed (W&B and the state DB hold UTF-8 only)"
 
 
 @dataclass(frozen=True)
@@ -58,7 +59,7 @@ def scan(root: Path) -> ScanResult:
         for entry in entries:
             path = Path(entry.path)
             if not _encodable(entry.name):
-                result.problems.append(FoundProblem(path, "undecodable_name", "file name is not valid UTF-8; skipped"))
+                result.problems.append(FoundProblem(path, "undecodable_name", _UNDECODABLE))
             elif entry.is_symlink():
                 _check_symlink(root, path, result)
             elif entry.is_dir(follow_symlinks=False):

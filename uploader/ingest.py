@@ -23,11 +23,12 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from common import json_values
+from common.display_names import display_name
 from common.numbers import is_number
 from common.records import LineageBreak, LogFormat, MetricRow, ParseState, RowKind
 from db import outbox, spans
 from db.models import Run, Source, SourceState, WorkDir
-from db.problems import record_problem
+from db.problems import record_problem, record_read
 from db.session import Database, node_of
 from uploader import hook_options, row_times, tail
 from uploader.discovery import FoundLog
@@ -211,9 +212,7 @@ def _commit(
     options: IngestOptions,
 ) -> int:
     source = session.get_one(Source, source_id)
-    if read.reset_reason is not None:
-        record_problem(session, source.path, "reset", f"read again from the start: {read.reset_reason}",
-                       offset=read.position.generation, work_dir_id=source.work_dir_id)
+    record_read(session, source.path, read.reset_message() if read.reset_reason else None, replaced=read.replaced, work_dir_id=source.work_dir_id)
     for offset, kind, message in problems:
         record_problem(session, source.path, kind, message, offset=offset, work_dir_id=source.work_dir_id)
     stored = _stored_lines(session, source_id, parsed)
@@ -368,8 +367,8 @@ def _new_run(session: Session, source: Source, found: FoundLog, state: ParseStat
         node=node_of(session),
         work_dir_id=work_dir.id,
         wandb_id=_new_wandb_id(),
-        name=f"{work_dir.name}-{launch}" + ("-test" if is_test else ""),
-        group=work_dir.name,
+        name=display_name(f"{work_dir.name}-{launch}" + ("-test" if is_test else "")),
+        group=display_name(work_dir.name),
         job_type="test" if is_test else "train",
         launch=launch,
         by_epoch=state.by_epoch,

@@ -21,7 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from db import outbox
-from db.problems import record_problem
+from db.offsets import backlog
+from db.problems import record_problem, record_scan
 from db.session import Database
 from uploader import checkpoints, discovery, eval_jobs
 from uploader.background import Background
@@ -29,7 +30,6 @@ from uploader.checkpoints import CheckpointOptions
 from uploader.discovery import FoundLog
 from uploader.ingest import IngestOptions, ingest, mark_gone, refresh_failing_configs
 from uploader.reading import Reading
-from uploader.shards import backlog
 from uploader.wandb.writer import WandbWriter, retry_now
 
 log = logging.getLogger("mmdet_wandb.service")
@@ -77,19 +77,37 @@ class Loop:
         found = [log for result in results for log in result.logs if self.options.share is None or log.work_dir in self.options.share]
         if self.options.share is None:  # a share's parent records them
             with self.db.transaction() as session:
-                for problem in (p for result in results for p in result.problems):
-                    record_problem(session, str(problem.path), problem.kind, problem.message)
+                record_scan(session, [str(r.resolve()) for r in self.options.roots],
+                            [(str(p.path), p.kind, p.message) for result in results for p in result.problems])
         current = {f.path: f for f in found}
-        for path in set(self._logs) - set(current):
+        gone = set(self._logs) - set(current)
+        for path in gone:
             mark_gone(self.db, str(path))
-            self._seen_stat.pop(path, None)
-            self._polls.forget(path)
         self._logs = current
         self._work_dirs = {f.work_dir for f in found}
+        self._forget_what_is_gone()
+        if gone:
+            log.info("%d logs gone; %s", len(gone), self.held())
         self._newer = _newer_launch_flags(found)
         if refresh_failing_configs(self.db, found):
             log.info("the training config of a failing run changed; trying it again")
         return found
+
+    def _forget_what_is_gone(self) -> None:
+        """Memory holds only the logs and work_dirs the last scan found (DESIGN 13): months of work_dirs
+        created and deleted leave nothing behind here; an active mark that ran out is dropped too."""
+        now = time.monotonic()
+        for path in set(self._seen_stat) - set(self._logs):
+            del self._seen_stat[path]
+        for path in set(self._finished) - set(self._logs):
+            del self._finished[path]
+        self._polls.keep(self._logs.keys())
+        self._active = {w: at for w, at in self._active.items() if w in self._work_dirs and now - at < ACTIVE_S}
+
+    def held(self) -> str:
+        """What the loop remembers, in one line (logged when logs go, so that a long run shows it stays small)."""
+        return (f"following {len(self._logs)} logs in {len(self._work_dirs)} work_dirs "
+                f"({len(self._finished)} read as finished, {len(self._active)} active)")
 
     def ingest_changed(self, touched: AbstractSet[Path] = frozenset()) -> int:
         """Ingest each log whose size, mtime or inode moved since we last read it (or that just went idle),
@@ -362,9 +380,12 @@ class _PollSchedule:
         self._interval[path] = interval
         self._next[path] = (now // interval + 1) * interval
 
-    def forget(self, path: Path) -> None:
-        self._next.pop(path, None)
-        self._interval.pop(path, None)
+    def keep(self, paths: AbstractSet[Path]) -> None:
+        """Forget every log not in `paths`."""
+        for path in set(self._next) - paths:
+            del self._next[path]
+        for path in set(self._interval) - paths:
+            del self._interval[path]
 
     def next_due(self) -> float:
         return min(self._next.values(), default=time.monotonic() + self.cap_s)

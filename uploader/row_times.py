@@ -12,12 +12,17 @@ back (`ParseState.clock`); the caller keeps them increasing across the launches 
 from __future__ import annotations
 
 import datetime as dt
+import logging
+import os
 import re
 from dataclasses import dataclass, replace
 from pathlib import Path
 from zoneinfo import ZoneInfo
 
 from common.records import MetricRow, ParseState, RowKind, TimeKey
+from uploader.tail import open_regular
+
+log = logging.getLogger("mmdet_wandb.row_times")
 
 # the date and time fields (year to second) come first, then mmcv's milliseconds, then the message
 MMCV_LINE = re.compile(rb"(\d{4})-(\d{2})-(\d{2}) (\d{2}):(\d{2}):(\d{2}),(\d{3}) - \S+ - [A-Z]+ - (.*)")
@@ -96,17 +101,28 @@ def text_lines(data: bytes, base: int, last_iter: int | None, zone: ZoneInfo | N
 def read_text(path: Path, offset: int, state: ParseState, zone: ZoneInfo | None) -> dict[TimeKey, TextLine]:
     """Text-log lines from `offset` on, by key: a train line's first occurrence, a val line's last (mmengine logs
     val progress lines before the one with the metrics)."""
-    try:
-        with open(path, "rb") as handle:
-            handle.seek(offset)
-            data = handle.read(MAX_TEXT_BYTES)
-    except OSError:
+    data = _read_from(path, offset)
+    if data is None:
         return {}
     by_key: dict[TimeKey, TextLine] = {}
     for line in text_lines(data, offset, state.text_last_iter, zone):
         if line.key[0] == "val" or line.key not in by_key:
             by_key[line.key] = line
     return by_key
+
+
+def _read_from(path: Path, offset: int) -> bytes | None:
+    """Up to MAX_TEXT_BYTES of the text log from `offset`, through the one safe open (DESIGN 12): a symlink is
+    not followed and a FIFO does not block the loop. None, with a log line that says why, when it cannot be read."""
+    try:
+        fd, _ = open_regular(path)
+        try:
+            return os.pread(fd, MAX_TEXT_BYTES, offset)
+        finally:
+            os.close(fd)
+    except OSError as exc:
+        log.warning("%s: text log not read (%s); its rows take times estimated from the log", path, exc.strerror)
+        return None
 
 
 def stamp(rows: list[MetricRow], state: ParseState, text_log: Path | None, launch: str, zone: ZoneInfo | None) -> list[MetricRow]:

@@ -25,12 +25,9 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from sqlalchemy import select
-
 from common.parent import die_with_parent
-from db.models import Source
-from db.session import Database, node_of
-from uploader.discovery import FoundLog
+from db.offsets import backlog
+from db.session import Database
 
 if TYPE_CHECKING:
     from uploader.loop import Loop, LoopOptions
@@ -100,21 +97,6 @@ def read_and_upload_in_shares(
         log.warning("%d of %d share processes failed (exit codes %s); this process uploads what they left",
                     len(failed), len(codes), failed)
     return len(tasks)
-
-
-def backlog(db: Database, logs: list[FoundLog]) -> dict[Path, int]:
-    """The work_dirs whose logs have bytes past their committed offset (all of a log never read) → how many."""
-    with db.read() as session:
-        offsets = {path: offset for path, offset in session.execute(select(Source.path, Source.offset).where(Source.node == node_of(session)))}
-    behind: dict[Path, int] = {}
-    for found in logs:
-        try:
-            unread = found.path.stat().st_size - offsets.get(str(found.path), 0)
-        except OSError:
-            continue
-        if unread > 0:
-            behind[found.work_dir] = behind.get(found.work_dir, 0) + unread
-    return behind
 
 
 def run_shares(tasks: list[ShareTask], stop: threading.Event, on_tick: Callable[[], None] | None = None) -> list[int | None]:

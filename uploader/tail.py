@@ -68,6 +68,16 @@ class TailRead:
     reset_reason: str | None  # why a new generation started; None when continuing
     size: int  # file size seen by fstat of the open fd
     at_eof: bool  # nothing whole is left to read; False: call again (that call may find only a fragment)
+    reset_from: int = -1  # with a reset: the byte the previous generation had been read up to
+
+    @property
+    def replaced(self) -> bool:
+        """A new file under the name (an atomic `mv` over the log): ordinary, read from its start, not a problem."""
+        return self.reset_reason is not None and self.reset_reason.startswith("replaced")
+
+    def reset_message(self) -> str:
+        """One line for a reset, naming the byte the old generation was read up to."""
+        return f"{self.reset_reason}; had read up to byte {self.reset_from}, reading again from the start"
 
 
 def _sha256(data: bytes) -> str:
@@ -235,4 +245,5 @@ def _read(
         offset=pos,
         tail_hash=_sha256(tail_bytes),
     )
-    return TailRead(new_position, lines, oversized, reason, size, not (more or shrunk))
+    reset_from = position.offset if reason is not None and position is not None else -1
+    return TailRead(new_position, lines, oversized, reason, size, not (more or shrunk), reset_from)

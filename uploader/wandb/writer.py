@@ -186,7 +186,7 @@ class WandbWriter:
             try:
                 logged += self._drain_run(run_id)
             except Exception as exc:  # one broken run must not stop the others
-                log.exception("run %s: upload failed", run_id)
+                log.debug("run %s: upload failed", run_id, exc_info=True)  # the one line is _record_failure's
                 self._fail_run(run_id, exc)
                 if self._lost_wandb():
                     break
@@ -399,7 +399,7 @@ class WandbWriter:
         if config:
             handle.config.update(config, allow_val_change=True)
         if config_file is not None:
-            _save_config_file(handle, directory, *config_file)
+            _save_config_file(handle, *config_file)
         if self.online:
             self._settle_sent(run_id, handle.starting_step)
             seg.uploaded_up_to = max(done or 0, handle.starting_step - 1)
@@ -533,7 +533,8 @@ class WandbWriter:
                 run.failures += 1
                 run.retry_at = time.time() + backoff_s(run.failures)
                 run.last_error = f"{type(exc).__name__}: {exc}"
-                log.warning("run %s: failure %d in a row; next try in %.0f s", run.wandb_id, run.failures, run.retry_at - time.time())
+                log.warning("run %s: upload failed (%s); failure %d in a row; next try in %.0f s",
+                            run.wandb_id, run.last_error, run.failures, run.retry_at - time.time())
         except Exception:  # e.g. the disk is full
             log.exception("run %s: the failure could not be recorded; backing off in memory", run_id)
             self._not_before[run_id] = time.time() + BACKOFF_BASE_S
@@ -615,9 +616,9 @@ def _define_metrics(handle: Any, by_epoch: bool | None) -> None:
     handle.define_metric("val/*", step_metric="iter" if by_epoch is False else "epoch")
 
 
-def _save_config_file(handle: Any, directory: Path, name: str | None, text: str) -> None:
+def _save_config_file(handle: Any, name: str | None, text: str) -> None:
     """Upload the training config as a run file, from our own copy (nothing is written in the work_dir)."""
-    copy = directory / "config" / (name or "config.py")
-    copy.parent.mkdir(parents=True, exist_ok=True)
+    run_files = Path(handle.dir)  # a file already in the run's folder is uploaded as it is (no symlink, no warning)
+    copy = run_files / (name or "config.py")
     copy.write_text(text, encoding="utf-8")
-    handle.save(str(copy), base_path=str(copy.parent), policy="now")
+    handle.save(str(copy), base_path=str(run_files), policy="now")
