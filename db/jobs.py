@@ -48,6 +48,8 @@ def claim(db: Database, worker_id: str, lease_s: float, now: float | None = None
     """The oldest claimable job of `stack` (the worker's installed one); `now`: the database's clock unless given (tests)."""
     with db.transaction() as session:
         now = db_clock(session) if now is None else now
+        _park_exhausted(session, now)
+    with db.transaction() as session:
         claimable = or_(
             and_(EvalJob.state == JobState.QUEUED, EvalJob.run_after <= now),
             and_(EvalJob.state == JobState.RUNNING, EvalJob.lease_expires_at < now),
@@ -60,7 +62,6 @@ def claim(db: Database, worker_id: str, lease_s: float, now: float | None = None
             .with_for_update(skip_locked=True)
             .scalar_subquery()
         )
-        _park_exhausted(session, now)
         row = session.execute(
             update(EvalJob)
             .where(EvalJob.id == candidate)
@@ -87,10 +88,17 @@ def db_clock(session: Session) -> float:
 
 
 def _park_exhausted(session: Session, now: float) -> None:
-    """A job whose worker died on its last attempt is claimable no more: park it with the reason."""
+    """A job whose worker died on its last attempt is claimable no more (the claim skips it): park it with the
+    reason. Its own transaction, and rows another worker holds are skipped, not waited for: the next claim parks
+    them, and the claim itself stays one statement (DESIGN 8)."""
+    exhausted = (
+        select(EvalJob.id)
+        .where(EvalJob.state == JobState.RUNNING, EvalJob.lease_expires_at < now, EvalJob.attempts >= EvalJob.max_attempts)
+        .with_for_update(skip_locked=True)
+    )
     session.execute(
         update(EvalJob)
-        .where(EvalJob.state == JobState.RUNNING, EvalJob.lease_expires_at < now, EvalJob.attempts >= EvalJob.max_attempts)
+        .where(EvalJob.id.in_(exhausted))
         .values(state=JobState.DEAD, lease_owner=None, finished_at=utcnow(),
                 last_error="its worker stopped renewing the lease on every attempt")
     )

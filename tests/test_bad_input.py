@@ -15,6 +15,7 @@ import os
 import random
 import shutil
 import signal
+import sqlite3
 import stat
 import subprocess
 import sys
@@ -417,6 +418,12 @@ def _rows(home: Path, work_dir: Path) -> tuple[int, int] | None:
     return sum(r["rows_uploaded"] for r in entry["runs"]), sum(r["rows_pending"] for r in entry["runs"])
 
 
+def _source_states(home: Path, work_dir: Path) -> set[str]:
+    """The states of the logs the service tails in a work_dir, read from its state DB."""
+    with sqlite3.connect(home / "state.db") as db:
+        return {state for (state,) in db.execute("SELECT state FROM sources WHERE path LIKE ?", (f"{work_dir}/%",))}
+
+
 @pytest.fixture(scope="module")
 def deleted_while_watched(eltd, tmp_path_factory) -> Iterator[dict[str, Any]]:
     base = tmp_path_factory.mktemp("deleted").resolve()
@@ -435,7 +442,7 @@ def deleted_while_watched(eltd, tmp_path_factory) -> Iterator[dict[str, Any]]:
         assert snapshot(root) == before, "watch changed the watched tree"
         shutil.rmtree(victim)
         deleted_at = output.stat().st_size
-        time.sleep(2.5)  # five scans
+        _wait(lambda: _source_states(home, victim) == {"gone"}, 30, "the victim's log to be noticed gone", proc, output)
         alive_after_delete = proc.poll() is None
         after_delete = status(home)
 

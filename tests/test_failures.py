@@ -275,9 +275,11 @@ def test_a_full_disk_under_the_data_dir_loses_nothing_and_the_service_resumes_wh
         )
     try:
         wait_until(lambda: (home / "wandb").is_dir() and runs_by_work_dir(home).get("yolo") is not None, 60, "the first writes", proc)
-        wait_until(lambda: runs_by_work_dir(home)["yolo"]["failures"] >= 1, 120, "the writer to fail on the full disk", proc)
+        # the disk fills up; the writer fails and tries again (the DB may be too full to record it: the log says it)
+        wait_until(lambda: (tmp_path / "watch.log").read_text(errors="replace").count("No space left on device") >= 2,
+                   120, "the writer to fail on the full disk and try again", proc)
         run = runs_by_work_dir(home)["yolo"]
-        assert run["last_error"] and run["rows_pending"] > 0, run  # rows were read, and the write failed
+        assert run["rows_pending"] > 0, run  # rows were read and wait for the space
         assert run["rows_uploaded"] < len(expected_rows(log)), "the disk was too full to upload everything"
         assert run["rows_uploaded"] == uploaded_per_closed_segments(home, run), "nothing counted as uploaded that is not"
 

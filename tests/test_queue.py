@@ -312,9 +312,8 @@ def _claim_until_empty(url: str, worker_id: str, start: Any, results: Any) -> No
         results.put((worker_id, claimed, traceback.format_exc()))
 
 
-def test_concurrent_workers_claim_every_job_exactly_once(db: Database) -> None:
-    job_ids = add_jobs(db, *[0.0] * 30)
-    workers = 4
+def _claims_of_concurrent_workers(db: Database, workers: int) -> Counter[int]:
+    """Job id → how many times it was claimed, by `workers` processes claiming at once until none is left."""
     ctx = multiprocessing.get_context("spawn")
     start, results = ctx.Barrier(workers), ctx.Queue()
     procs = [ctx.Process(target=_claim_until_empty, args=(db.url, f"w{i}", start, results)) for i in range(workers)]
@@ -337,10 +336,28 @@ def test_concurrent_workers_claim_every_job_exactly_once(db: Database) -> None:
                 proc.kill()
     errors = [error for _, _, error in reports if error]
     assert not errors, "\n".join(errors)
-    claims = Counter(job_id for _, claimed, _ in reports for job_id in claimed)
+    return Counter(job_id for _, claimed, _ in reports for job_id in claimed)
+
+
+def test_concurrent_workers_claim_every_job_exactly_once(db: Database) -> None:
+    job_ids = add_jobs(db, *[0.0] * 30)
+    claims = _claims_of_concurrent_workers(db, 4)
     assert sorted(claims) == job_ids, f"lost: {set(job_ids) - set(claims)}"
     assert all(n == 1 for n in claims.values()), {k: n for k, n in claims.items() if n > 1}
     with db.transaction() as session:
         states = session.execute(select(EvalJob.state, EvalJob.attempts, func.count()).group_by(EvalJob.state, EvalJob.attempts)).all()
     assert [tuple(s) for s in states] == [(JobState.DONE, 1, 30)]
     assert (count(db, ValManifest), count(db, ValImage), count(db, Prediction)) == (1, 2, 60)
+
+
+def test_concurrent_workers_park_exhausted_jobs_and_never_claim_them(db: Database) -> None:
+    """Jobs whose worker died on the last attempt, among due ones: every claim parks them, none claims them."""
+    exhausted = add_jobs(db, *[0.0] * 10, state=JobState.RUNNING, lease_owner="gone", lease_expires_at=0.0,
+                         attempts=2, max_attempts=2)
+    due = add_jobs(db, *[0.0] * 20)
+    claims = _claims_of_concurrent_workers(db, 4)
+    assert sorted(claims) == due and all(n == 1 for n in claims.values()), claims
+    for job_id in exhausted:
+        job = get(db, job_id)
+        assert (job.state, job.lease_owner, job.attempts) == (JobState.DEAD, None, 2), row(db, job_id)
+        assert job.last_error == "its worker stopped renewing the lease on every attempt"
