@@ -4,14 +4,16 @@ MMDetection writes ``epoch_N.pth`` in place (``torch.save`` into memory, then on
 ``write`` to the final path opened with ``wb``), so a watcher can see a partial file.
 A torch zip checkpoint is complete only once its end-of-central-directory record
 is written, which happens last (DESIGN.md invariant 7). The uploader installs
-without torch, so everything here reads the zip container and pickle by hand.
+without torch: the zip container is read by ``zipfile``, the pickle by hand.
 """
 
 from __future__ import annotations
 
 import base64
+import errno
 import functools
 import hashlib
+import io
 import itertools
 import math
 import os
@@ -39,15 +41,9 @@ __all__ = [
 
 _EOCD = struct.Struct("<4s4H2LH")  # end of central directory record, 22 bytes
 _EOCD_SIG = b"PK\x05\x06"
-_ZIP64_LOCATOR = struct.Struct("<4sLQL")  # 20 bytes, right before the EOCD
-_ZIP64_LOCATOR_SIG = b"PK\x06\x07"
-_ZIP64_EOCD = struct.Struct("<4sQ2H2L4Q")  # 56 bytes without extensible data
-_ZIP64_EOCD_SIG = b"PK\x06\x06"
-_CDIR = struct.Struct("<4s4B4HL2L5H2L")  # central directory file header, 46 bytes
-_CDIR_SIG = b"PK\x01\x02"
 _LOCAL_SIG = b"PK\x03\x04"
-_MAX_COMMENT = 0xFFFF
-_UTF8_FLAG = 0x800
+_SEE_ZIP64 = (0xFFFF, 0xFFFFFFFF)  # a 16/32-bit end record field whose value is in the zip64 end record
+_TRUNCATED = "file truncated or still being written"
 # torch < 1.6 (and `_use_new_zipfile_serialization=False`) starts with a pickled magic number.
 _LEGACY_TORCH_HEAD = b"\x80\x02\x8a\x0a\x6c\xfc\x9c\x46\xf9\x20\x6a\xa8\x50\x19"
 
@@ -69,56 +65,58 @@ def _read_at(f: BinaryIO, offset: int, n: int) -> bytes:
     return f.read(n)
 
 
-def _find_eocd(tail: bytes) -> int | None:
-    """Index of the EOCD in ``tail`` (the file's last bytes), or None.
+class _Prefix(io.RawIOBase):
+    """The first ``size`` bytes of ``f``: the file as the caller's ``fstat`` saw it, even if it grew since."""
 
-    torch writes no archive comment, so the record is normally the last 22 bytes;
-    otherwise search backwards as ``zipfile`` does and accept a signature only if
-    its comment length reaches exactly the end of the file.
-    """
-    if tail[-_EOCD.size : -_EOCD.size + 4] == _EOCD_SIG and tail[-2:] == b"\x00\x00":
-        return len(tail) - _EOCD.size
-    pos = tail.rfind(_EOCD_SIG, 0, len(tail) - _EOCD.size)
-    while pos >= 0:
-        (comment_len,) = struct.unpack_from("<H", tail, pos + 20)
-        if pos + _EOCD.size + comment_len == len(tail):
-            return pos
-        pos = tail.rfind(_EOCD_SIG, 0, pos)
+    def __init__(self, f: BinaryIO, size: int) -> None:
+        self._f, self._size, self._pos = f, size, 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._pos
+
+    def seek(self, offset: int, whence: int = os.SEEK_SET) -> int:
+        pos = offset + {os.SEEK_SET: 0, os.SEEK_CUR: self._pos, os.SEEK_END: self._size}[whence]
+        if pos < 0:
+            raise OSError(errno.EINVAL, "seek before the start of the file")
+        self._pos = pos
+        return pos
+
+    def readinto(self, buffer: Any) -> int:
+        data = _read_at(self._f, self._pos, max(0, min(len(buffer), self._size - self._pos)))
+        buffer[: len(data)] = data
+        self._pos += len(data)
+        return len(data)
+
+
+def _end_record_problem(f: BinaryIO, size: int, zf: zipfile.ZipFile) -> str | None:
+    """What ``zipfile`` does not check: the end record's comment ends exactly at the end of the file,
+    its entry count is the central directory's, and no bytes come before the archive (zipfile would
+    shift every offset by them)."""
+    at = size - _EOCD.size - len(zf.comment)
+    record = _read_at(f, at, _EOCD.size)
+    _, _, _, _, count, _, cd_offset, comment_len = _EOCD.unpack(record)
+    if record[:4] != _EOCD_SIG or comment_len != len(zf.comment):
+        return f"the end record's comment does not end at the end of the file: {_TRUNCATED}"
+    entries = zf.infolist()
+    if count not in (_SEE_ZIP64[0], len(entries)):
+        return f"central directory holds {len(entries)} entries, end record says {count}"
+    if cd_offset not in (_SEE_ZIP64[1], zf.start_dir) or min((i.header_offset for i in entries), default=0) != 0:
+        return "central directory does not end at the end record: bytes before the archive, file corrupt or rewritten"
     return None
-
-
-def _central_directory_names(cdir: bytes, expected: int) -> list[str] | ZipCheck:
-    """Entry names of a central directory, or the reason it does not parse."""
-    names: list[str] = []
-    pos = 0
-    while pos < len(cdir):
-        index = len(names) + 1
-        if pos + _CDIR.size > len(cdir):
-            return _fail(f"central directory entry {index} is cut short")
-        fields = _CDIR.unpack_from(cdir, pos)
-        if fields[0] != _CDIR_SIG:
-            return _fail(f"central directory entry {index} has a bad signature")
-        flags, name_len, extra_len, comment_len = fields[5], fields[12], fields[13], fields[14]
-        end = pos + _CDIR.size + name_len + extra_len + comment_len
-        if end > len(cdir):
-            return _fail(f"central directory entry {index} runs past the end of the directory")
-        raw = cdir[pos + _CDIR.size : pos + _CDIR.size + name_len]
-        try:
-            names.append(raw.decode("utf-8" if flags & _UTF8_FLAG else "cp437"))
-        except UnicodeDecodeError:
-            return _fail(f"central directory entry {index} has an undecodable name")
-        pos = end
-    if len(names) != expected:
-        return _fail(f"central directory holds {len(names)} entries, end record says {expected}")
-    return names
 
 
 def check_torch_zip(f: BinaryIO, size: int) -> ZipCheck:
     """Check that ``f`` (``size`` bytes) is a complete torch zip checkpoint.
 
-    Reads only the first 4 bytes, the tail and the central directory, never the
-    tensor data, so it is cheap enough to run on every poll. ``size`` comes from
-    the caller's ``fstat`` so the check and the later hash see the same file.
+    ``zipfile`` reads the end record (zip64 included) and the central directory, never the tensor
+    data, so it is cheap enough to run on every poll. ``size`` comes from the caller's ``fstat`` so
+    the check and the later hash see the same file.
     """
     if size == 0:
         return _fail("empty file")
@@ -129,51 +127,15 @@ def check_torch_zip(f: BinaryIO, size: int) -> ZipCheck:
             return _fail("not a zip file: legacy (pre-1.6) torch format, cannot be checked for completeness")
         return _fail("not a zip file (legacy torch format or not a checkpoint)")
     if size < _EOCD.size:
-        return _fail(f"only {size} bytes: file truncated or still being written")
-
-    tail_len = min(size, _EOCD.size + _MAX_COMMENT + _ZIP64_LOCATOR.size)
-    tail_start = size - tail_len
-    tail = _read_at(f, tail_start, tail_len)
-    if len(tail) != tail_len:
-        return _fail("file is shorter than its size: truncated while being checked")
-    at = _find_eocd(tail)
-    if at is None:
-        return _fail("no end-of-central-directory record: file truncated or still being written")
-    eocd_offset = tail_start + at
-    _, disk, cd_disk, _, count, cd_size, cd_offset, _ = _EOCD.unpack_from(tail, at)
-    if disk != 0 or cd_disk != 0:
-        return _fail("multi-disk zip archive: not a torch checkpoint")
-    cd_end = eocd_offset
-
-    if at >= _ZIP64_LOCATOR.size and tail[at - _ZIP64_LOCATOR.size : at - _ZIP64_LOCATOR.size + 4] == _ZIP64_LOCATOR_SIG:
-        locator_offset = eocd_offset - _ZIP64_LOCATOR.size
-        _, z64_disk, z64_offset, _ = _ZIP64_LOCATOR.unpack_from(tail, at - _ZIP64_LOCATOR.size)
-        if z64_disk != 0 or z64_offset + _ZIP64_EOCD.size > locator_offset:
-            return _fail("zip64 locator points outside the file")
-        record = _read_at(f, z64_offset, _ZIP64_EOCD.size)
-        if len(record) != _ZIP64_EOCD.size or record[:4] != _ZIP64_EOCD_SIG:
-            return _fail("zip64 locator points at no zip64 end record")
-        _, record_size, _, _, disk, cd_disk, _, count64, size64, offset64 = _ZIP64_EOCD.unpack(record)
-        if disk != 0 or cd_disk != 0:
-            return _fail("multi-disk zip archive: not a torch checkpoint")
-        if z64_offset + 12 + record_size != locator_offset:
-            return _fail("zip64 end record does not end at its locator")
-        # Each 16/32-bit field is either the "see zip64" sentinel or the same value (torch keeps both).
-        if count not in (0xFFFF, count64) or cd_size not in (0xFFFFFFFF, size64) or cd_offset not in (0xFFFFFFFF, offset64):
-            return _fail("end record and zip64 end record disagree: file corrupt")
-        count, cd_size, cd_offset, cd_end = count64, size64, offset64, z64_offset
-
-    if cd_offset + cd_size != cd_end:
-        return _fail(
-            f"central directory ({cd_offset}+{cd_size}) does not end at the end record ({cd_end}): "
-            "file corrupt or rewritten"
-        )
-    cdir = _read_at(f, cd_offset, cd_size)
-    if len(cdir) != cd_size:
-        return _fail("central directory is cut short")
-    names = _central_directory_names(cdir, count)
-    if isinstance(names, ZipCheck):
-        return names
+        return _fail(f"only {size} bytes: {_TRUNCATED}")
+    try:
+        with zipfile.ZipFile(_Prefix(f, size)) as zf:
+            problem = _end_record_problem(f, size, zf)
+            names = zf.namelist()
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError, struct.error) as exc:
+        return _fail(f"no valid end-of-central-directory record and central directory ({exc}): {_TRUNCATED}")
+    if problem is not None:
+        return _fail(problem)
     if not names:
         return _fail("not a torch checkpoint: the zip archive is empty")
     if "/" not in names[0]:

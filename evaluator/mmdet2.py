@@ -9,14 +9,13 @@ cheap for the uploader.
 """
 from __future__ import annotations
 
-import contextlib
 import copy
-import io
 import logging
 import os
 import threading
 import time
 from pathlib import Path
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -31,7 +30,9 @@ from common.records import (
 from db.jobs import ClaimedJob
 from evaluator import checkpoint_globals, job_inputs
 from evaluator.encoding import rle_text, segmentation_rle, stored_image
-from evaluator.errors import JobError, LeaseLost
+from evaluator.batches import infer_halving
+from evaluator.errors import JobError
+from evaluator.metrics import plain_metrics
 from evaluator.trust import Trust
 
 log = logging.getLogger("mmdet_wandb.evaluator")
@@ -218,38 +219,26 @@ def take_subset(dataset: Any, indices: list[int]) -> Any:
 
 
 def run_inference(model: Any, subset: Any, cfg: Any, batch_size: int, lease_lost: threading.Event | None) -> list[Any]:
-    """`single_gpu_test`'s loop, batched; CUDA out of memory halves the batch and goes on."""
+    """`single_gpu_test`'s loop, batched; CUDA out of memory halves the batch and goes on (evaluator/batches.py)."""
     import torch
     from mmdet.core import encode_mask_results
     from mmdet.datasets import build_dataloader
 
     workers = int(cfg.get("data", {}).get("workers_per_gpu", 2))
     model.eval()
-    results: list[Any] = []
-    while len(results) < len(subset):
-        rest = take_subset(subset, list(range(len(results), len(subset))))
-        loader = build_dataloader(rest, samples_per_gpu=batch_size, workers_per_gpu=workers, dist=False, shuffle=False,
-                                  persistent_workers=False)
-        try:
-            for data in loader:
-                if lease_lost is not None and lease_lost.is_set():
-                    raise LeaseLost()
-                with torch.no_grad():
-                    batch = model(return_loss=False, rescale=True, **data)
-                if batch and isinstance(batch[0], tuple):
-                    batch = [(bbox, encode_mask_results(segm)) for bbox, segm in batch]
-                results.extend(batch)
-        except torch.cuda.OutOfMemoryError as exc:
-            torch.cuda.empty_cache()
-            if batch_size == 1:
-                raise JobError("CUDA out of memory at batch size 1", retryable=True) from exc
-            batch_size = max(1, batch_size // 2)
-            log.warning("CUDA out of memory: batch size %d from now on", batch_size)
-        except (JobError, LeaseLost):
-            raise
-        except Exception as exc:
-            raise JobError(f"the model raised during inference: {type(exc).__name__}: {exc}", retryable=True) from exc
-    return results
+
+    def batches_from(start: int, size: int) -> Iterator[list[Any]]:
+        rest = take_subset(subset, list(range(start, len(subset))))
+        for data in build_dataloader(rest, samples_per_gpu=size, workers_per_gpu=workers, dist=False, shuffle=False,
+                                     persistent_workers=False):
+            with torch.no_grad():
+                batch = model(return_loss=False, rescale=True, **data)
+            if batch and isinstance(batch[0], tuple):
+                batch = [(bbox, encode_mask_results(segm)) for bbox, segm in batch]
+            yield batch
+
+    return infer_halving(len(subset), batch_size, batches_from, torch.cuda.OutOfMemoryError, torch.cuda.empty_cache,
+                         lease_lost)
 
 
 def to_instances(result: Any, num_classes: int) -> Instances:
@@ -284,10 +273,4 @@ def subset_metrics(subset: Any, results: list[Any], cfg: Any) -> dict[str, Any]:
     kwargs = dict(cfg.get("evaluation", {}))
     for key in HOOK_ONLY_EVAL_KEYS:
         kwargs.pop(key, None)
-    try:
-        with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints its progress
-            metrics = subset.evaluate(results, logger="silent", **kwargs)
-    except Exception as exc:  # the predictions are still worth showing
-        log.warning("subset evaluation failed: %s: %s", type(exc).__name__, exc)
-        return {"error": f"{type(exc).__name__}: {exc}"}
-    return {k: (float(v) if isinstance(v, (int, float, np.floating, np.integer)) else str(v)) for k, v in metrics.items()}
+    return plain_metrics(lambda: subset.evaluate(results, logger="silent", **kwargs))

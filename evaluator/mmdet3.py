@@ -12,14 +12,13 @@ lazily, like the 2.x adapter.
 """
 from __future__ import annotations
 
-import contextlib
 import copy
-import io
 import logging
 import os
 import threading
 import time
 from pathlib import Path
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -29,7 +28,9 @@ from common.records import EvalOutcome, Instances, Manifest, ValImageRecord
 from db.jobs import ClaimedJob
 from evaluator import checkpoint_globals, job_inputs
 from evaluator.encoding import rle_text, segmentation_rle, stored_image
-from evaluator.errors import JobError, LeaseLost
+from evaluator.batches import infer_halving
+from evaluator.errors import JobError
+from evaluator.metrics import plain_metrics
 from evaluator.trust import Trust
 
 log = logging.getLogger("mmdet_wandb.evaluator")
@@ -167,33 +168,21 @@ def build_model(cfg: Any, checkpoint_path: str, device: str, trust: Trust = Trus
 
 def run_inference(model: Any, dataset: Any, indices: list[int], cfg: Any, batch_size: int, lease_lost: threading.Event | None) -> list[Any]:
     """The val loop's steps over the subset, batched: pipeline, `pseudo_collate`, `model.test_step` (its data
-    preprocessor pads and normalises the batch). CUDA out of memory halves the batch and goes on."""
+    preprocessor pads and normalises the batch). CUDA out of memory halves the batch and goes on (evaluator/batches.py)."""
     import torch
     from mmengine.dataset import pseudo_collate
     from torch.utils.data import DataLoader, Subset
 
     workers = int((cfg.get("val_dataloader") or {}).get("num_workers", 0))
-    samples: list[Any] = []
-    while len(samples) < len(indices):
-        rest = Subset(dataset, indices[len(samples):])
-        loader = DataLoader(rest, batch_size=batch_size, num_workers=workers, shuffle=False, collate_fn=pseudo_collate)
-        try:
-            for data in loader:
-                if lease_lost is not None and lease_lost.is_set():
-                    raise LeaseLost()
-                with torch.no_grad():
-                    samples.extend(model.test_step(data))
-        except torch.cuda.OutOfMemoryError as exc:
-            torch.cuda.empty_cache()
-            if batch_size == 1:
-                raise JobError("CUDA out of memory at batch size 1", retryable=True) from exc
-            batch_size = max(1, batch_size // 2)
-            log.warning("CUDA out of memory: batch size %d from now on", batch_size)
-        except (JobError, LeaseLost):
-            raise
-        except Exception as exc:
-            raise JobError(f"the model raised during inference: {type(exc).__name__}: {exc}", retryable=True) from exc
-    return samples
+
+    def batches_from(start: int, size: int) -> Iterator[list[Any]]:
+        rest = Subset(dataset, indices[start:])
+        for data in DataLoader(rest, batch_size=size, num_workers=workers, shuffle=False, collate_fn=pseudo_collate):
+            with torch.no_grad():
+                yield model.test_step(data)
+
+    return infer_halving(len(indices), batch_size, batches_from, torch.cuda.OutOfMemoryError, torch.cuda.empty_cache,
+                         lease_lost)
 
 
 def to_instances(sample: Any) -> Instances:
@@ -224,7 +213,8 @@ def subset_metrics(cfg: Any, dataset: Any, indices: list[int], samples: list[Any
         ann_file = metric_cfg.get("ann_file")
         if base is not None and isinstance(ann_file, str) and ann_file and not os.path.isabs(ann_file):
             metric_cfg["ann_file"] = str(base / ann_file)
-    try:
+
+    def evaluate() -> dict[str, Any]:
         evaluator = Evaluator(evaluator_cfg)
         evaluator.dataset_meta = dataset.metainfo
         image_ids = [dataset.get_data_info(i)["img_id"] for i in indices]
@@ -232,9 +222,6 @@ def subset_metrics(cfg: Any, dataset: Any, indices: list[int], samples: list[Any
             if hasattr(metric, "img_ids") and getattr(metric, "_coco_api", None) is not None:
                 metric.img_ids = image_ids
         evaluator.process(data_samples=samples, data_batch=None)
-        with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints its progress
-            metrics = evaluator.evaluate(len(samples))
-    except Exception as exc:  # the predictions are still worth showing
-        log.warning("subset evaluation failed: %s: %s", type(exc).__name__, exc)
-        return {"error": f"{type(exc).__name__}: {exc}"}
-    return {k: (float(v) if isinstance(v, (int, float, np.floating, np.integer)) else str(v)) for k, v in metrics.items()}
+        return evaluator.evaluate(len(samples))
+
+    return plain_metrics(evaluate)
