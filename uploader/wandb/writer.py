@@ -536,7 +536,8 @@ class WandbWriter:
                 log.warning("run %s: upload failed (%s); failure %d in a row; next try in %.0f s",
                             run.wandb_id, run.last_error, run.failures, run.retry_at - time.time())
         except Exception:  # e.g. the disk is full
-            log.exception("run %s: the failure could not be recorded; backing off in memory", run_id)
+            log.exception("run %s: upload failed (%s: %s) and the failure could not be recorded; backing off in memory",
+                          run_id, type(exc).__name__, exc)
             self._not_before[run_id] = time.time() + BACKOFF_BASE_S
         else:
             self._not_before.pop(run_id, None)
