@@ -4,6 +4,7 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+import sqlite3
 import time
 from pathlib import Path
 
@@ -110,3 +111,25 @@ def test_sigkill_mid_backfill_then_restart_uploads_every_row_once(real_logs, tmp
         steps = [row["_step"] for row in files.history]
         assert steps == list(range(1, len(steps) + 1)), "every step exactly once, in order, across segments"
         assert all(seg.has_exit for seg in files.segments), "the killed segment was dropped, not kept half-written"
+
+
+def test_watch_forgets_the_work_dirs_that_were_deleted(real_logs, tmp_path, watcher):
+    source = real_logs / ELTD
+    root, home = tmp_path / "work_dirs", tmp_path / "home"
+    for name in ("a", "b", "c"):
+        (root / name).mkdir(parents=True)
+        shutil.copyfile(source, root / name / source.name)
+    proc = watcher(home, root, "--segment-idle", "1", "--finish-after", "1")
+    rows = len(expected_rows(source))
+    wait_until(lambda: (home / "state.db").exists() and sum(r["rows_uploaded"] for w in status(home)["work_dirs"] for r in w["runs"]) == 3 * rows,
+               120, "every row uploaded", proc)
+    shutil.rmtree(root / "a")
+    shutil.rmtree(root / "b")
+
+    def gone() -> int:
+        with sqlite3.connect(home / "state.db") as db:
+            return db.execute("SELECT count(*) FROM problems WHERE kind = 'gone'").fetchone()[0]
+
+    wait_until(lambda: gone() == 2, 60, "the two deleted logs seen gone", proc)
+    output = stop(proc)
+    assert "2 logs gone; following 1 logs in 1 work_dirs (1 read as finished," in output, output
