@@ -16,6 +16,7 @@ events (the default) and with `--poll` (NFS/FUSE: no events). Targets, with even
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -24,6 +25,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 from benchmarks.report import isolated_env
@@ -86,18 +88,33 @@ def settled(home: Path) -> bool:
     return bool(runs) and all(r["rows_pending"] == 0 and r["segments_closed"] >= 1 for r in runs)
 
 
-def measure(root: Path, home: Path, poll: bool, windows: int, window_s: float, setup_timeout: float, settle_s: float) -> dict:
+@contextlib.contextmanager
+def uploaded_watch(root: Path, log_path: Path, home: Path, timeout_s: float, extra: tuple[str, ...] = ()) -> Iterator[tuple[subprocess.Popen, float]]:
+    """A real `watch` of `root`, once it uploaded everything (the process, the seconds that took); SIGTERM at the end
+    (SIGKILL after 120 s)."""
     command = [sys.executable, "-m", "mmdet_wandb.cli", "watch", str(root), "--segment-idle", "2", "--finish-after", "5",
-               "--log-level", "WARNING", *(["--poll"] if poll else [])]
-    log = (home.parent / f"watch-{'poll' if poll else 'events'}.log").open("wb")
-    watch = subprocess.Popen(command, env=isolated_env(home), cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        started = time.monotonic()
-        while not settled(home):
-            if watch.poll() is not None or time.monotonic() - started > setup_timeout:
-                raise RuntimeError(f"watch did not upload everything within {setup_timeout:.0f} s (exit {watch.poll()})")
-            time.sleep(2)
-        setup_s = time.monotonic() - started
+               "--log-level", "WARNING", *extra]
+    with log_path.open("wb") as log:
+        watch = subprocess.Popen(command, env=isolated_env(home), cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            started = time.monotonic()
+            while not settled(home):
+                if watch.poll() is not None or time.monotonic() - started > timeout_s:
+                    raise RuntimeError(f"watch did not upload everything within {timeout_s:.0f} s (exit {watch.poll()})")
+                time.sleep(2)
+            yield watch, time.monotonic() - started
+        finally:
+            os.killpg(watch.pid, signal.SIGTERM)
+            try:
+                watch.wait(timeout=120)
+            except subprocess.TimeoutExpired:
+                os.killpg(watch.pid, signal.SIGKILL)
+                watch.wait()
+
+
+def measure(root: Path, home: Path, poll: bool, windows: int, window_s: float, setup_timeout: float, settle_s: float) -> dict:
+    log_path = home.parent / f"watch-{'poll' if poll else 'events'}.log"
+    with uploaded_watch(root, log_path, home, setup_timeout, ("--poll",) if poll else ()) as (watch, setup_s):
         time.sleep(settle_s)  # idle: no work_dir active any more, wandb-core let go (uploader/loop.py, writer.py)
         results = []
         for _ in range(windows):
@@ -108,14 +125,6 @@ def measure(root: Path, home: Path, poll: bool, windows: int, window_s: float, s
             used, elapsed = cpu_seconds(pids) - before, time.monotonic() - t0
             results.append({"cpu_percent": 100 * used / elapsed, "rss_mb": rss_mb(pids), "processes": len(pids)})
         return {"mode": "poll" if poll else "events", "setup_s": setup_s, "windows": results}
-    finally:
-        os.killpg(watch.pid, signal.SIGTERM)
-        try:
-            watch.wait(timeout=120)
-        except subprocess.TimeoutExpired:
-            os.killpg(watch.pid, signal.SIGKILL)
-            watch.wait()
-        log.close()
 
 
 def main(argv: list[str]) -> int:

@@ -7,6 +7,7 @@ reader never waits for, or holds up, a writer.
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -18,6 +19,10 @@ SCHEMA_HEAD = "0010"  # the newest migration (a test keeps it equal to alembic's
 MIGRATION_LOCK = 0x6D6D6477  # PostgreSQL advisory lock key held while migrating ("mmdw")
 RECLAIM_SHARE = 0.25  # SQLite: the file is shrunk once this much of it is free pages ...
 RECLAIM_MIN_PAGES = 64  # ... and at least this many (256 KiB at 4 KiB pages)
+WAL_LIMIT_BYTES = 4 << 20  # SQLite: the WAL is cut to this at each reset (journal_size_limit) ...
+WAL_CHECKPOINT_BYTES = 256 << 10  # ... and checkpointed and cut to nothing after a burst that left more than this
+BUSY_TIMEOUT_MS = 30000  # a writer waits this long for another
+CHECKPOINT_WAIT_MS = 200  # how long a checkpoint waits for readers: it is tried again after the next burst
 
 
 def sqlite_url(path: Path) -> str:
@@ -93,9 +98,12 @@ class Database:
             session.rollback()
 
     def reclaim_space(self) -> None:
-        """SQLite: once a good part of the file is free pages (rows folded into spans), give them back to the
-        filesystem, keeping a few for the next rows to reuse. In a transaction of its own, stepped to the end
-        (`executescript`: the pragma frees one page per step). PostgreSQL's autovacuum does this by itself."""
+        """SQLite, after a burst of writes (a segment settled): once a good part of the file is free pages (rows
+        folded into spans), give them back to the filesystem, keeping a few for the next rows to reuse, in a
+        transaction of its own, stepped to the end (`executescript`: the pragma frees one page per step); and a
+        WAL the burst left is checkpointed and truncated, so that what the file gave back leaves the disk at once
+        and a reader that kept the auto-checkpoints from resetting the WAL does not let it grow (DESIGN 13).
+        PostgreSQL's autovacuum does this by itself."""
         if not self.is_sqlite:
             return
         raw = self.engine.raw_connection()  # no BEGIN of ours: the script runs in a transaction of its own
@@ -104,6 +112,8 @@ class Database:
             free = driver.execute("PRAGMA freelist_count").fetchone()[0]
             if free > max(RECLAIM_MIN_PAGES, RECLAIM_SHARE * driver.execute("PRAGMA page_count").fetchone()[0]):
                 driver.executescript(f"PRAGMA incremental_vacuum({free - RECLAIM_MIN_PAGES // 4})")
+            if _wal_bytes(driver) > WAL_CHECKPOINT_BYTES:
+                _truncate_wal(driver)
         finally:
             raw.close()
 
@@ -127,7 +137,8 @@ def _make_engine(url: str) -> Engine:
         cursor.execute("PRAGMA journal_mode=WAL")
         cursor.execute("PRAGMA synchronous=NORMAL")
         cursor.execute("PRAGMA foreign_keys=ON")
-        cursor.execute("PRAGMA busy_timeout=30000")
+        cursor.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
+        cursor.execute(f"PRAGMA journal_size_limit={WAL_LIMIT_BYTES}")
         cursor.close()
 
     @event.listens_for(engine, "begin")
@@ -141,6 +152,24 @@ _VERSION_TABLE = Table(  # alembic's own (alembic.runtime.migration), for stampi
     "alembic_version", MetaData(), Column("version_num", String(32), nullable=False),
     PrimaryKeyConstraint("version_num", name="alembic_version_pkc"),
 )
+
+
+def _wal_bytes(driver) -> int:  # type: ignore[no-untyped-def]
+    path = next((row[2] for row in driver.execute("PRAGMA database_list") if row[1] == "main"), "")
+    try:
+        return os.stat(f"{path}-wal").st_size if path else 0
+    except FileNotFoundError:
+        return 0
+
+
+def _truncate_wal(driver) -> None:  # type: ignore[no-untyped-def]
+    """Copy the WAL into the DB and cut it to nothing; a reader still on it makes this a partial checkpoint
+    (no error) after a short wait, not the writer's usual 30 s."""
+    driver.execute(f"PRAGMA busy_timeout={CHECKPOINT_WAIT_MS}")
+    try:
+        driver.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
+    finally:
+        driver.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
 
 
 def _revision(connection: Connection) -> str | None:
