@@ -57,6 +57,19 @@ setup_postgres_server() {
   fi
 }
 
+setup_container_engine() {
+  # tests/test_containers.py builds the images and runs the compose stack with podman (runc: crun cannot run on
+  # cgroup v1 hosts; debootstrap makes the local base where no registry is reachable).
+  if command -v podman >/dev/null && command -v runc >/dev/null && command -v debootstrap >/dev/null; then
+    return
+  fi
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq podman runc debootstrap >/dev/null
+  else
+    echo "note: no podman (apt-get install podman runc debootstrap): the container tests will be skipped" >&2
+  fi
+}
+
 case "${1:-}" in
   run)
     shift
@@ -84,6 +97,7 @@ case "${1:-}" in
     setup_eval
     setup_mmdet3
     setup_postgres_server
+    setup_container_engine
     exec "$venv/bin/python" -m pytest "$@"
     ;;
   *)

@@ -34,10 +34,12 @@ What is measured (one run of this script prints both, side by side with their ba
    sensitive than wall time to other load on the machine), and a per-phase breakdown of both sides
    (ours: setup, ingest, segment open incl. wandb.init, log, finish, wait for the exit record, verify;
    timed by wrappers set around those functions in the measuring child only; "ingest" counts the reading done
-   in that process, i.e. none when the backfill forked a reading process, uploader/reading.py, whose time is
+   in that process, i.e. none when the backfill forked a reading process, uploader/backfill_reader.py, whose time is
    its own, beside the uploads). The CPU seconds are the measuring process's, not its reading child's. ``--profile auto``
    (default) profiles one extra "ours" run with cProfile for every log below the target and prints
-   where the time goes (``--profile always|never``).
+   where the time goes (``--profile always|never``). ``--public-only`` adds a third side: ours with
+   ``MMDET_WANDB_WANDB_PUBLIC_ONLY=1`` (uploader/wandb/private_api.py: wandb's public API only, as on a wandb
+   version the fast paths were not verified on), reported beside ours as the fallback's cost.
 
 2. Live tail latency. The real ``python -m mmdet_wandb.cli watch ROOT`` runs as a subprocess (default
    options unless ``--poll-interval`` is given) on an empty temp root. The benchmark creates a work_dir
@@ -92,6 +94,7 @@ from typing import Any
 
 from benchmarks.checkpoint import write_checkpoint
 from benchmarks.report import children_cpu_seconds, exit_cleanly_on_sigterm, finite, isolated_env, row_counts
+from uploader.wandb.private_api import PUBLIC_ONLY_ENV
 
 REPO = Path(__file__).resolve().parents[1]
 REAL_LOGS = Path(os.environ.get("MMDET_WANDB_REAL_LOGS", REPO.parent / "shared" / "real_logs")).resolve()
@@ -366,7 +369,8 @@ def run_child(kind: str, spec: dict[str, Any], work: Path, timeout: float) -> di
     spec_path.write_text(json.dumps(spec), encoding="utf-8")
     cmd = [sys.executable, "-m", "benchmarks.backfill", "--_child", kind, "--_spec", str(spec_path)]
     try:  # subprocess.run kills the child on timeout or on any exception (Ctrl-C included)
-        proc = subprocess.run(cmd, env=isolated_env(home), cwd=REPO, capture_output=True, text=True, timeout=timeout)
+        env = {**isolated_env(home), **({PUBLIC_ONLY_ENV: "1"} if spec.get("public_only") else {})}
+        proc = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired as exc:
         raise ChildError(f"{kind} child timed out after {timeout:.0f} s") from exc
     if proc.returncode != 0:
@@ -391,17 +395,20 @@ def bench_backfill(args: argparse.Namespace, tmp: Path) -> list[dict[str, Any]]:
             raise ChildError(f"{label}: warm-up uploaded {warm['uploaded']} of {warm['rows']} rows")
         ours: list[dict[str, Any]] = []
         ceiling: list[dict[str, Any]] = []
+        public: list[dict[str, Any]] = []  # ours with the private fast paths off (--public-only)
+        sides = ("ours", "ceiling", *(("public",) if args.public_only else ()))
         for rep in range(args.repeat):
-            order = ("ours", "ceiling") if rep % 2 == 0 else ("ceiling", "ours")
-            for kind in order:
-                home = base / f"{kind}-{rep}"
+            order = sides if rep % 2 == 0 else sides[::-1]
+            for side in order:
+                kind = "ours" if side == "public" else side
+                home = base / f"{side}-{rep}"
                 spec = {"root": str(root), "home": str(home), "rows_in": str(rows_file),
-                        "exit_timeout_s": min(args.timeout, 300.0)}
+                        "exit_timeout_s": min(args.timeout, 300.0), "public_only": side == "public"}
                 result = run_child(kind, spec, base, args.timeout)
                 if result["rows"] != warm["rows"] or (kind == "ours" and result["uploaded"] != result["rows"]):
-                    raise ChildError(f"{label}: {kind} handled {result['rows']} rows, expected {warm['rows']}")
-                (ours if kind == "ours" else ceiling).append(result)
-                log(f"{label}: rep {rep + 1}/{args.repeat} {kind:7s} {result['seconds']:.3f} s")
+                    raise ChildError(f"{label}: {side} handled {result['rows']} rows, expected {warm['rows']}")
+                {"ours": ours, "ceiling": ceiling, "public": public}[side].append(result)
+                log(f"{label}: rep {rep + 1}/{args.repeat} {side:7s} {result['seconds']:.3f} s")
                 shutil.rmtree(home, ignore_errors=True)
         ours_s = statistics.median(r["seconds"] for r in ours)
         ours_phases = _phase_medians(ours, ours_side=True)
@@ -423,6 +430,9 @@ def bench_backfill(args: argparse.Namespace, tmp: Path) -> list[dict[str, Any]]:
             "flush_interval_s": ceiling[0]["flush_interval_s"], "writer_flush_interval_s": ours[0]["flush_interval_s"],
             "root": str(root),
         }
+        if public:
+            entry["public_seconds"] = statistics.median(r["seconds"] for r in public)
+            entry["public_phases_s"] = _phase_medians(public, ours_side=True)
         results.append(entry)
     return results
 
@@ -703,6 +713,13 @@ def render(report: dict[str, Any]) -> str:
         for e in backfill["logs"]:
             lines.append(f"  {e['log'][:44]:44s}       " + " ".join(f"{e['ours_phases_s'][n]:10.2f}" for n in OURS_PHASES)
                          + " |          " + " ".join(f"{e['ceiling_phases_s'][n]:10.2f}" for n in CEILING_PHASES))
+        if "public_seconds" in backfill["logs"][0]:
+            lines.append(f"the private fast paths off ({PUBLIC_ONLY_ENV}=1: run.log per row): median s, "
+                         "cost = public / ours; log phase ours -> public:")
+            for e in backfill["logs"]:
+                lines.append(f"  {e['log'][:44]:44s} ours {e['ours_seconds']:7.2f}  public {e['public_seconds']:7.2f}  "
+                             f"cost {e['public_seconds'] / e['ours_seconds']:5.2f}x  log {e['ours_phases_s']['log']:.2f} -> "
+                             f"{e['public_phases_s']['log']:.2f}")
         for text in backfill.get("profiles", {}).values():
             lines += ["", text.rstrip()]
     for key, title in (("live", "Live tail latency"), ("live_copy", "Live tail latency while a checkpoint is pinned by copy")):
@@ -747,6 +764,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--poll-interval", type=float, default=None, help="passed to watch (default: watch's own)")
     p.add_argument("--live-checkpoint-mb", type=int, default=1024, help="the checkpoint copied during the second live run; 0 skips that run")
     p.add_argument("--quick", action="store_true", help="CI: the smallest log once, 10 live lines, a 16 MiB checkpoint (that it runs, not how fast)")
+    p.add_argument("--public-only", action="store_true",
+                   help=f"also run ours with {PUBLIC_ONLY_ENV}=1 (wandb's public API only) and report its cost")
     p.add_argument("--skip-backfill", action="store_true")
     p.add_argument("--skip-live", action="store_true")
     p.add_argument("--json", action="store_true", help="print machine-readable results instead of the table")
@@ -757,6 +776,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.quick:
         args.logs, args.repeat, args.live_lines, args.live_checkpoint_mb = [args.logs[-1]], 1, 10, 16
+        args.public_only = True  # that the fallback runs and uploads every row too
     if args.repeat < 1 or args.live_lines < 1 or args.live_rate <= 0:
         p.error("--repeat, --live-lines and --live-rate must be positive")
     return args

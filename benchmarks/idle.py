@@ -104,12 +104,17 @@ def uploaded_watch(root: Path, log_path: Path, home: Path, timeout_s: float, ext
                 time.sleep(2)
             yield watch, time.monotonic() - started
         finally:
-            os.killpg(watch.pid, signal.SIGTERM)
-            try:
-                watch.wait(timeout=120)
-            except subprocess.TimeoutExpired:
-                os.killpg(watch.pid, signal.SIGKILL)
-                watch.wait()
+            terminate(watch)
+
+
+def terminate(watch: subprocess.Popen) -> None:
+    """SIGTERM to the service's process group (it closes its segments), SIGKILL after 120 s."""
+    os.killpg(watch.pid, signal.SIGTERM)
+    try:
+        watch.wait(timeout=120)
+    except subprocess.TimeoutExpired:
+        os.killpg(watch.pid, signal.SIGKILL)
+        watch.wait()
 
 
 def measure(root: Path, home: Path, poll: bool, windows: int, window_s: float, setup_timeout: float, settle_s: float) -> dict:

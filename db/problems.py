@@ -16,8 +16,9 @@ log = logging.getLogger("mmdet_wandb.problems")
 
 SCAN_KINDS = ("unreadable", "undecodable_name", "broken_symlink", "symlink_outside_root")
 """What a scan of a root finds (work_dir_id None): the next scan that does not find one resolves it."""
-READ_KINDS = ("unreadable", "reset", "ingest_error")
-"""About a log as a whole: the next read of it that goes through resolves them."""
+READ_KINDS = ("unreadable", "reset", "ingest_error", "hook_options")
+"""About a log as a whole: the next read of it that goes through resolves them (`hook_options`: a bad value in the
+hook entry held the log's run)."""
 
 
 def readable_path(path: str) -> str:

@@ -2,7 +2,7 @@
 pickle from a work_dir could run anything. What it may hold beyond tensors and builtin containers is an
 explicit allowlist of the globals real mmdet 2.x and MMEngine (3.x) checkpoints carry (found on the
 checkpoints the tests train: mmdet 2.x ones need none, MMEngine's the ones below); a checkpoint that needs
-another global is refused, naming it. `--trust-checkpoints` (evaluator/trust.py) loads with the full unpickler."""
+another global is refused, naming it. `--trust-checkpoints` (common/trust.py) loads with the full unpickler."""
 from __future__ import annotations
 
 import contextlib

@@ -1,6 +1,6 @@
 """What both adapters (mmdet2, mmdet3) take from a job the same way: the training config — the one inside the
 checkpoint (exactly what trained it), else the work_dir's dump — with its `custom_imports` imported when the
-operator allows them (evaluator/trust.py), and the hook's subset of the val set."""
+operator allows them (common/trust.py), and the hook's subset of the val set."""
 from __future__ import annotations
 
 import os
@@ -12,7 +12,7 @@ from common import checkpoint_file
 from common.records import subset_indices
 from db.jobs import ClaimedJob
 from evaluator.errors import JobError
-from evaluator.trust import Trust
+from common.trust import Trust
 
 
 def load_config(job: ClaimedJob, meta_key: str, config_class: Any, import_modules_from_strings: Callable[..., Any],

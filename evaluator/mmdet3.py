@@ -31,7 +31,7 @@ from evaluator.encoding import rle_text, segmentation_rle, stored_image
 from evaluator.batches import infer_halving
 from evaluator.errors import JobError
 from evaluator.metrics import plain_metrics
-from evaluator.trust import Trust
+from common.trust import Trust
 
 log = logging.getLogger("mmdet_wandb.evaluator")
 

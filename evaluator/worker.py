@@ -22,7 +22,7 @@ from db import jobs
 from db.jobs import ClaimedJob
 from db.session import Database
 from evaluator.errors import JobError, LeaseLost
-from evaluator.trust import Trust
+from common.trust import Trust
 
 log = logging.getLogger("mmdet_wandb.evaluator")
 
@@ -31,6 +31,22 @@ def default_device() -> str:
     import torch
 
     return "cuda:0" if torch.cuda.is_available() else "cpu"
+
+
+def missing_device(device: str) -> str | None:
+    """Why a CUDA device asked for is not here, checked at start: else every job would fail on it, be retried and
+    parked while the worker keeps polling (a CUDA evaluator started on a node or container without a GPU)."""
+    if not device.startswith("cuda"):
+        return None
+    import torch
+
+    if not torch.cuda.is_available():
+        return (f"--device {device}: torch sees no CUDA device here (no GPU, no driver, or a container started without one); "
+                "give it a GPU, or run with --device cpu")
+    index = device.partition(":")[2] or "0"
+    if not index.isdigit() or int(index) >= torch.cuda.device_count():
+        return f"--device {device}: only {torch.cuda.device_count()} CUDA device(s) visible here (cuda:0..)"
+    return None
 
 
 def default_worker_id() -> str:

@@ -3,19 +3,15 @@ from __future__ import annotations
 
 import enum
 import functools
-import inspect
 import json
 import logging
+import math
 import os
 import signal
 import sys
 import threading
-import time
-import typing
 from pathlib import Path
-from collections.abc import Callable
 from typing import TYPE_CHECKING, Annotated, Any, Optional
-from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import typer
 from rich.console import Console
@@ -32,16 +28,23 @@ from rich.table import Table
 from common import stacks
 from db import nodes
 from db.session import Database
-from mmdet_wandb import heartbeat, logs, paths, status, status_table
+from mmdet_wandb import heartbeat, logs, paths, settings, status, status_table
 from uploader import discovery, hook_options
 from uploader.ingest import FreshLaunch, IngestOptions
-from uploader.parsers import config_dump
+from uploader.parsers import config_source, log_header
 
 if TYPE_CHECKING:
-    from uploader.wandb.writer import WandbWriter
+    from uploader.loop import Loop
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__, pretty_exceptions_enable=False)
 err = status_table.console(sys.stderr)  # a terminal at its width (or COLUMNS), pipes get whole rows
+
+def _seconds(value: float) -> float:
+    """The timing flags: a finite number of seconds above 0 (click's ranges let nan through)."""
+    if not math.isfinite(value) or value <= 0:
+        raise typer.BadParameter(f"{value!r}: a finite number of seconds above 0 is expected")
+    return value
+
 
 class LogFormat(str, enum.Enum):
     TEXT = "text"
@@ -58,17 +61,19 @@ FreshOpt = Annotated[
 ]
 LogLevelOpt = Annotated[str, typer.Option(help="Log level: DEBUG, INFO, WARNING, ERROR")]
 LogFormatOpt = Annotated[LogFormat, typer.Option(help="Log lines as text, or one JSON object per line")]
-IncompleteAfterOpt = Annotated[float, typer.Option(help="Seconds a checkpoint may stay still but broken before it is marked incomplete")]
+IncompleteAfterOpt = Annotated[float, typer.Option(callback=_seconds, help="Seconds a checkpoint may stay still but broken before it is marked incomplete")]
 DeviceOpt = Annotated[Optional[str], typer.Option(help="cuda:N or cpu (default: cuda:0 when a GPU is visible, else cpu)")]
 NodeOpt = Annotated[Optional[str], typer.Option("--node", envvar="MMDET_WANDB_NODE", show_envvar=False, help="This uploader's name in a shared state DB: it reads and changes only its own rows (env: MMDET_WANDB_NODE; default: the host name)")]
 DatasetRootOpt = Annotated[Optional[list[Path]], typer.Option("--dataset-root", help="Where relative dataset paths of training configs are looked for first; repeatable (env: MMDET_WANDB_DATASET_ROOTS, separated by ':')")]
 JobsOpt = Annotated[Optional[int], typer.Option("--jobs", "-j", min=1, help="Processes that read and upload disjoint work_dirs, each with its own W&B client (default: half the cores, at most 8)")]
-LogTimezoneOpt = Annotated[Optional[str], typer.Option("--log-timezone", envvar="MMDET_WANDB_LOG_TIMEZONE", show_envvar=False, help="IANA zone of the training hosts, for the naive times in logs (env: MMDET_WANDB_LOG_TIMEZONE; config file: log_timezone; default: this machine's zone)")]
-WandbTimeoutOpt = Annotated[float, typer.Option("--wandb-timeout", envvar="MMDET_WANDB_TIMEOUT", show_envvar=False, help="Online: seconds one W&B start, finish or the artifact commits of a segment may take before it counts as failed (env: MMDET_WANDB_TIMEOUT)")]
-BatchSizeOpt = Annotated[int, typer.Option(help="Images per inference batch (halved on CUDA out of memory)")]
+LogTimezoneOpt = Annotated[Optional[str], typer.Option("--log-timezone", help="IANA zone of the training hosts, for the naive times in logs (env: MMDET_WANDB_LOG_TIMEZONE; config file: log_timezone; default: this machine's zone)")]
+WandbTimeoutOpt = Annotated[Optional[float], typer.Option("--wandb-timeout", help="Online: seconds one W&B start, finish or the artifact commits of a segment may take before it counts as failed (env: MMDET_WANDB_TIMEOUT; default: 60)", show_default=False)]
+MetricsPortOpt = Annotated[Optional[int], typer.Option("--metrics-port", help="Serve Prometheus metrics, /healthz and /readyz on this TCP port (env: MMDET_WANDB_METRICS_PORT; default: off)", show_default=False)]
+MetricsAddrOpt = Annotated[Optional[str], typer.Option("--metrics-addr", help="The address the metrics port listens on (env: MMDET_WANDB_METRICS_ADDR; default: 127.0.0.1)", show_default=False)]
+BatchSizeOpt = Annotated[int, typer.Option(min=1, help="Images per inference batch (halved on CUDA out of memory)")]
 # What code from the work_dirs the evaluator may run (CLI > env > config file > none; README "Security model")
-TrustCheckpointsOpt = Annotated[Optional[bool], typer.Option("--trust-checkpoints", envvar="MMDET_WANDB_TRUST_CHECKPOINTS", show_envvar=False, help="Load checkpoints with the full unpickler (weights_only=False), which runs any code a checkpoint holds (env: MMDET_WANDB_TRUST_CHECKPOINTS; config file: trust_checkpoints; default: the weights-only unpickler with an allowlist)", show_default=False)]
-TrustConfigsOpt = Annotated[Optional[bool], typer.Option("--trust-configs", envvar="MMDET_WANDB_TRUST_CONFIGS", show_envvar=False, help="Import whatever modules a config's custom_imports name (env: MMDET_WANDB_TRUST_CONFIGS; config file: trust_configs; default: only --allow-import's)", show_default=False)]
+TrustCheckpointsOpt = Annotated[Optional[bool], typer.Option("--trust-checkpoints", help="Load checkpoints with the full unpickler (weights_only=False), which runs any code a checkpoint holds (env: MMDET_WANDB_TRUST_CHECKPOINTS; config file: trust_checkpoints; default: the weights-only unpickler with an allowlist)", show_default=False)]
+TrustConfigsOpt = Annotated[Optional[bool], typer.Option("--trust-configs", help="Import whatever modules a config's custom_imports name (env: MMDET_WANDB_TRUST_CONFIGS; config file: trust_configs; default: only --allow-import's)", show_default=False)]
 AllowImportOpt = Annotated[Optional[list[str]], typer.Option("--allow-import", metavar="MODULE", help="A module (with its submodules) that a config's custom_imports may import; repeatable (env: MMDET_WANDB_ALLOW_IMPORT, comma-separated; config file: allow_import, a list)", show_default=False)]
 
 # The hook's options (CLI > MMDET_WANDB_<OPTION> > config file > MMDetWandbHook entry > defaults; see `config show`)
@@ -84,8 +89,15 @@ BboxScoreThrOpt = Annotated[Optional[float], typer.Option(help="Predicted boxes 
 
 
 def _fail(message: str) -> typer.Exit:
-    err.print(f"[red]error:[/red] {escape(message)}")
+    if not logs.report(f"error: {message}", logging.ERROR):
+        err.print(f"[red]error:[/red] {escape(message)}")
     return typer.Exit(2)
+
+
+def _tell(message: str) -> None:
+    """A command's own line on stderr: as text, or one JSON object with JSON logs."""
+    if not logs.report(message):
+        err.print(escape(message))
 
 
 _held: list[object] = []  # the uploader lock, held until the process ends
@@ -120,65 +132,42 @@ def _roots(given: list[Path]) -> list[Path]:
     return roots
 
 
-HOOK_FLAGS = {  # name → the typer parameter: what `with_hook_options` adds to watch, backfill and config show
-    "config": ConfigOpt, "project": ProjectOpt, "entity": EntityOpt, "init_kwargs": InitKwargsOpt, "interval": IntervalOpt,
-    "log_checkpoint": LogCheckpointOpt, "log_checkpoint_metadata": LogCheckpointMetadataOpt,
-    "num_eval_images": NumEvalImagesOpt, "bbox_score_thr": BboxScoreThrOpt,
-}
-HookFlags = Optional[dict]
-
-
-def with_hook_options(command: Callable[..., None]) -> Callable[..., None]:
-    """Give a command the hook's options as flags (typer has no parameter groups); the command receives them
-    as one dict, `hook_flags`, in place of its parameter of that name."""
-    hints = typing.get_type_hints(command, include_extras=True)
-    params = [p.replace(annotation=hints[p.name]) for p in inspect.signature(command).parameters.values()]
-    at = [p.name for p in params].index("hook_flags")
-    flags = [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=None, annotation=kind) for name, kind in HOOK_FLAGS.items()]
-    rest = [p.replace(kind=inspect.Parameter.KEYWORD_ONLY) if p.default is not inspect.Parameter.empty else p for p in params[at + 1:]]
-
-    @functools.wraps(command)
-    def wrapper(*args: Any, **kwargs: Any) -> None:
-        command(*args, hook_flags={name: kwargs.pop(name) for name in HOOK_FLAGS}, **kwargs)
-
-    parameters = params[:at] + flags + rest
-    wrapper.__signature__ = inspect.Signature(parameters, return_annotation=None)  # type: ignore[attr-defined]
-    wrapper.__annotations__ = {p.name: p.annotation for p in parameters}
-    return wrapper
-
-
-def _layers(home: paths.DataDir, flags: dict[str, Any]) -> hook_options.Layers:
+def _settings(home: paths.DataDir, hook: settings.HookFlags = settings.HookFlags(),
+              service: settings.ServiceFlags = settings.ServiceFlags()) -> settings.Settings:
     try:
-        init = hook_options.convert("init_kwargs", flags["init_kwargs"]) if flags["init_kwargs"] else {}
-        init.update({k: flags[k] for k in ("project", "entity") if flags[k]})
-        cli = {name: flags[name] for name in hook_options.OPTIONS if name != "init_kwargs"} | {"init_kwargs": init or None}
-        return hook_options.layers(cli, hook_options.find_file(flags["config"], home.path, os.environ))
-    except hook_options.HookOptionsError as exc:
+        return settings.load(home.path, hook, service)
+    except settings.SettingsError as exc:
         raise _fail(str(exc)) from None
 
 
-def _zone(name: str | None, layers: hook_options.Layers) -> ZoneInfo | None:
-    """--log-timezone (or its variable), else the config file's `log_timezone`, else `TZ` when it names an IANA
-    zone (compose passes it); None: this machine's zone."""
-    name = name or str(layers.file.get("log_timezone") or "")
-    if not name:
-        try:
-            return ZoneInfo(os.environ["TZ"].lstrip(":")) if os.environ.get("TZ") else None
-        except (ZoneInfoNotFoundError, ValueError):
-            return None  # a POSIX TZ string: the C library's local time reads it
-    try:
-        return ZoneInfo(name)
-    except (ZoneInfoNotFoundError, ValueError):
-        raise _fail(f"--log-timezone {name!r}: not an IANA time zone (e.g. Europe/Berlin, UTC)") from None
-
-
-def _writer(db: Database, home: paths.DataDir, layers: hook_options.Layers, **extra: float) -> WandbWriter:
-    """The W&B writer (imported here: wandb is the CLI's heaviest import, and status, doctor, ... need none)."""
+def _uploader(db: Database, home: paths.DataDir, roots: list[Path], config: settings.Settings, fresh_launch: FreshLaunch, *,
+              finish_idle_s: float, writer: dict[str, float], checkpoints: dict[str, float], loop: dict[str, Any]) -> Loop:
+    """The one way `watch` and `backfill` build their loop and its W&B writer (imported here: wandb is the CLI's
+    heaviest import, and status, doctor, ... need none)."""
+    from uploader.checkpoints import CheckpointOptions
+    from uploader.loop import Loop, LoopOptions
     from uploader.wandb.mode import resolve_mode
     from uploader.wandb.writer import WandbWriter, WriterOptions
 
-    options = WriterOptions(runs_dir=home.runs_dir, mode=resolve_mode(), layers=layers, media_dir=home.media_dir, **extra)
-    return WandbWriter(db, options)
+    options = WriterOptions(runs_dir=home.runs_dir, mode=resolve_mode(), layers=config.layers, media_dir=home.media_dir,
+                            wandb_timeout_s=config.wandb_timeout_s, **writer)
+    ckpt = CheckpointOptions(store_dir=home.store_dir, layers=config.layers, **checkpoints)
+    ingest = IngestOptions(fresh_launch=fresh_launch, finish_idle_s=finish_idle_s, layers=config.layers, log_timezone=config.log_timezone)
+    return Loop(db, WandbWriter(db, options), LoopOptions(roots=tuple(roots), ingest=ingest, checkpoints=ckpt, **loop))
+
+
+def _metrics(config: settings.Settings, db: Database, node: str | None, beat: Path) -> None:
+    """The metrics endpoint when a port is set; a port in use or an address that does not resolve stops the start."""
+    if config.metrics_port is None:
+        return
+    from mmdet_wandb import metrics
+
+    try:
+        _held.append(metrics.serve(config.metrics_addr, config.metrics_port, db, node, beat))
+    except OSError as exc:
+        raise _fail(f"--metrics-addr {config.metrics_addr} --metrics-port {config.metrics_port}: cannot listen: "
+                    f"{exc.strerror or exc}") from None
+    _tell(f"metrics on http://{config.metrics_addr}:{config.metrics_port}/metrics")
 
 
 def _stop_on_signals() -> threading.Event:
@@ -190,50 +179,48 @@ def _stop_on_signals() -> threading.Event:
 
 
 @app.command()
-@with_hook_options
 def watch(
     roots: Annotated[list[Path], typer.Argument(help="Work_dirs, or folders of work_dirs, to follow")],
     data_dir: DataDirOpt = None,
-    hook_flags: HookFlags = None,  # the hook's options: see with_hook_options
+    config_file: ConfigOpt = None, project: ProjectOpt = None, entity: EntityOpt = None, init_kwargs: InitKwargsOpt = None,
+    interval: IntervalOpt = None, log_checkpoint: LogCheckpointOpt = None, log_checkpoint_metadata: LogCheckpointMetadataOpt = None,
+    num_eval_images: NumEvalImagesOpt = None, bbox_score_thr: BboxScoreThrOpt = None,
     fresh_launch: FreshOpt = FreshLaunch.NEW_RUN,
     poll: Annotated[bool, typer.Option("--poll", help="No filesystem events (NFS, FUSE): poll and scan only")] = False,
-    scan_interval: Annotated[float, typer.Option(help="Seconds between full scans of the roots")] = 10.0,
-    poll_interval: Annotated[float, typer.Option(help="Seconds between stat checks of known logs")] = 0.5,
-    finish_after: Annotated[float, typer.Option(help="Seconds idle after which a log counts as finished")] = 600.0,
-    segment_idle: Annotated[float, typer.Option(help="Seconds idle after which a W&B segment is closed")] = 30.0,
-    checkpoint_settle: Annotated[float, typer.Option(help="Seconds a checkpoint must stay unchanged between two looks")] = 2.0,
+    scan_interval: Annotated[float, typer.Option(callback=_seconds, help="Seconds between full scans of the roots")] = 10.0,
+    poll_interval: Annotated[float, typer.Option(callback=_seconds, help="Seconds between stat checks of known logs")] = 0.5,
+    finish_after: Annotated[float, typer.Option(callback=_seconds, help="Seconds idle after which a log counts as finished")] = 600.0,
+    segment_idle: Annotated[float, typer.Option(callback=_seconds, help="Seconds idle after which a W&B segment is closed")] = 30.0,
+    checkpoint_settle: Annotated[float, typer.Option(callback=_seconds, help="Seconds a checkpoint must stay unchanged between two looks")] = 2.0,
     checkpoint_incomplete_after: IncompleteAfterOpt = 600.0,
-    wandb_timeout: WandbTimeoutOpt = 60.0,
+    wandb_timeout: WandbTimeoutOpt = None,
     log_timezone: LogTimezoneOpt = None,
     jobs: JobsOpt = None,
     node: NodeOpt = None,
+    metrics_port: MetricsPortOpt = None,
+    metrics_addr: MetricsAddrOpt = None,
     log_level: LogLevelOpt = "INFO",
     log_format: LogFormatOpt = LogFormat.TEXT,
 ) -> None:
     """Follow every work_dir under the roots, live, until SIGTERM or Ctrl-C. A backlog at start (16 work_dirs or
     more with unread lines) is caught up by `--jobs` processes first."""
     from uploader import shards
-    from uploader.checkpoints import CheckpointOptions
-    from uploader.loop import Loop, LoopOptions
 
+    hook = settings.HookFlags(config_file, project, entity, init_kwargs, interval, log_checkpoint, log_checkpoint_metadata,
+                              num_eval_images, bbox_score_thr)
     root_paths = _roots(roots)
     home, db = _setup(data_dir, root_paths, log_level, log_format, "uploader", node)
-    layers = _layers(home, hook_flags)
-    ckpt = CheckpointOptions(store_dir=home.store_dir, layers=layers, settle_s=checkpoint_settle,
-                             incomplete_after_s=checkpoint_incomplete_after)
-    writer = _writer(db, home, layers, segment_idle_s=segment_idle, wandb_timeout_s=wandb_timeout)
-    options = LoopOptions(
-        roots=tuple(root_paths),
-        ingest=IngestOptions(fresh_launch=fresh_launch, finish_idle_s=finish_after, layers=layers,
-                             log_timezone=_zone(log_timezone, layers)),
-        checkpoints=ckpt,
-        scan_interval_s=scan_interval,
-        poll_interval_s=poll_interval,
-        use_events=not poll,
-    )
+    config = _settings(home, hook, settings.ServiceFlags(log_timezone=log_timezone, wandb_timeout=wandb_timeout,
+                                                         metrics_port=metrics_port, metrics_addr=metrics_addr))
+    _metrics(config, db, db.node, home.heartbeat("uploader"))
+    uploader = _uploader(db, home, root_paths, config, fresh_launch, finish_idle_s=finish_after,
+                         writer={"segment_idle_s": segment_idle},
+                         checkpoints={"settle_s": checkpoint_settle, "incomplete_after_s": checkpoint_incomplete_after},
+                         loop={"scan_interval_s": scan_interval, "poll_interval_s": poll_interval, "use_events": not poll})
     stop = _stop_on_signals()
-    logging.getLogger("mmdet_wandb").info("watching %s (W&B mode %s, data in %s)", ", ".join(map(str, root_paths)), writer.options.mode, home.path)
-    uploader, beat = Loop(db, writer, options), heartbeat.Heartbeat(home.heartbeat("uploader")).beat
+    logging.getLogger("mmdet_wandb").info("watching %s (W&B mode %s, data in %s)", ", ".join(map(str, root_paths)),
+                                          uploader.writer.options.mode, home.path)
+    beat = heartbeat.Heartbeat(home.heartbeat("uploader")).beat
     shards.read_and_upload_in_shares(uploader, jobs or shards.default_jobs(), stop,
                                      functools.partial(logs.setup, log_level, log_format.value, "uploader"),
                                      min_work_dirs=shards.WATCH_CATCH_UP_MIN, on_tick=beat)
@@ -241,11 +228,12 @@ def watch(
 
 
 @app.command()
-@with_hook_options
 def backfill(
     roots: Annotated[list[Path], typer.Argument(help="Finished work_dirs, or folders of them")],
     data_dir: DataDirOpt = None,
-    hook_flags: HookFlags = None,  # the hook's options: see with_hook_options
+    config_file: ConfigOpt = None, project: ProjectOpt = None, entity: EntityOpt = None, init_kwargs: InitKwargsOpt = None,
+    interval: IntervalOpt = None, log_checkpoint: LogCheckpointOpt = None, log_checkpoint_metadata: LogCheckpointMetadataOpt = None,
+    num_eval_images: NumEvalImagesOpt = None, bbox_score_thr: BboxScoreThrOpt = None,
     evaluate: Annotated[bool, typer.Option("--evaluate", help="Run the eval jobs in this process too (needs the eval extra), so the tables go out in this pass")] = False,
     device: DeviceOpt = None,
     batch_size: BatchSizeOpt = 4,
@@ -257,7 +245,7 @@ def backfill(
     jobs: JobsOpt = None,
     progress: Annotated[bool, typer.Option(help="Show progress bars")] = True,
     checkpoint_incomplete_after: IncompleteAfterOpt = 10.0,
-    wandb_timeout: WandbTimeoutOpt = 60.0,
+    wandb_timeout: WandbTimeoutOpt = None,
     log_timezone: LogTimezoneOpt = None,
     node: NodeOpt = None,
     log_level: LogLevelOpt = "WARNING",
@@ -267,24 +255,20 @@ def backfill(
     cleanly with exit status 143, and running it again finishes the work)."""
     from mmdet_wandb import eval_runner
     from uploader import shards
-    from uploader.checkpoints import CheckpointOptions
-    from uploader.loop import Loop, LoopOptions
 
+    hook = settings.HookFlags(config_file, project, entity, init_kwargs, interval, log_checkpoint, log_checkpoint_metadata,
+                              num_eval_images, bbox_score_thr)
+    service = settings.ServiceFlags(log_timezone, trust_checkpoints, trust_configs, tuple(allow_import or ()) or None,
+                                    tuple(dataset_root or ()) or None, wandb_timeout)
     root_paths = _roots(roots)
     home, db = _setup(data_dir, root_paths, log_level, log_format, "backfill", node)
-    layers = _layers(home, hook_flags)
-    ckpt = CheckpointOptions(store_dir=home.store_dir, layers=layers, incomplete_after_s=checkpoint_incomplete_after)
-    writer = _writer(db, home, layers, wandb_timeout_s=wandb_timeout)
-    options = LoopOptions(
-        roots=tuple(root_paths),
-        ingest=IngestOptions(fresh_launch=fresh_launch, finish_idle_s=0.0, layers=layers, log_timezone=_zone(log_timezone, layers)),
-        checkpoints=ckpt,
-    )
-    uploader = Loop(db, writer, options)
+    config = _settings(home, hook, service)
+    uploader = _uploader(db, home, root_paths, config, fresh_launch, finish_idle_s=0.0, writer={},
+                         checkpoints={"incomplete_after_s": checkpoint_incomplete_after}, loop={})
+    writer = uploader.writer
     stop = _stop_on_signals()
     waiting: list[str] = []
-    workers = eval_runner.WorkerFlags(device, batch_size, _dataset_roots(dataset_root), hook_flags["config"],
-                                      _trust(layers.file, trust_checkpoints, trust_configs, allow_import)) if evaluate else None
+    workers = eval_runner.WorkerFlags(device, batch_size, config.dataset_roots, config.config_file, config.trust) if evaluate else None
     run_jobs = (lambda: waiting.extend(eval_runner.evaluate_all(db, home.path, workers, stop))) if workers else None
     started = shards.read_and_upload_in_shares(uploader, jobs or shards.default_jobs(), stop,
                                                functools.partial(logs.setup, log_level, log_format.value, "backfill"))
@@ -307,50 +291,27 @@ def backfill(
             uploader.backfill(on_progress, evaluate=run_jobs, stop=stop, warm_up=not started)
     status_table.print_status(db, as_json=False, out=err if log_format is LogFormat.TEXT else status_table.console(sys.stdout), node=db.node)
     for line in waiting:
-        err.print(line)
+        _tell(line)
     if writer.options.mode == "offline":
-        err.print(f"offline runs are in {home.runs_dir}; upload them with: wandb sync {home.runs_dir}/*/*/wandb/offline-run-*")
+        _tell(f"offline runs are in {home.runs_dir}; upload them with: wandb sync {home.runs_dir}/*/*/wandb/offline-run-*")
     if stop.is_set():
-        err.print("interrupted: what was read is stored and what was uploaded is closed; run backfill again to finish")
+        _tell("interrupted: what was read is stored and what was uploaded is closed; run backfill again to finish")
         raise typer.Exit(143)
     if writer.unreachable():
         pending = sum(r.rows_pending for w in status.collect(db, db.node) for r in w.runs)
-        err.print(f"W&B is unreachable ({writer.circuit.error}): {pending} row(s) stay pending; run backfill again "  # type: ignore[union-attr]
+        _tell(f"W&B is unreachable ({writer.circuit.error}): {pending} row(s) stay pending; run backfill again "  # type: ignore[union-attr]
                   "once it answers")
+        raise typer.Exit(1)
+    held = [p for p in status.problems(db, db.node) if p["kind"] == "hook_options" and p["resolved_at"] is None]
+    if held:
+        _tell(f"{len(held)} log(s) held by a bad value in their MMDetWandbHook entry (see above, or `config show`): "
+                  "nothing of them is uploaded until it is fixed")
         raise typer.Exit(1)
     failing = [r for w in status.collect(db, db.node) for r in w.runs if (r.rows_pending or r.artifacts_pending) and r.last_error]
     if failing:
-        err.print(f"{len(failing)} run(s) could not be uploaded (see the last error above); their rows and artifacts stay "
+        _tell(f"{len(failing)} run(s) could not be uploaded (see the last error above); their rows and artifacts stay "
                   "pending: run backfill again once the cause is fixed")
         raise typer.Exit(1)
-
-
-def _file_settings(home: paths.DataDir, config: Path | None) -> dict[str, Any]:
-    """The config file's values (--config, MMDET_WANDB_CONFIG, or the data dir's config.toml), for a command
-    without the hook's options."""
-    try:
-        path = hook_options.find_file(config, home.path, os.environ)
-        return hook_options.load_file(path) if path is not None else {}
-    except hook_options.HookOptionsError as exc:
-        raise _fail(str(exc)) from None
-
-
-def _trust(file: dict[str, Any], checkpoints: bool | None, configs: bool | None, imports: list[str] | None) -> Any:
-    """The evaluator's evaluator.trust.Trust: each flag (or its variable), else the config file's key, else none."""
-    from evaluator.trust import Trust
-
-    def file_flag(name: str) -> bool:
-        value = file.get(name, False)
-        if not isinstance(value, bool):
-            raise _fail(f"config file: {name} = {value!r}: true or false expected")
-        return value
-
-    def modules(value: Any) -> list[str]:  # a list of names, or a comma-separated string of them
-        return [str(m).strip() for m in (value.split(",") if isinstance(value, str) else value) if str(m).strip()]
-
-    listed = modules(imports or []) or modules(os.environ.get("MMDET_WANDB_ALLOW_IMPORT", "")) or modules(file.get("allow_import") or [])
-    return Trust(checkpoints=file_flag("trust_checkpoints") if checkpoints is None else checkpoints,
-                 configs=file_flag("trust_configs") if configs is None else configs, imports=tuple(listed))
 
 
 def _refuse_secrets() -> None:
@@ -360,48 +321,48 @@ def _refuse_secrets() -> None:
                     "(unset it, or --allow-secrets)")
 
 
-def _dataset_roots(given: list[Path] | None) -> tuple[Path, ...]:
-    """--dataset-root (repeatable), else MMDET_WANDB_DATASET_ROOTS (os.pathsep-separated)."""
-    if given:
-        return tuple(p.expanduser().absolute() for p in given)
-    return tuple(Path(p).expanduser().absolute() for p in os.environ.get("MMDET_WANDB_DATASET_ROOTS", "").split(os.pathsep) if p)
-
-
 @app.command()
 def evaluate(
     data_dir: DataDirOpt = None,
     device: DeviceOpt = None,
     batch_size: BatchSizeOpt = 4,
     exit_when_idle: Annotated[bool, typer.Option("--exit-when-idle", help="Stop once no job is queued or running (batch use)")] = False,
-    lease: Annotated[float, typer.Option(help="Seconds a claimed job stays ours without renewal (renewed every third of it)")] = 60.0,
-    poll: Annotated[float, typer.Option(help="Seconds between looks for a job when the queue is empty")] = 2.0,
+    lease: Annotated[float, typer.Option(callback=_seconds, help="Seconds a claimed job stays ours without renewal (renewed every third of it)")] = 60.0,
+    poll: Annotated[float, typer.Option(callback=_seconds, help="Seconds between looks for a job when the queue is empty")] = 2.0,
     dataset_root: DatasetRootOpt = None,
     stack: Annotated[Optional[str], typer.Option("--stack", help="mmdet2 or mmdet3: the stack this environment must have (./dev.sh picks the environment by it; default: the one installed)")] = None,
     trust_checkpoints: TrustCheckpointsOpt = None,
     trust_configs: TrustConfigsOpt = None,
     allow_import: AllowImportOpt = None,
     allow_secrets: Annotated[bool, typer.Option("--allow-secrets", help="Start even with WANDB_API_KEY in the environment (refused by default: this worker runs code from work_dirs)")] = False,
-    config: ConfigOpt = None,
+    config_file: ConfigOpt = None,
+    metrics_port: MetricsPortOpt = None,
+    metrics_addr: MetricsAddrOpt = None,
     log_level: LogLevelOpt = "INFO",
     log_format: LogFormatOpt = LogFormat.TEXT,
 ) -> None:
     """A worker: claims the eval jobs of the MMDetection stack installed here (mmdet 2.x or 3.x), runs each
     checkpoint on the val subset, stores predictions for the uploader."""
-    from evaluator.worker import Worker, WorkerOptions, default_device
+    from evaluator.worker import Worker, WorkerOptions, default_device, missing_device
 
     if not allow_secrets:
         _refuse_secrets()
+    if device and (missing := missing_device(device)):
+        raise _fail(missing)
     installed = stacks.installed()
     if installed is None or (stack is not None and stack != installed):
         raise _fail(f"this environment has {installed or 'no MMDetection stack'}{f', not {stack}' if stack else ''}: install one with "
                     "tools/install.sh VENV eval (mmdet 2.x) or tools/install.sh VENV mmdet3")
     home, db = _setup(data_dir, [], log_level, log_format, "evaluator")
-    trust = _trust(_file_settings(home, config), trust_checkpoints, trust_configs, allow_import)
+    config = _settings(home, settings.HookFlags(config=config_file), settings.ServiceFlags(
+        trust_checkpoints=trust_checkpoints, trust_configs=trust_configs, allow_import=tuple(allow_import or ()) or None,
+        dataset_roots=tuple(dataset_root or ()) or None, metrics_port=metrics_port, metrics_addr=metrics_addr))
+    _metrics(config, db, None, home.heartbeat("evaluator"))
     options = WorkerOptions(stack=installed, device=device or default_device(), batch_size=batch_size, lease_s=lease, poll_s=poll,
-                            exit_when_idle=exit_when_idle, dataset_roots=_dataset_roots(dataset_root), trust=trust)
+                            exit_when_idle=exit_when_idle, dataset_roots=config.dataset_roots, trust=config.trust)
     stop = _stop_on_signals()
     done = Worker(db, options).run(stop, on_tick=heartbeat.Heartbeat(home.heartbeat("evaluator")).beat)
-    err.print(f"worker {options.worker_id}: {done} job(s) done")
+    _tell(f"worker {options.worker_id}: {done} job(s) done")
 
 
 @app.command()
@@ -413,11 +374,11 @@ def requeue(
 ) -> None:
     """Give parked eval jobs a fresh set of attempts (after fixing what made them fail), or drop their pins."""
     from db import jobs
-    from uploader import eval_jobs
+    from uploader import eval_queue
 
     db = _existing_db(data_dir, node)
     if drop:
-        err.print(f"released the checkpoint pins of {eval_jobs.unlink(jobs.drop(db, job_ids or None))} dead job(s)")
+        err.print(f"released the checkpoint pins of {eval_queue.unlink(jobs.drop(db, job_ids or None))} dead job(s)")
         return
     requeued, unpinned = jobs.requeue(db, job_ids or None)
     err.print(f"requeued {requeued} job(s)")
@@ -431,7 +392,7 @@ def retry(
     data_dir: DataDirOpt = None,
 ) -> None:
     """Try runs that failed to upload again on the uploader's next pass, instead of after their backoff."""
-    from uploader.wandb.writer import retry_now
+    from db.segments import retry_now
 
     err.print(f"{retry_now(_existing_db(data_dir), runs or None)} run(s) will be tried on the next pass")
 
@@ -441,35 +402,55 @@ app.add_typer(config_app, name="config")
 
 
 @config_app.command("show")
-@with_hook_options
 def config_show(
     roots: Annotated[Optional[list[Path]], typer.Argument(help="Work_dirs (or folders of them) to show (default: every work_dir in the state DB)")] = None,
     data_dir: DataDirOpt = None,
-    hook_flags: HookFlags = None,  # the hook's options: see with_hook_options
+    config_file: ConfigOpt = None, project: ProjectOpt = None, entity: EntityOpt = None, init_kwargs: InitKwargsOpt = None,
+    interval: IntervalOpt = None, log_checkpoint: LogCheckpointOpt = None, log_checkpoint_metadata: LogCheckpointMetadataOpt = None,
+    num_eval_images: NumEvalImagesOpt = None, bbox_score_thr: BboxScoreThrOpt = None,
     as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output")] = False,
 ) -> None:
-    """The effective options of each work_dir and where each one comes from (given the same flags)."""
+    """The effective options of each work_dir and where each one comes from (given the same flags); what is not
+    used is marked: init_kwargs keys the service sets itself, and bad values of the hook entry (the run is held
+    until they are fixed). Exit 1 when a work_dir has a bad value."""
+    flags = settings.HookFlags(config_file, project, entity, init_kwargs, interval, log_checkpoint, log_checkpoint_metadata,
+                               num_eval_images, bbox_score_thr)
     home = paths.resolve(data_dir)
-    layers = _layers(home, hook_flags)
+    layers = _settings(home, flags).layers
     hooks = _hook_entries(_roots(roots)) if roots else _hook_entries_in_db(home)
-    resolved = {work_dir: hook_options.resolve(layers, hook, source) for work_dir, (hook, source) in hooks.items()}
+    resolved = {work_dir: hook_options.resolve(layers, hook, source) for work_dir, (hook, source, _) in hooks.items()}
+    errors = {work_dir: [f"{s.hook_source}: {e}" for e in s.errors] + ([hooks[work_dir][2]] if hooks[work_dir][2] else [])
+              for work_dir, s in resolved.items()}
     if as_json:
-        print(json.dumps({w: {"values": s.values, "sources": s.sources} for w, s in resolved.items()}, indent=2, default=str))
-        return
-    console = Console(width=None if sys.stdout.isatty() else 160)
+        print(json.dumps({w: {"values": s.values, "sources": s.sources, "errors": errors[w],
+                              "dropped": {k: f"set by the service (from {v})" for k, v in s.dropped.items()}}
+                          for w, s in resolved.items()}, indent=2, default=str))
+    else:
+        _print_options(resolved, errors)
+    if any(errors.values()):
+        raise typer.Exit(1)
+
+
+def _print_options(resolved: dict[str, hook_options.HookOptions], errors: dict[str, list[str]]) -> None:
+    console = status_table.console(sys.stdout)
     if not resolved:
         console.print("no work_dirs found")
     for work_dir, effective in resolved.items():
-        table = Table(title=work_dir, title_justify="left")
+        table = Table(title=escape(work_dir), title_justify="left")
         for column in ("option", "value", "from"):
             table.add_column(column, overflow="fold")
         for name in hook_options.OPTIONS:
             table.add_row(name, escape(json.dumps(effective.values[name], default=str)), escape(effective.sources[name]))
+        for key, origin in effective.dropped.items():
+            table.add_row(f"init_kwargs.{key}", "[yellow]dropped[/]", escape(f"{origin}: the service sets {key} itself"))
         console.print(table)
+        for message in errors[work_dir]:
+            console.print(f"[red]not valid:[/] {escape(message)}; the run is held until it is fixed")
 
 
-def _hook_entries(roots: list[Path]) -> dict[str, tuple[dict, str]]:
-    """The MMDetWandbHook entry of each work_dir's newest training config, read from the files."""
+def _hook_entries(roots: list[Path]) -> dict[str, tuple[dict, str, str | None]]:
+    """The MMDetWandbHook entry of each work_dir's newest training config, read from the files, and why the
+    config cannot be read (a dump that is not valid Python holds the run)."""
     newest: dict[Path, discovery.FoundLog] = {}
     for root in roots:
         for found in discovery.scan(root).logs:
@@ -477,13 +458,15 @@ def _hook_entries(roots: list[Path]) -> dict[str, tuple[dict, str]]:
                 newest[found.work_dir] = found
     entries = {}
     for work_dir, found in sorted(newest.items()):
-        config = config_dump.for_log(found)
+        lookup = config_source.find(found, log_header.read(found))
+        config = lookup.config
         hook = config.hook_options if config is not None else {}
-        entries[str(work_dir)] = (hook, f"hook in {config.name}" if config is not None and hook else "hook (none in the config)")
+        broken = f"{lookup.error_in}: {lookup.error}" if config is None and lookup.error is not None else None
+        entries[str(work_dir)] = (hook, f"MMDetWandbHook in {config.name}" if config is not None and hook else "hook (none in the config)", broken)
     return entries
 
 
-def _hook_entries_in_db(home: paths.DataDir) -> dict[str, tuple[dict, str]]:
+def _hook_entries_in_db(home: paths.DataDir) -> dict[str, tuple[dict, str, str | None]]:
     from sqlalchemy import select
 
     from db.models import Run, WorkDir
@@ -495,7 +478,7 @@ def _hook_entries_in_db(home: paths.DataDir) -> dict[str, tuple[dict, str]]:
             select(WorkDir.path, Run.hook_options_json, Run.config_name).join(Run, Run.work_dir_id == WorkDir.id).order_by(WorkDir.path, Run.launch)
         ):
             hook = json.loads(hook_json or "{}")
-            entries[path] = (hook, f"hook in {config_name}" if hook else "hook (none in the config)")
+            entries[path] = (hook, f"MMDetWandbHook in {config_name}" if hook else "hook (none in the config)", None)
     return entries
 
 
@@ -509,7 +492,7 @@ def doctor(
     whether the val annotations of runs with eval jobs to run resolve here."""
     from mmdet_wandb import doctor as checks
 
-    results = checks.run(paths.resolve(data_dir), [r.resolve() for r in roots or []], _dataset_roots(dataset_root))
+    results = checks.run(paths.resolve(data_dir), [r.resolve() for r in roots or []], _doctor_roots(dataset_root))
     console = Console(width=None if sys.stdout.isatty() else 160)
     table = Table(title="mmdet-wandb doctor")
     for column in ("check", "result", "detail"):
@@ -526,7 +509,7 @@ def doctor(
 def health(
     service: Annotated[str, typer.Argument(help="uploader or evaluator")],
     data_dir: DataDirOpt = None,
-    max_age: Annotated[float, typer.Option(help="Seconds since the service's last loop pass")] = 120.0,
+    max_age: Annotated[float, typer.Option(help="Seconds since the service's last loop pass")] = heartbeat.MAX_AGE_S,
 ) -> None:
     """Exit 0 when the service's loop passed within --max-age seconds (a container healthcheck)."""
     age = heartbeat.age(paths.resolve(data_dir).heartbeat(service))
@@ -534,6 +517,13 @@ def health(
         err.print(f"{service}: " + ("no heartbeat yet" if age is None else f"last loop pass {age:.0f} s ago"))
         raise typer.Exit(1)
     err.print(f"{service}: healthy (last loop pass {age:.1f} s ago)")
+
+
+def _doctor_roots(given: list[Path] | None) -> tuple[Path, ...]:
+    try:
+        return settings.service_value("dataset_roots", tuple(given or ()) or None, os.environ, {}, None)
+    except settings.SettingsError as exc:
+        raise _fail(str(exc)) from None
 
 
 def _existing_db(data_dir: Path | None, node: str | None = None) -> Database:
@@ -576,11 +566,13 @@ def main() -> None:
     try:
         app()
     except paths.DataDirError as exc:
-        err.print(f"[red]error:[/red] {escape(str(exc))}")
+        if not logs.report(f"error: {exc}", logging.ERROR):
+            err.print(f"[red]error:[/red] {escape(str(exc))}")
         sys.exit(2)
     except Exception as exc:  # typer.Exit and SystemExit pass through
         logging.getLogger("mmdet_wandb").debug("unhandled error", exc_info=True)
-        err.print(f"[red]error:[/red] {type(exc).__name__}: {exc}")
+        if not logs.report(f"error: {type(exc).__name__}: {exc}", logging.ERROR):
+            err.print(f"[red]error:[/red] {escape(f'{type(exc).__name__}: {exc}')}")
         sys.exit(1)
 
 

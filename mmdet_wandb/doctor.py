@@ -18,7 +18,7 @@ from common import checkpoint_file, dataset_paths
 from db import jobs
 from db.session import Database
 from mmdet_wandb.paths import DataDir
-from uploader.parsers import config_dump
+from uploader.parsers import config_settings
 from uploader.wandb.mode import resolve_mode
 
 log = logging.getLogger("mmdet_wandb.doctor")
@@ -65,7 +65,7 @@ def _val_annotations(home: DataDir, dataset_roots: tuple[Path, ...]) -> Iterator
                 text = (checkpoint_file.read_checkpoint_meta(handle) or {}).get("config") or text
         except OSError as exc:
             yield Check(name, "warn", f"{job.checkpoint_path}: {exc.strerror}: this node cannot read the job's checkpoint")
-        config = config_dump.load_text(text, job.config_name or "config.py") if isinstance(text, str) else None
+        config = config_settings.load_text(text, job.config_name or "config.py") if isinstance(text, str) else None
         val = (config.values.get("data") or {}).get("val") if config is not None else None
         if not isinstance(val, dict) or not isinstance(val.get("ann_file"), str):
             yield Check(name, "warn", "no data.val.ann_file in the training config (an mmdet 3.x or a wrapped dataset?)")

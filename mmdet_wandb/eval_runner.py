@@ -14,9 +14,8 @@ import sys
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-
 from common import stacks
+from common.trust import Trust
 from db import jobs
 from db.session import Database
 
@@ -34,7 +33,7 @@ class WorkerFlags:
     batch_size: int
     dataset_roots: tuple[Path, ...]
     config: Path | None  # backfill's --config: the worker process resolves its options from the same file
-    trust: Any  # evaluator.trust.Trust (the evaluator is imported only where it runs)
+    trust: Trust
 
 
 def evaluate_all(db: Database, data_dir: Path, flags: WorkerFlags, stop: threading.Event) -> list[str]:

@@ -4,6 +4,8 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+MAX_AGE_S = 120.0  # a service is healthy when its last loop pass is younger (`health --max-age`, /healthz)
+
 
 class Heartbeat:
     def __init__(self, path: Path, every_s: float = 5.0) -> None:

@@ -80,6 +80,16 @@ class JsonFormatter(logging.Formatter):
         return orjson.dumps(entry).decode()
 
 
+def report(message: str, level: int = logging.INFO) -> bool:
+    """With JSON logs, a command's own line (its summary, its error) as one JSON object on stderr, whatever the log
+    level, so that stderr stays JSON only; False when logs are text (the caller prints it as it is)."""
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, ServiceLogHandler) and isinstance(handler.formatter, JsonFormatter):
+            handler.handle(logging.LogRecord("mmdet_wandb.cli", level, __file__, 0, message, None, None))
+            return True
+    return False
+
+
 def setup(level: str, log_format: str, service: str) -> None:
     handler = ServiceLogHandler(secrets_in_env())
     if log_format == "json":

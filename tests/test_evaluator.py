@@ -496,3 +496,16 @@ def test_evaluate_refuses_to_start_holding_a_wandb_key(tmp_path):
     assert not home.exists(), "refused before touching the state"
     allowed = cli(home, "evaluate", "--exit-when-idle", "--device", "cpu", "--allow-secrets", WANDB_API_KEY=key)
     assert "0 job(s) done" in allowed.stderr
+
+
+def test_a_cuda_evaluator_without_a_gpu_fails_in_one_line(tmp_path):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is visible: the missing-GPU refusal needs a machine without one")
+    home = tmp_path / "home"
+    refused = cli(home, "evaluate", "--device", "cuda:0", check=False, timeout=120)  # no --exit-when-idle: it would poll
+    assert refused.returncode == 2, refused.stderr
+    (line,) = refused.stderr.strip().splitlines()
+    assert "--device cuda:0" in line and "no CUDA device" in line and "--device cpu" in line, line
+    assert not home.exists(), "refused before touching the state"

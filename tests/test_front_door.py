@@ -108,9 +108,10 @@ def test_help_and_status_fit_pipes_and_columns_and_json_logs_keep_stderr_json(tm
     assert "…" not in help_text and "--checkpoint-incomplete-after" in help_text and "MMDET_WANDB_BBOX_SCORE_THR" in help_text
     small_log(root / ("w" * 150))
     proc = cli(home, "backfill", str(root), "--log-format", "json")
-    loose = [line for line in proc.stderr.splitlines() if not line.startswith("{")]
-    assert not any("━" in line or "│" in line or "reading logs" in line for line in loose), proc.stderr  # no table, no bar
-    assert all(json.loads(line) for line in proc.stderr.splitlines() if line.startswith("{"))
+    lines = [json.loads(line) for line in proc.stderr.splitlines()]  # stderr is JSON only: no table, bar or plain line
+    assert any(line["msg"].startswith("offline runs are in ") for line in lines), proc.stderr
+    bad = cli(home, "backfill", str(root), "--log-format", "json", "--bbox-score-thr", "7", check=False)
+    assert bad.returncode == 2 and json.loads(bad.stderr)["msg"].startswith("error: --bbox-score-thr = 7.0"), bad.stderr
     assert "w" * 150 in cli(home, "status").stdout  # a pipe gets whole rows
     narrow = cli(home, "status", COLUMNS="60").stdout
     assert max(len(line) for line in narrow.splitlines()) <= 60

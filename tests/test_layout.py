@@ -3,6 +3,8 @@ share only `db` and `common` (so the uploader image installs without `evaluator/
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -143,3 +145,24 @@ def test_the_cycle_check_sees_a_lazy_import_back_inside_a_package(tmp_path: Path
     graph = {f"pkg.{p.stem}": imported_modules(p, modules, tmp_path) for p in package.glob("[!_]*.py")}
     assert graph == {"pkg.loop": {"pkg.shards"}, "pkg.shards": {"pkg.loop"}, "pkg.other": {"pkg.loop"}}
     assert cycles(graph) == [["pkg.loop", "pkg.shards"]]
+
+
+def test_the_cli_runs_where_the_evaluator_is_not_installed() -> None:
+    """The uploader image has no `evaluator/`: every CLI module imports, and `--help` runs, with it unimportable."""
+    blocker = (
+        "import importlib.abc, sys\n"
+        "class Block(importlib.abc.MetaPathFinder):\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name == 'evaluator' or name.startswith('evaluator.'):\n"
+        "            raise ModuleNotFoundError(f'No module named {name!r}')\n"
+        "sys.meta_path.insert(0, Block())\n"
+        "import pkgutil, importlib, mmdet_wandb\n"
+        "for m in pkgutil.iter_modules(mmdet_wandb.__path__):\n"
+        "    importlib.import_module('mmdet_wandb.' + m.name)\n"
+        "from mmdet_wandb.cli import main\n"
+        "sys.argv = ['mmdet-wandb', 'watch', '--help']\n"
+        "main()\n"
+    )
+    done = subprocess.run([sys.executable, "-c", blocker], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "Usage" in done.stdout

@@ -56,7 +56,7 @@ def test_the_hook_entry_is_read_from_a_real_mmdet_config(hooked_work_dir):
     shown = show(home, hooked_work_dir)
     for name in ("interval", "log_checkpoint", "log_checkpoint_metadata", "num_eval_images", "bbox_score_thr"):
         assert shown["values"][name] == hook[name], name
-        assert shown["sources"][name] == f"hook in {config.name}"
+        assert shown["sources"][name] == f"MMDetWandbHook in {config.name}"
     assert shown["values"]["init_kwargs"] == {"project": "from-hook", "tags": ["hook"]}
 
 
@@ -69,7 +69,7 @@ def test_each_level_of_precedence(hooked_work_dir, tmp_path):
     shown = show(home, hooked_work_dir)
     assert (shown["values"]["num_eval_images"], shown["sources"]["num_eval_images"]) == (4, f"file {home / 'config.toml'}")
     assert shown["values"]["init_kwargs"] == {"project": "from-file", "tags": ["hook"]}, "merged key by key"
-    assert shown["values"]["interval"] == 6 and shown["sources"]["interval"].startswith("hook in")
+    assert shown["values"]["interval"] == 6 and shown["sources"]["interval"].startswith("MMDetWandbHook in")
 
     env = {"MMDET_WANDB_NUM_EVAL_IMAGES": "5", "WANDB_PROJECT": "from-env"}
     shown = show(home, hooked_work_dir, **env)
@@ -88,7 +88,7 @@ def test_each_level_of_precedence(hooked_work_dir, tmp_path):
     assert shown["sources"]["log_checkpoint_metadata"] == f"file {yaml_file}", "--config beats <data dir>/config.toml"
 
     bad = cli(home, "config", "show", str(hooked_work_dir.parent), "--json", check=False, MMDET_WANDB_NUM_EVAL_IMAGES="many")
-    assert bad.returncode == 2 and "num_eval_images: 'many'" in bad.stderr
+    assert bad.returncode == 2 and "MMDET_WANDB_NUM_EVAL_IMAGES = 'many': an integer is expected" in bad.stderr
 
 
 def test_a_backfill_behaves_as_the_hook_entry_says(hooked_work_dir, tmp_path):

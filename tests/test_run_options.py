@@ -17,14 +17,19 @@ HOOK = (
 )
 
 
-@pytest.fixture
-def hooked_work_dir(real_logs: Path, tmp_path: Path) -> Path:
-    """A real work_dir whose dumped config names MMDetWandbHook, as a user who configured the hook has."""
+def balloon_with(real_logs: Path, tmp_path: Path, log_config: str) -> Path:
+    """A copy of a real work_dir whose dumped config ends with `log_config` (an MMDetWandbHook entry)."""
     work_dir = tmp_path / "work_dirs" / "balloon"
     shutil.copytree(real_logs / BALLOON, work_dir)
     config = work_dir / "mask_rcnn_r50_caffe_fpn_mstrain-poly_1x_balloon.py"
-    config.write_text(config.read_text() + HOOK)
+    config.write_text(config.read_text() + log_config)
     return work_dir
+
+
+@pytest.fixture
+def hooked_work_dir(real_logs: Path, tmp_path: Path) -> Path:
+    """A real work_dir whose dumped config names MMDetWandbHook, as a user who configured the hook has."""
+    return balloon_with(real_logs, tmp_path, HOOK)
 
 
 def run_record(home: Path, runs_dir: Path | None = None) -> wandb_reader.OfflineRun:

@@ -1,16 +1,19 @@
 """The writer's use of wandb internals stays equal to the public API it stands for."""
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import wandb
+from PIL import Image
 
 from common import checkpoint_file
-from uploader.wandb import history_batch
-from uploader.wandb.artifacts import add_hashed_file
+from common.records import Instances
+from uploader.wandb import history_batch, private_api
+from uploader.wandb.artifacts import ValMedia, ValRow, add_hashed_file, prediction_artifact, val_artifact, val_entries
 from uploader.wandb.reader import iter_records, wait_for_exit
 
 ROWS = [  # what the parsers hand over: floats, ints, NaN and infinities, an `iter`/`epoch` axis, a time
@@ -33,7 +36,7 @@ def offline_wandb(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[P
 def _init(root: Path, run_id: str) -> Any:
     directory = root / run_id
     directory.mkdir()
-    return wandb.init(dir=directory, project="batch-test", id=run_id, settings=wandb.Settings(
+    return wandb.init(dir=directory, project="batch-test", id=run_id, settings=private_api.settings(
         mode="offline", console="off", silent=True, x_disable_stats=True, x_save_requirements=False,
         disable_git=True, reinit="create_new",
     ))
@@ -52,18 +55,31 @@ def _history(records: list[Any]) -> list[tuple[int, dict[str, str]]]:
             for r in records if r.HasField("history")]
 
 
-def test_batched_rows_are_the_records_run_log_writes(offline_wandb: Path) -> None:
-    """The pinned client is one that `batched` knows (if an upgrade changes its internals, this fails rather
-    than every row silently going on its own again), and what it writes equals plain `run.log`."""
+def test_the_path_each_wandb_version_takes(offline_wandb: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A verified wandb takes the fast path (if its internals changed, this fails rather than every row
+    silently going on its own again); any other, or the public path forced, takes `run.log` per row."""
+    run = _init(offline_wandb, "which")
+    verified = wandb.__version__ in private_api.VERIFIED
+    assert history_batch.supported(run) is verified is private_api.enabled()
+    monkeypatch.setenv(private_api.PUBLIC_ONLY_ENV, "1")
+    assert not private_api.enabled() and not history_batch.supported(run)
+    _finish(run)
+
+
+@pytest.mark.parametrize("public_only", ["0", "1"])
+def test_batched_rows_are_the_records_run_log_writes(offline_wandb: Path, monkeypatch: pytest.MonkeyPatch,
+                                                     public_only: str) -> None:
+    """What `batched` writes equals plain `run.log`, on the fast path and on the public one."""
+    monkeypatch.setenv(private_api.PUBLIC_ONLY_ENV, public_only)
     plain, batched = _init(offline_wandb, "plain"), _init(offline_wandb, "batched")
-    assert history_batch.supported(batched)
     for step, row in enumerate(ROWS):
         plain.log(dict(row), step=step, commit=True)
     plain.summary.update({"after": 1})
     with history_batch.batched(batched):
         for step, row in enumerate(ROWS):
             batched.log(dict(row), step=step, commit=True)
-        assert "_publish" in vars(batched._interface), "the rows are being collected"
+        collecting = "_publish" in vars(batched._interface)
+        assert collecting is private_api.enabled(), "the rows are collected exactly on the fast path"
     assert not {"_publish", "_deliver"} & vars(batched._interface).keys(), "the client's own methods are back"
     batched.summary.update({"after": 1})
     plain_records, batched_records = _finish(plain), _finish(batched)
@@ -91,6 +107,8 @@ def test_a_request_inside_a_batch_goes_after_the_rows_before_it(offline_wandb: P
 
 
 def test_a_failed_block_sends_no_more_and_gives_the_client_back(offline_wandb: Path) -> None:
+    """The fast path sends nothing of a failed block; the public one has sent each row as it was logged (the
+    writer discards the segment either way)."""
     run = _init(offline_wandb, "failed")
     with pytest.raises(RuntimeError, match="mid-batch"):
         with history_batch.batched(run):
@@ -98,10 +116,12 @@ def test_a_failed_block_sends_no_more_and_gives_the_client_back(offline_wandb: P
             raise RuntimeError("mid-batch")
     assert not {"_publish", "_deliver"} & vars(run._interface).keys()
     run.log({"a": 2.0}, step=1)  # after the block: one by one, through the client's own path
-    assert [step for step, _ in _history(_finish(run))] == [1]
+    assert [step for step, _ in _history(_finish(run))] == ([1] if private_api.enabled() else [0, 1])
 
 
-def test_adding_a_hashed_file_equals_add_file(tmp_path: Path, monkeypatch) -> None:
+@pytest.mark.parametrize("public_only", ["0", "1"])
+def test_adding_a_hashed_file_equals_add_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, public_only: str) -> None:
+    monkeypatch.setenv(private_api.PUBLIC_ONLY_ENV, public_only)
     monkeypatch.setenv("WANDB_DATA_DIR", str(tmp_path / "data"))
     path = tmp_path / "epoch_3.pth"
     path.write_bytes(b"checkpoint bytes " * 10_000)
@@ -113,3 +133,32 @@ def test_adding_a_hashed_file_equals_add_file(tmp_path: Path, monkeypatch) -> No
     assert ours.manifest.to_manifest_json() == public.manifest.to_manifest_json()
     assert ours.digest == public.digest
     assert ours.manifest.entries["epoch_3.pth"].skip_cache is True, "no second copy in wandb's artifact cache"
+
+
+@pytest.mark.parametrize("public_only", ["0", "1"])
+def test_a_prediction_table_references_the_val_images_or_holds_its_copy(offline_wandb: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                        public_only: str) -> None:
+    """The fast path makes the prediction artifact reference the val artifact's image (recipe C); the public
+    one copies it into the artifact. Either way each image cell of the table names an entry of the artifact."""
+    monkeypatch.setenv(private_api.PUBLIC_ONLY_ENV, public_only)
+    image = offline_wandb / "media" / "00000" / "a.png"
+    image.parent.mkdir(parents=True)
+    Image.new("RGB", (8, 6), "red").save(image)
+    media = ValMedia(1, "d" * 64, image.parents[1], ["cat"], [ValRow(0, "a.png", image, 8, 6, Instances([[1, 1, 5, 4]], [0]), {})])
+    run = _init(offline_wandb, "tables")
+    val = val_artifact(media)
+    run.log_artifact(val)
+    record = {"client_id": private_api.client_id(val), **val_entries(val, media)}
+    predicted = Instances([[0, 0, 4, 4]], [0], scores=[0.9])
+    prediction = prediction_artifact("run_tables_pred", media, [predicted], record["client_id"], record, {})
+    run.log_artifact(prediction)
+    entries = prediction.manifest.entries
+    images = {path: entry.ref for path, entry in entries.items() if path.startswith("media/images/")}
+    if private_api.enabled():
+        assert images == {path: f"wandb-client-artifact://{val._client_id}/{path}" for path in images} != {}
+    else:
+        assert record["client_id"] is None and list(images.values()) == [None], "one local copy of the image"
+    table = json.loads(Path(entries["eval_data.table.json"].local_path).read_text())
+    cells = [cell["path"] for row in table["data"] for cell in row[1:]]
+    assert len(cells) == 2 and set(cells) <= images.keys()
+    _finish(run)

@@ -36,7 +36,7 @@ from db.session import Database, node_of
 from uploader.background import Background
 from uploader import hook_options
 from uploader.ingest import work_dir_row
-from uploader.parsers import config_dump
+from uploader.parsers import config_settings
 
 log = logging.getLogger("mmdet_wandb.checkpoints")
 
@@ -385,7 +385,7 @@ def _evaluation(session: Session, run: Run, row: Checkpoint) -> Any:
 @functools.lru_cache(maxsize=64)
 def _eval_interval(config_text: str, name: str) -> int | None:
     """Evaluated once per config: waiting checkpoints ask on every pass of the loop."""
-    config = config_dump.load_text(config_text, name)
+    config = config_settings.load_text(config_text, name)
     return config.eval_interval if config is not None else None
 
 

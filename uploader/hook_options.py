@@ -9,6 +9,7 @@ layers once, the uploader resolves them for each run from the hook entry stored 
 from __future__ import annotations
 
 import json
+import math
 import os
 import tomllib
 from collections.abc import Mapping
@@ -18,16 +19,39 @@ from typing import Any
 
 import yaml
 
-#: name → (type, the hook's default). `interval` None: every train row the text log has (the hook's
-#: default is log_config.interval, the text log's own interval).
-OPTIONS: dict[str, tuple[type, Any]] = {
-    "init_kwargs": (dict, {}),
-    "interval": (int, None),
-    "log_checkpoint": (bool, False),
-    "log_checkpoint_metadata": (bool, False),
-    "num_eval_images": (int, 100),
-    "bbox_score_thr": (float, 0.3),
+@dataclass(frozen=True)
+class Option:
+    """One of the hook's options: its type, the hook's default, and the range every level is checked against."""
+
+    kind: type
+    default: Any
+    low: float | None = None  # the smallest value allowed (numbers)
+    high: float | None = None  # the largest value allowed (numbers)
+
+    def check(self, value: Any) -> str | None:
+        """Why `value` (already of `kind`) is out of range; None when it is fine."""
+        if self.kind is float and not math.isfinite(value):
+            return "a finite number is expected"
+        if self.low is not None and self.high is not None and not self.low <= value <= self.high:
+            return f"it must be between {self.low:g} and {self.high:g}"
+        if self.low is not None and value < self.low:
+            return f"it must be {self.low:g} or more"
+        return None
+
+
+#: The hook's options. `interval` None: every train row the text log has (the hook's default is
+#: log_config.interval, the text log's own interval).
+OPTIONS: dict[str, Option] = {
+    "init_kwargs": Option(dict, {}),
+    "interval": Option(int, None, low=1),
+    "log_checkpoint": Option(bool, False),
+    "log_checkpoint_metadata": Option(bool, False),
+    "num_eval_images": Option(int, 100, low=0),
+    "bbox_score_thr": Option(float, 0.3, low=0.0, high=1.0),
 }
+#: wandb.init arguments the service sets itself (one run id per launch, its own folder and mode): a layer's value
+#: for one of them is dropped, and `config show` says so.
+RESERVED_INIT_KWARGS = frozenset({"id", "resume", "dir", "reinit", "settings", "mode", "config", "resume_from", "fork_from"})
 #: Options of the service itself that the config file may set too (the CLI flag and its variable come first);
 #: kept as the file has them, for the command that reads them to check.
 SERVICE_OPTIONS = ("log_timezone", "trust_checkpoints", "trust_configs", "allow_import")
@@ -52,10 +76,15 @@ class Layers:
 
 @dataclass(frozen=True)
 class HookOptions:
-    """Effective options of one work_dir, each with where it came from."""
+    """Effective options of one work_dir, each with where it came from; `errors`: values of the hook entry that no
+    higher level overrides and that are not valid (the run is held until they are fixed); `dropped`: init_kwargs
+    keys the service sets itself, with the level that tried."""
 
     values: dict[str, Any]
     sources: dict[str, str]
+    errors: tuple[str, ...] = ()
+    dropped: dict[str, str] = field(default_factory=dict)
+    hook_source: str = "hook"  # where `errors` were found
 
     @property
     def init_kwargs(self) -> dict[str, Any]:
@@ -84,11 +113,15 @@ class HookOptions:
 
 
 def resolve(layers: Layers, hook: Mapping[str, Any] | None, hook_source: str = "hook") -> HookOptions:
-    named = [("cli", layers.cli), ("env", layers.env), (f"file {layers.file_path}", layers.file),
-             (hook_source, _hook_layer(hook or {}))]
+    """One precedence for every option: CLI > environment > config file > hook entry > the hook's default. A bad
+    value in the hook entry is an error unless a higher level sets that option (the hook itself would refuse to
+    start): the service never guesses what the user meant."""
+    hook_values, hook_errors = _hook_layer(hook or {})
+    named = [("cli", layers.cli), ("env", layers.env), (f"file {layers.file_path}", layers.file), (hook_source, hook_values)]
     values: dict[str, Any] = {}
     sources: dict[str, str] = {}
-    for name, (_, default) in OPTIONS.items():
+    errors = [message for name, message in hook_errors.items() if not any(name in layer for _, layer in named[:3])]
+    for name, option in OPTIONS.items():
         if name == "init_kwargs":
             merged: dict[str, Any] = {}
             origin: dict[str, str] = {}
@@ -96,63 +129,84 @@ def resolve(layers: Layers, hook: Mapping[str, Any] | None, hook_source: str = "
                 for key, value in (layer.get("init_kwargs") or {}).items():
                     merged[key] = value
                     origin[key] = label
-            values[name] = merged
-            sources[name] = ", ".join(f"{k}: {v}" for k, v in sorted(origin.items())) or "default"
+            dropped = {key: origin[key] for key in sorted(merged) if key in RESERVED_INIT_KWARGS}
+            values[name] = {key: value for key, value in merged.items() if key not in dropped}
+            sources[name] = ", ".join(f"{k}: {v}" for k, v in sorted(origin.items()) if k not in dropped) or "default"
             continue
-        values[name], sources[name] = default, "default"
+        values[name], sources[name] = option.default, "default"
         for label, layer in named:
             if name in layer:
                 values[name], sources[name] = layer[name], label
                 break
-    return HookOptions(values, sources)
+    return HookOptions(values, sources, tuple(errors), dropped, hook_source)
 
 
-def _hook_layer(hook: Mapping[str, Any]) -> dict[str, Any]:
-    """The hook entry's options we know, converted; anything malformed is ignored (the default applies)."""
-    layer = {}
+def _hook_layer(hook: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, str]]:
+    """The hook entry's options we know, converted, and the message for each one that is not valid."""
+    layer, errors = {}, {}
     for name in OPTIONS:
         if name in hook:
             try:
                 layer[name] = convert(name, hook[name])
-            except HookOptionsError:
-                continue
-    return layer
+            except HookOptionsError as exc:
+                errors[name] = str(exc)
+    return layer, errors
 
 
-def convert(name: str, value: Any) -> Any:
-    """A value from any layer → the option's type; strings (environment) are parsed."""
-    kind = OPTIONS[name][0]
+def convert(name: str, value: Any, where: str | None = None) -> Any:
+    """A value from any level → the option's type, checked against its range; strings (environment) are parsed.
+    `where` names the value as its level does (`--interval`, `MMDET_WANDB_INTERVAL`, `config file X: interval`)."""
+    option = OPTIONS[name]
     try:
-        if kind is dict:
-            parsed = json.loads(value) if isinstance(value, str) else value
-            if not isinstance(parsed, dict):
-                raise ValueError("a mapping is expected")
-            return dict(parsed)
-        if kind is bool:
-            if isinstance(value, str) and value.strip().lower() in TRUE | FALSE:
-                return value.strip().lower() in TRUE
-            if isinstance(value, bool):
-                return value
-            raise ValueError("true or false is expected")
-        if kind is int:
-            if value is None or isinstance(value, bool):
-                raise ValueError("an integer is expected")
-            number = int(value)
-            if number < 0:
-                raise ValueError("it must be 0 or more")
-            return number
-        return float(value)
+        converted = _typed(option.kind, value)
+        reason = option.check(converted) if converted is not None else None
     except (TypeError, ValueError) as exc:
-        raise HookOptionsError(f"{name}: {value!r}: {exc}") from None
+        reason = str(exc)
+    if reason is not None:
+        raise HookOptionsError(f"{where or name} = {value!r}: {reason}")
+    return converted
+
+
+def _typed(kind: type, value: Any) -> Any:
+    if kind is dict:
+        try:
+            parsed = json.loads(value) if isinstance(value, str) else value
+        except json.JSONDecodeError:
+            parsed = None
+        if not isinstance(parsed, dict):
+            raise ValueError("a mapping is expected (a dict; as text, a JSON object)")
+        return dict(parsed)
+    if kind is bool:
+        if isinstance(value, str) and value.strip().lower() in TRUE | FALSE:
+            return value.strip().lower() in TRUE
+        if isinstance(value, bool):
+            return value
+        raise ValueError("true or false is expected")
+    if isinstance(value, bool) or value is None or (isinstance(value, float) and kind is int):
+        raise ValueError("an integer is expected" if kind is int else "a number is expected")
+    if kind is int:
+        try:
+            return int(value)
+        except ValueError:
+            raise ValueError("an integer is expected") from None
+    try:
+        return float(value)
+    except ValueError:
+        raise ValueError("a number is expected") from None
+
+
+def env_name(name: str) -> str:
+    return ENV_PREFIX + name.upper()
 
 
 def from_env(environ: Mapping[str, str]) -> dict[str, Any]:
-    """`MMDET_WANDB_<OPTION>` for each option, and WANDB_PROJECT/WANDB_ENTITY as init_kwargs."""
+    """`MMDET_WANDB_<OPTION>` for each option, and WANDB_PROJECT/WANDB_ENTITY as init_kwargs; an error names the
+    variable."""
     layer: dict[str, Any] = {}
     for name in OPTIONS:
-        raw = environ.get(ENV_PREFIX + name.upper())
+        raw = environ.get(env_name(name))
         if raw is not None and raw != "":
-            layer[name] = convert(name, raw)
+            layer[name] = convert(name, raw, env_name(name))
     wandb_keys = {key: environ[env] for key, env in (("project", "WANDB_PROJECT"), ("entity", "WANDB_ENTITY")) if environ.get(env)}
     if wandb_keys:
         layer["init_kwargs"] = {**layer.get("init_kwargs", {}), **wandb_keys}
@@ -160,7 +214,8 @@ def from_env(environ: Mapping[str, str]) -> dict[str, Any]:
 
 
 def load_file(path: Path) -> dict[str, Any]:
-    """A TOML or YAML file of options (the hook's names; `init_kwargs` a table/mapping)."""
+    """A TOML or YAML file of options (the hook's names; `init_kwargs` a table/mapping); an error names the file
+    and the key."""
     try:
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
@@ -168,7 +223,7 @@ def load_file(path: Path) -> dict[str, Any]:
     try:
         data = tomllib.loads(text) if path.suffix == ".toml" else yaml.safe_load(text)
     except (tomllib.TOMLDecodeError, yaml.YAMLError) as exc:
-        raise HookOptionsError(f"config file {path}: {exc}") from None
+        raise HookOptionsError(f"config file {path}: {' '.join(str(exc).split())}") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -176,7 +231,7 @@ def load_file(path: Path) -> dict[str, Any]:
     unknown = sorted(set(data) - set(OPTIONS) - set(SERVICE_OPTIONS))
     if unknown:
         raise HookOptionsError(f"config file {path}: unknown option(s) {', '.join(unknown)}; known: {', '.join([*OPTIONS, *SERVICE_OPTIONS])}")
-    return {name: convert(name, value) if name in OPTIONS else value for name, value in data.items()}
+    return {name: convert(name, value, f"config file {path}: {name}") if name in OPTIONS else value for name, value in data.items()}
 
 
 def find_file(given: Path | None, data_dir: Path, environ: Mapping[str, str]) -> Path | None:
@@ -191,14 +246,24 @@ def find_file(given: Path | None, data_dir: Path, environ: Mapping[str, str]) ->
     return None
 
 
-def for_run(layers: Layers, hook_options_json: str | None) -> HookOptions:
+def for_run(layers: Layers, hook_options_json: str | None, config_name: str | None = None) -> HookOptions:
     """The hook options of one run, its hook entry as stored at ingest."""
-    return resolve(layers, json.loads(hook_options_json or "{}"), "hook in the training config")
+    return resolve(layers, json.loads(hook_options_json or "{}"), f"MMDetWandbHook in {config_name or 'the training config'}")
+
+
+def held_message(options: HookOptions) -> str:
+    """What a held run's problem says: where, the bad values, and the two ways to release it."""
+    return (f"{options.hook_source}: {'; '.join(options.errors)}: nothing of this run is uploaded until it is fixed in the "
+            "training config, or the option is set by the service (its flag, MMDET_WANDB_<OPTION> or the config file)")
+
+
+def cli_flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
 
 
 def layers(cli: dict[str, Any], file: Path | None, environ: Mapping[str, str] = os.environ) -> Layers:
     return Layers(
-        cli={k: convert(k, v) for k, v in cli.items() if v is not None},
+        cli={k: convert(k, v, cli_flag(k)) for k, v in cli.items() if v is not None},
         env=from_env(environ),
         file=load_file(file) if file is not None else {},
         file_path=str(file) if file is not None else None,

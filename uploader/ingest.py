@@ -32,9 +32,10 @@ from db.problems import record_problem, record_read
 from db.session import Database, node_of
 from uploader import hook_options, row_times, tail
 from uploader.discovery import FoundLog
-from uploader.parsers import LineError, config_dump, decode_line, env_info, parse_line
+from uploader.parsers import LineError, config_source, decode_line, env_info, log_header, parse_line
 from uploader.parsers.common import note_iters_per_epoch
-from uploader.textlog import iters_per_epoch
+from uploader.parsers.config_settings import RunConfig
+from uploader.text_log import iters_per_epoch
 
 
 class FreshLaunch(str, enum.Enum):
@@ -56,6 +57,11 @@ class IngestOptions:
     log_timezone: ZoneInfo | None = None  # the training hosts' zone, for the naive times in logs (None: ours)
 
 
+class HeldRun(Exception):
+    """The run of these lines has a bad value in its hook entry that no level above overrides: nothing of it is
+    stored and the offset stays, so that it is read with the options the user means once that is fixed."""
+
+
 @dataclass(frozen=True)
 class _ParsedLine:
     offset: int
@@ -64,7 +70,8 @@ class _ParsedLine:
 
 
 def ingest(db: Database, found: FoundLog, root: Path, *, newer_launch: bool, options: IngestOptions) -> int:
-    """Read everything new in one log; returns the number of rows added to the outbox."""
+    """Read everything new in one log; returns the number of rows added to the outbox. HeldRun (recorded as a
+    problem first): the log's run has a bad hook value, and the log is read again once its config changes."""
     added, chunk = 0, 0
     while True:
         with db.read() as session:  # no write lock for what is there already (share processes write side by side)
@@ -90,8 +97,14 @@ def ingest(db: Database, found: FoundLog, root: Path, *, newer_launch: bool, opt
         lineage = state.lineage_in_file
         parsed, problems = _parse(found.format, state, read)
         parsed = _stamp(parsed, state, found, options.log_timezone)
-        with db.transaction() as session:
-            added += _commit(session, found, source_id, read, state, lineage, parsed, problems, finished, options)
+        try:
+            with db.transaction() as session:
+                added += _commit(session, found, source_id, read, state, lineage, parsed, problems, finished, options)
+        except HeldRun as held:
+            with db.transaction() as session:
+                source = session.get_one(Source, source_id)
+                record_problem(session, source.path, "hook_options", str(held), work_dir_id=source.work_dir_id)
+            raise
         if read.at_eof:
             return added
         chunk += 1
@@ -108,7 +121,7 @@ def initial_state(found: FoundLog) -> ParseState:
     state = ParseState()
     _learn_iters_per_epoch(state, found)
     if found.config is not None:
-        config = config_dump.load_file(found.config)
+        config = config_source.load_file(found.config)
         if config is not None:
             state.by_epoch = config.by_epoch
             state.momentum = config.momentum
@@ -236,7 +249,10 @@ def _commit(
                 if summary is None:
                     summary = json.loads(run.summary_json)
                 if run.id not in intervals:
-                    intervals[run.id] = hook_options.for_run(options.layers, run.hook_options_json).interval
+                    run_options = hook_options.for_run(options.layers, run.hook_options_json, run.config_name)
+                    if run_options.errors:
+                        raise HeldRun(hook_options.held_message(run_options))
+                    intervals[run.id] = run_options.interval
                 if not on_interval(record, intervals[run.id], state):
                     continue
                 _append(new_rows, run, source, read.position.generation, line, record, summary)
@@ -383,15 +399,22 @@ def _new_run(session: Session, source: Source, found: FoundLog, state: ParseStat
 
 
 def _attach_config(run: Run, found: FoundLog) -> None:
-    config = config_dump.for_log(found)
+    """The run's training config and environment; a config dump that is not valid Python holds the run, since
+    what its MMDetWandbHook entry asks for is unknown (fixing or removing the dump releases it)."""
+    header = log_header.read(found)
+    lookup = config_source.find(found, header)
+    config = lookup.config
+    if config is None and lookup.error is not None:
+        raise HeldRun(f"{lookup.error_in}: {lookup.error}: the training config is not valid Python, so its settings and any "
+                      "MMDetWandbHook entry are unknown: nothing of this run is uploaded until it is fixed or removed")
     if config is not None:
         _take_config(run, config)
-    env = env_info.for_log(found.path, found.format, found.text_log)
+    env = env_info.for_log(header, found.text_log)
     if env:  # the training's environment, not the uploader's (the writer turns W&B's own metadata off)
         run.config_json = json.dumps({**json.loads(run.config_json or "{}"), "env_info": env}, default=str)
 
 
-def _take_config(run: Run, config: config_dump.RunConfig) -> None:
+def _take_config(run: Run, config: RunConfig) -> None:
     env = json.loads(run.config_json or "{}").get("env_info")
     run.config_json = json.dumps({**config.values, **({"env_info": env} if env else {})}, default=str)
     run.config_name = config.name
@@ -411,7 +434,7 @@ def refresh_failing_configs(db: Database, logs: list[FoundLog]) -> int:
     fresh = {}
     for path, run_id, text in failing:
         if path in by_path and run_id not in fresh:
-            config = config_dump.for_log(by_path[path])
+            config = config_source.for_log(by_path[path])
             if config is not None and config.text != text:
                 fresh[run_id] = config
     with db.transaction() as session:

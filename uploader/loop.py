@@ -20,17 +20,20 @@ from collections.abc import Callable, Set as AbstractSet
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from common import timings
+from common.memory import return_free_memory
 from db import outbox
 from db.offsets import backlog
 from db.problems import record_problem, record_scan
+from db.segments import retry_now
 from db.session import Database
-from uploader import checkpoints, discovery, eval_jobs
+from uploader import checkpoints, discovery, eval_queue
 from uploader.background import Background
 from uploader.checkpoints import CheckpointOptions
 from uploader.discovery import FoundLog
-from uploader.ingest import IngestOptions, ingest, mark_gone, refresh_failing_configs
-from uploader.reading import Reading
-from uploader.wandb.writer import WandbWriter, retry_now
+from uploader.ingest import HeldRun, IngestOptions, ingest, mark_gone, refresh_failing_configs
+from uploader.backfill_reader import Reading
+from uploader.wandb.writer import WandbWriter
 
 log = logging.getLogger("mmdet_wandb.service")
 
@@ -65,6 +68,7 @@ class Loop:
         self._newer: dict[Path, bool] = {}
         self._seen_stat: dict[Path, tuple[int, int, int]] = {}
         self._finished: dict[Path, tuple[int, int, int]] = {}  # stat of a log when it was read as finished
+        self._hook_held: set[Path] = set()  # logs whose run a bad hook value holds: read again after each scan
         self._polls = _PollSchedule(options.poll_interval_s, max(IDLE_POLL_MAX_S, options.poll_interval_s))
         self._active: dict[Path, float] = {}  # work_dir → when it last changed (monotonic)
         self._unsettled: set[Path] = set()  # work_dirs with a checkpoint not settled yet
@@ -86,6 +90,9 @@ class Loop:
         self._logs = current
         self._work_dirs = {f.work_dir for f in found}
         self._forget_what_is_gone()
+        for path in self._hook_held:  # its training config may have been fixed: nothing tells but a new read
+            self._seen_stat.pop(path, None)
+            self._polls.changed(path, time.monotonic())
         if gone:
             log.info("%d logs gone; %s", len(gone), self.held())
         self._newer = _newer_launch_flags(found)
@@ -101,6 +108,7 @@ class Loop:
             del self._seen_stat[path]
         for path in set(self._finished) - set(self._logs):
             del self._finished[path]
+        self._hook_held &= set(self._logs)
         self._polls.keep(self._logs.keys())
         self._active = {w: at for w, at in self._active.items() if w in self._work_dirs and now - at < ACTIVE_S}
 
@@ -135,8 +143,12 @@ class Loop:
 
     def _ingest_one(self, found: FoundLog) -> int:
         root = next((r for r in self.options.roots if found.path.is_relative_to(r)), found.work_dir)
+        self._hook_held.discard(found.path)
         try:
             return ingest(self.db, found, root, newer_launch=self._newer.get(found.path, False), options=self.options.ingest)
+        except HeldRun:
+            self._hook_held.add(found.path)
+            return 0
         except Exception as exc:  # a bug or bad input in one work_dir must not stop the others
             log.exception("%s: ingest failed", found.path)
             with self.db.transaction() as session:
@@ -184,10 +196,10 @@ class Loop:
         """The producers of the artifact outbox, and the follow-up of what the writer settled."""
         if self.options.checkpoints is not None:
             checkpoints.follow_up(self.db)
-            eval_jobs.enqueue(self.db, self.options.checkpoints)
+            eval_queue.enqueue(self.db, self.options.checkpoints)
             checkpoints.queue_uploads(self.db, self.options.checkpoints, self.background)
-            eval_jobs.release_pins(self.db)
-            eval_jobs.queue_tables(self.db)
+            eval_queue.release_pins(self.db)
+            eval_queue.queue_tables(self.db)
 
     def backfill(
         self, on_progress: Callable[[str, int, int], None] | None = None, evaluate: Callable[[], None] | None = None,
@@ -197,7 +209,7 @@ class Loop:
         checkpoints, upload the rest and close every segment. `evaluate` (run the eval jobs until none is left)
         runs between settling the checkpoints and the last uploads, so that the tables go out in the same pass.
 
-        Reading runs beside the uploading, in a forked process or a thread (uploader/reading.py: files and DB
+        Reading runs beside the uploading, in a forked process or a thread (uploader/backfill_reader.py: files and DB
         only); every W&B call stays in this thread. Rows reach the outbox in step order per run, so uploading
         them as they come keeps steps increasing.
         `stop` (SIGTERM) ends it early but cleanly: the file being read is finished, open segments are closed,
@@ -281,15 +293,18 @@ class Loop:
             while not stop.is_set():
                 hinted = set(touched)
                 touched.clear()
+                pass_started = time.monotonic()
                 try:
                     full = time.monotonic() >= next_scan or bool(hinted - set(self._logs))
                     if full:  # paced by what the walk cost (not by the reading it finds): 1,000 idle work_dirs about once a minute
                         started = time.monotonic()
                         self.scan()
                         walk = time.monotonic() - started
+                        timings.SCAN.observe(walk)
                         next_scan = time.monotonic() + min(SCAN_MAX_INTERVAL_S, max(self.options.scan_interval_s, walk / SCAN_SHARE))
                     if self.read_step(hinted, everything=full):
                         read.set()
+                    timings.LOOP_PASS.observe(time.monotonic() - pass_started)
                     if on_tick is not None:
                         on_tick()
                 except Exception as exc:  # e.g. the DB unavailable or its disk full: log, wait, try again; never exit
@@ -324,7 +339,8 @@ class Loop:
             read.clear()
             try:
                 self.upload_step()
-                self.writer.release_client_when_idle()
+                if self.writer.release_client_when_idle():
+                    return_free_memory()  # what the finished run objects used
             except Exception as exc:  # the writer contains failures per run; this is the DB itself failing
                 failures.report(exc)
                 stop.wait(self.options.scan_interval_s)

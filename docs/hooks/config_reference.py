@@ -17,6 +17,7 @@ OTHER_VARIABLES = {
     "MMDET_WANDB_HEARTBEAT_DIR": "Where a service touches its heartbeat file, which `health` reads (compose: `/tmp` for the evaluator); default the data dir",
     "MMDET_WANDB_MMDET2_PYTHON": "The python of the mmdet 2.x environment, for `backfill --evaluate` jobs of that stack run from the other environment",
     "MMDET_WANDB_MMDET3_PYTHON": "The python of the mmdet 3.x environment (`.venv-mmdet3`; `./dev.sh` sets it), for `backfill --evaluate` jobs of that stack",
+    "MMDET_WANDB_WANDB_PUBLIC_ONLY": "`1`: use only wandb's public API, as on a wandb release the private paths were not verified on (uploader/wandb/private_api.py); slower artifact and history writes",
     "MMDET_WANDB_CRASH_AT": "Tests and `benchmarks/faults.py` only: `<point>` or `<point>:<n>` makes the process SIGKILL itself at that crash point",
     "WANDB_API_KEY": "W&B credentials: online uploads. A secret: never written to the DB, run files or logs; `evaluate` refuses to start with it unless `--allow-secrets`",
     "WANDB_MODE": "`online`, `offline` or `disabled`; unset: online with an API key, else offline (the embedded default)",
@@ -99,6 +100,13 @@ def _command_section(path: str, command) -> list[str]:
     return lines + [""]
 
 
+def allowed(option) -> str:
+    """The option's range as its own check states it."""
+    if option.low is not None and option.high is not None:
+        return f"{option.low:g} to {option.high:g}"
+    return f"{option.low:g} or more" if option.low is not None else "any"
+
+
 def _hook_options_section(leaves) -> list[str]:
     from uploader import hook_options
 
@@ -107,12 +115,12 @@ def _hook_options_section(leaves) -> list[str]:
         for param in command.params:
             by_name.setdefault(param.name, param)
     lines = ["## The hook's options", "", "`uploader.hook_options.OPTIONS`: `MMDetWandbHook`'s names and defaults, and the config file's keys.", ""]
-    lines += ["| option (config file key) | type | the hook's default | CLI | environment |", "|---|---|---|---|---|"]
-    for name, (kind, default) in hook_options.OPTIONS.items():
+    lines += ["| option (config file key) | type | allowed | the hook's default | CLI | environment |", "|---|---|---|---|---|---|"]
+    for name, option in hook_options.OPTIONS.items():
         param = by_name.get(name)
         cli_flags = " / ".join(f"`{f}`" for f in flags(param)) if param else ""
         env = ", ".join(f"`{v}`" for v in (variables_of(param) if param else [])) or f"`{hook_options.ENV_PREFIX}{name.upper()}`"
-        lines.append(f"| `{name}` | `{kind.__name__}` | `{default!r}` | {cli_flags} | {env} |")
+        lines.append(f"| `{name}` | `{option.kind.__name__}` | {allowed(option)} | `{option.default!r}` | {cli_flags} | {env} |")
     lines += ["", "Service options the config file may set too (the flag and its variable come first):", ""]
     lines += ["| config file key | CLI | environment |", "|---|---|---|"]
     for name in hook_options.SERVICE_OPTIONS:

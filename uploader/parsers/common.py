@@ -5,7 +5,7 @@ from typing import Any
 
 from common.numbers import is_number
 from common.records import ParseState
-from uploader.parsers import config_dump
+from uploader.parsers import config_settings
 
 # Timing and memory keys: logged under the row's mode prefix (beyond what MMDetWandbHook sends).
 TIMING_KEYS = ("time", "data_time", "memory")
@@ -44,7 +44,7 @@ def prefixed_numbers(obj: dict[str, Any], prefix: str, skip: frozenset[str]) -> 
 
 def apply_config_text(state: ParseState, text: str | None, filename: str) -> None:
     """Learn the runner type and momentum from a dumped config, unless the work_dir already told us."""
-    config = config_dump.load_text(text, filename) if text else None
+    config = config_settings.load_text(text, filename) if text else None
     if config is None:
         return
     if state.by_epoch is None:

@@ -5,16 +5,10 @@ text log of the launch. Parsed into `config.env_info` of the run, keys as the lo
 first line only."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
-from typing import Any
 
-from common.records import LogFormat
-from uploader.tail import read_head
-
-HEAD_BYTES = 1 << 20
-BLOCK_STARTS = ("System environment:", "Environment info:")
-BLOCK_ENDS = ("Runtime environment:",)
+from uploader import text_log
+from uploader.parsers.log_header import LogHeader
 
 
 def parse_block(text: str) -> dict[str, str]:
@@ -30,44 +24,11 @@ def parse_block(text: str) -> dict[str, str]:
     return env
 
 
-def from_text_log(text: str) -> dict[str, str]:
-    """The environment block of a text log (mmengine's "System environment:", mmcv's "Environment info:")."""
-    lines = text.splitlines()
-    start = next((i for i, line in enumerate(lines) if line.rstrip().endswith(BLOCK_STARTS)), None)
-    if start is None:
-        return {}
-    block = []
-    for line in lines[start + 1:]:
-        stripped = line.strip()
-        if stripped.startswith(BLOCK_ENDS) or (block and stripped.startswith("-" * 20)) or _timestamped(stripped):
-            break
-        if not stripped.startswith("-" * 20):
-            block.append(line)
-    return parse_block("\n".join(block))
-
-
-def _timestamped(line: str) -> bool:
-    """The next log record (`2023-02-08 16:24:10,617 - ...` or `2023/06/05 13:12:32 - ...`): the block is over."""
-    return len(line) > 19 and line[:4].isdigit() and line[4] in "-/" and line[10] == " " and " - " in line[:40]
-
-
-def for_log(path: Path, fmt: LogFormat, text_log: Path | None) -> dict[str, str]:
+def for_log(header: LogHeader, text_path: Path | None) -> dict[str, str]:
     """The environment of one launch: the header's `env_info` (mmdet 2.x), else the text log's block."""
-    if fmt is LogFormat.MMDET2_LOGJSON:
-        header = _header(path)
-        if isinstance(header.get("env_info"), str):
-            return parse_block(header["env_info"])
-    if text_log is None:
+    if header.env_info is not None:
+        return parse_block(header.env_info)
+    if text_path is None:
         return {}
-    try:
-        return from_text_log(read_head(text_log, HEAD_BYTES).decode("utf-8", "replace"))
-    except OSError:
-        return {}
-
-
-def _header(path: Path) -> dict[str, Any]:
-    try:
-        header = json.loads(read_head(path, HEAD_BYTES).split(b"\n", 1)[0])
-    except (OSError, ValueError):
-        return {}
-    return header if isinstance(header, dict) else {}
+    head = text_log.read(text_path)
+    return {} if head is None else parse_block(text_log.environment(head))

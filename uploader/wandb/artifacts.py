@@ -17,14 +17,13 @@ from typing import Any
 import numpy as np
 import wandb
 from PIL import Image as PILImage
-from wandb.sdk.artifacts.artifact_manifest_entry import ArtifactManifestEntry
-from wandb.sdk.lib.paths import LogicalPath
 
 from common.records import Instances
 from db import eval_results
 from db.models import ArtifactKind
 from db.outbox import PendingArtifact
 from db.session import Database
+from uploader.wandb import private_api
 
 VAL_ARTIFACT = "val"
 VAL_TABLE = "val_data"
@@ -154,32 +153,22 @@ def val_artifact(media: ValMedia) -> wandb.Artifact:
 def val_entries(artifact: wandb.Artifact, media: ValMedia) -> dict[str, Any]:
     """What a later process needs to reference the val artifact's files: every entry's digest, and which
     of our local files each media entry came from."""
-    local = {}
-    for local_path, entry in artifact._added_local_paths.items():
-        path = Path(local_path)
-        if path.is_relative_to(media.directory):
-            local[str(path.relative_to(media.directory))] = entry.path
     entries = {path: entry.digest for path, entry in artifact.manifest.entries.items() if not path.endswith(".table.json")}
-    return {"entries": entries, "local": local}
+    return {"entries": entries, "local": private_api.local_media(artifact, media.directory)}
 
 
 def prediction_artifact(
-    name: str, media: ValMedia, predictions: list[Instances], val_client_id: str, val: dict[str, Any],
+    name: str, media: ValMedia, predictions: list[Instances], val_client_id: str | None, val: dict[str, Any],
     aliases_metadata: dict[str, Any],
 ) -> wandb.Artifact:
     """`run_<id>_pred` (type evaluation) with table `eval_data`: image_name, ground_truth, prediction.
 
     The val files are added first as references to the val artifact; Media.to_json then finds each local
-    image and mask already added (by its local path) and writes its reference name into the table.
+    image and mask already added (by its local path) and writes its reference name into the table. Off
+    wandb's private path (`private_api.reference_media`) the table holds its own copy of each image instead.
     """
     artifact = wandb.Artifact(name, type="evaluation", metadata=aliases_metadata)
-    refs = {}
-    for path, digest in val["entries"].items():
-        entry = ArtifactManifestEntry(path=path, ref=f"wandb-client-artifact://{val_client_id}/{path}", size=0, digest=digest)
-        artifact.manifest.add_entry(entry)
-        refs[path] = entry
-    for relative, path in val["local"].items():
-        artifact._added_local_paths[str(media.directory / relative)] = refs[path]
+    private_api.reference_media(artifact, val_client_id, val["entries"], {path: media.directory / relative for relative, path in val["local"].items()})
     labels = id_to_label(media.classes)
     class_set = wandb.Classes([{"id": i, "name": n} for i, n in labels.items()])
     table = wandb.Table(columns=["image_name", "ground_truth", "prediction"])
@@ -200,8 +189,9 @@ def add_hashed_file(artifact: wandb.Artifact, path: Path, name: str, md5_b64: st
     """What `add_file(path, name, policy="immutable", skip_cache=True)` does, minus its second read of a
     multi-GB file: the md5 the checkpoint follower computed is the entry's digest. (`add_file` is exactly
     LogicalPath + md5 + `_add_local_file`; tests/test_wandb_writer.py checks the entries stay identical on wandb
-    upgrades.) `skip_cache`: wandb-core would otherwise copy every uploaded checkpoint into its artifact cache."""
-    artifact._add_local_file(LogicalPath(name), str(path), digest=md5_b64, policy="immutable", skip_cache=True)
+    upgrades.) `skip_cache`: wandb-core would otherwise copy every uploaded checkpoint into its artifact cache.
+    Outside `private_api.enabled()` it is `add_file` itself: the same entry, one more read of the file."""
+    private_api.add_local_file(artifact, path, name, md5_b64)
 
 
 class NotBuildable(RuntimeError):
@@ -229,7 +219,7 @@ class ArtifactBuilder:
         media = self._media_of(entry.manifest_id)  # type: ignore[arg-type]
         if entry.kind is ArtifactKind.VAL:
             artifact = val_artifact(media)
-            return Built(artifact, {"type": artifact.type, "client_id": artifact._client_id, **val_entries(artifact, media)})
+            return Built(artifact, {"type": artifact.type, "client_id": private_api.client_id(artifact), **val_entries(artifact, media)})
         if val_record is None:
             raise RuntimeError(f"prediction table {entry.id}: the run's val table is not logged")
         predictions = eval_results.predictions_of(self.db, entry.eval_job_id)  # type: ignore[arg-type]

@@ -8,11 +8,12 @@ order, and handed to the asyncio thread a few hundred at a time, without waiting
 part while the next is built. `run.log` itself still does all of its work (checks, media, steps, summary), so
 the records are exactly those it would have sent.
 
-This leans on the client's internals as of the pinned wandb version (`Run._interface`, `InterfaceSock._publish`
-and `_deliver`, its asyncio manager, the service client's socket writer and framing). Where they are not what
-it expects, `batched` does nothing and every row goes on its own, as before (`tests/test_wandb_writer.py` fails
-if the pinned client takes that path). Either way, what counts as uploaded is what the read-back check finds in
-the `.wandb` file.
+This leans on the client's internals (`Run._interface`, `InterfaceSock._publish` and `_deliver`, its asyncio
+manager, the service client's socket writer and framing), so it runs only where `private_api.enabled()` (a
+verified wandb version, public path not forced) and the internals are what it expects; elsewhere `batched` does
+nothing and every row goes on its own through `run.log` (`tests/test_wandb_writer.py` shows which path each
+version takes, and fails if a verified version takes the slow one). Either way, what counts as uploaded is
+what the read-back check finds in the `.wandb` file.
 """
 from __future__ import annotations
 
@@ -21,9 +22,7 @@ import struct
 from collections.abc import Iterator
 from typing import Any
 
-from wandb.proto import wandb_server_pb2 as spb
-from wandb.sdk.interface.interface_sock import InterfaceSock
-from wandb.sdk.lib.service.service_client import _HEADER_BYTE_INT_FMT
+from uploader.wandb import private_api
 
 SEND_BYTES = 64 * 1024  # a part of the batch on its way to wandb-core: a few hundred rows
 
@@ -32,7 +31,14 @@ _CLIENT = ("_writer", "_drain_writer", "_broken_exc")
 
 
 def supported(handle: Any) -> bool:
-    """Whether `handle`'s client is the one this module knows how to batch for."""
+    """Whether `handle`'s client is the one this module knows how to batch for (imported only then: another
+    wandb may have moved these modules)."""
+    if not private_api.enabled():
+        return False
+    try:
+        from wandb.sdk.interface.interface_sock import InterfaceSock
+    except ImportError:
+        return False
     interface = getattr(handle, "_interface", None)
     return (
         isinstance(interface, InterfaceSock)
@@ -52,6 +58,9 @@ def batched(handle: Any) -> Iterator[None]:
     if not supported(handle):
         yield
         return
+    from wandb.proto import wandb_server_pb2 as spb
+    from wandb.sdk.lib.service.service_client import _HEADER_BYTE_INT_FMT
+
     interface = handle._interface
     frames: list[bytes] = []
     collected_bytes = 0

@@ -6,7 +6,8 @@ it: offline, when its segment is finished, read back from the `.wandb` file and 
 was logged; online, a row once the run's next start reports a starting step past it, an artifact once
 `Artifact.wait()` read its commit back from W&B. Online, every W&B call is bounded (`wandb_timeout_s`), and a
 failed one is followed by a probe: W&B that does not answer opens the circuit, and every upload waits.
-The writer knows W&B, segments and the outbox: producers decide what is due, `artifacts` builds it.
+The writer knows W&B: producers decide what is due, `artifacts` builds it, and every change of segment and run
+state is a statement of db/segments.py (as db/outbox.py has the outbox's).
 """
 from __future__ import annotations
 
@@ -24,17 +25,16 @@ from pathlib import Path
 from typing import Any
 
 import wandb
-from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
 from common import crash_points, json_values
-from common.backoff import BACKOFF_BASE_S, backoff_s
-from db import outbox
-from db.models import ArtifactKind, Run, Segment, SegmentState, WorkDir, utcnow
+from common.backoff import BACKOFF_BASE_S
+from db import outbox, segments
+from db.models import ArtifactKind, Run
 from db.outbox import PendingArtifact
-from db.session import Database, node_of
+from db.session import Database
 from uploader import hook_options
-from uploader.wandb import history_batch, reader, verify
+from uploader.wandb import history_batch, private_api, reader, verify
 from uploader.wandb.artifacts import ArtifactBuilder, NotBuildable
 from uploader.wandb.circuit import Circuit
 
@@ -42,8 +42,6 @@ log = logging.getLogger("mmdet_wandb.writer")
 
 DEFAULT_PROJECT = "mmdet-wandb"
 CLIENT_IDLE_S = 60.0  # wandb-core is let go after this long with no run open (it costs memory and wake-ups)
-# init_kwargs keys the service must own: one run id per lineage, our own segment directories and settings.
-RESERVED_INIT_KWARGS = frozenset({"id", "resume", "dir", "reinit", "settings", "mode", "config", "resume_from", "fork_from"})
 
 
 @dataclass(frozen=True)
@@ -80,7 +78,7 @@ class WandbWriter:
         self._open: dict[int, _OpenSegment] = {}
         self._closing: dict[int, Future[None]] = {}  # run → its finished segment being read back (off the loop)
         self._undiscarded: set[int] = set()  # segments whose discard could not be recorded (disk full): retried
-        self._not_before: dict[int, float] = {}  # backoff of runs whose failure could not be recorded
+        self._not_before: dict[int, float] = {}  # monotonic: backoff of runs whose failure could not be recorded
         self._verifier = ThreadPoolExecutor(1, thread_name_prefix="verify")
         self._artifacts = ArtifactBuilder(db, options.media_dir or options.runs_dir.parent / "media")
         self.circuit = Circuit(db) if options.mode == "online" else None
@@ -107,15 +105,17 @@ class WandbWriter:
             self._still_closing(run_id)
         return bool(self._open or self._closing)
 
-    def release_client_when_idle(self) -> None:
-        """With no run open for CLIENT_IDLE_S, stop wandb-core; the next start starts it again (~0.5 s)."""
+    def release_client_when_idle(self) -> bool:
+        """With no run open for CLIENT_IDLE_S, stop wandb-core; the next start starts it again (~0.5 s).
+        True when it was stopped now."""
         if self.busy():
             self._last_open = time.monotonic()
         elif self._client_live and time.monotonic() - self._last_open >= CLIENT_IDLE_S:
             wandb.teardown()
             self._client_live = False
-            _return_free_memory()
             log.info("no run open for %.0f s: wandb-core stopped until the next upload", CLIENT_IDLE_S)
+            return True
+        return False
 
     def recover(self) -> None:
         """Settle what a previous process left, reading each file once and waiting for nothing: an open segment
@@ -126,28 +126,25 @@ class WandbWriter:
         Online, W&B is probed once: when it does not answer, no run is started until it does."""
         if self.circuit is not None:
             self.circuit.check()
-        with self.db.transaction() as session:
-            stale = session.scalars(select(Segment).where(Segment.node == node_of(session), Segment.state == SegmentState.OPEN)).all()
+        with self.db.read() as session:
             ours = self._ours(session)
-            leftovers = [(s.id, s.run_id, Path(s.dir), s.mode) for s in stale if s.run_id not in self._open and ours(s.run_id)]
-        for segment_id, run_id, directory, mode in leftovers:
+            leftovers = [s for s in segments.left_open(session) if s.run_id not in self._open and ours(s.run_id)]
+        for stale in leftovers:
             try:
-                if mode == "offline":
-                    self._verify_and_close(segment_id, self._sync_file_in(directory), wait=False)
-                    log.info("segment %s of run %s was complete; kept", segment_id, run_id)
+                if stale.mode == "offline":
+                    self._verify_and_close(stale.id, self._sync_file_in(stale.directory), wait=False)
+                    log.info("segment %s of run %s was complete; kept", stale.id, stale.run_id)
                     continue
             except (verify.SegmentVerificationError, OSError, reader.WandbFileError) as exc:
-                log.info("segment %s of run %s not complete (%s); rebuilding it from the DB", segment_id, run_id, exc)
-            self._discard(segment_id, directory)
+                log.info("segment %s of run %s not complete (%s); rebuilding it from the DB", stale.id, stale.run_id, exc)
+            self._discard(stale.id)
         self._delete_unowned_segment_dirs()
 
     def _delete_unowned_segment_dirs(self) -> None:
         with self.db.read() as session:
-            owned = {
-                Path(d) for d in session.scalars(select(Segment.dir).where(Segment.node == node_of(session), Segment.state.in_((SegmentState.OPEN, SegmentState.SENT, SegmentState.CLOSED))))
-            }
+            owned = segments.owned_dirs(session)
             ours = self._ours(session)
-            runs = {wandb_id for run_id, wandb_id in session.execute(select(Run.id, Run.wandb_id).where(Run.node == node_of(session))) if ours(run_id)}
+            runs = {wandb_id for run_id, wandb_id in segments.node_runs(session).items() if ours(run_id)}
         root = self.options.runs_dir
         for run_dir in sorted(root.iterdir()) if root.is_dir() else []:
             if run_dir.name not in runs or not run_dir.is_dir():
@@ -161,11 +158,7 @@ class WandbWriter:
         """Whether a run of this node is this writer's: all of them, or those of its share's work_dirs."""
         if self.options.share is None:
             return lambda _run_id: True
-        share = {str(path) for path in self.options.share}
-        mine = {run_id for run_id, path in session.execute(
-            select(Run.id, WorkDir.path).join(WorkDir, WorkDir.id == Run.work_dir_id).where(Run.node == node_of(session))
-        ) if path in share}
-        return mine.__contains__
+        return segments.runs_of(session, self.options.share).__contains__
 
     def drain(self) -> int:
         """Log one batch of pending rows, then the pending artifacts, of every run that has some and is not
@@ -176,9 +169,9 @@ class WandbWriter:
             return 0
         with self.db.read() as session:
             ours = self._ours(session)
-            runs = sorted(r for r in set(outbox.pending_runs(session)) | _runs_with_sent_segments(session) if ours(r))
-            waiting = set(session.scalars(select(Run.id).where(Run.id.in_(runs), Run.retry_at > time.time())))
-        waiting |= {run_id for run_id, until in self._not_before.items() if until > time.time()}
+            runs = sorted(r for r in set(outbox.pending_runs(session)) | segments.awaiting_confirmation(session) if ours(r))
+            waiting = segments.backing_off(session, runs)
+        waiting |= {run_id for run_id, until in self._not_before.items() if until > time.monotonic()}
         logged = 0
         for run_id in runs:
             if run_id in waiting or self._still_closing(run_id):
@@ -251,18 +244,9 @@ class WandbWriter:
         has. Artifacts are settled now, by what `Artifact.wait()` read back: committed ones are uploaded (their
         pins can go), the others are pending again."""
         with self.db.transaction() as session:
-            outbox.artifacts_committed(session, committed)
-            outbox.release_artifacts(session, list(failed))
-            segment = session.get_one(Segment, seg.segment_id)
-            content = outbox.content(session, seg.segment_id)
-            segment.state = SegmentState.SENT if content.steps else SegmentState.CLOSED
-            segment.closed_at = utcnow()
-            directory = Path(segment.dir)
-            if content.artifacts and not (content.steps or failed):  # artifacts only, all of them committed
-                run = session.get_one(Run, seg.run_id)
-                run.last_error, run.failures, run.retry_at = None, 0, None
-        if not content.steps:  # nothing to confirm: wandb-core's local files can go
-            shutil.rmtree(directory, ignore_errors=True)
+            finished = segments.sent(session, seg.segment_id, committed, list(failed))
+        if not finished.holds_rows:  # nothing to confirm: wandb-core's local files can go
+            shutil.rmtree(finished.directory, ignore_errors=True)
         if failed:
             self._record_failure(seg.run_id, RuntimeError("; ".join(failed.values())))
             self._lost_wandb()
@@ -367,10 +351,8 @@ class WandbWriter:
         owns, which `recover` deletes."""
         with self.db.read() as session:
             run = session.get_one(Run, run_id)
-            done = session.scalar(
-                select(func.max(Segment.last_step)).where(Segment.run_id == run_id, Segment.state == SegmentState.CLOSED)
-            )
-            seq = (session.scalar(select(func.max(Segment.seq)).where(Segment.run_id == run_id)) or 0) + 1
+            nxt = segments.next_of(session, run_id)
+            seq, done = nxt.seq, nxt.uploaded_up_to
             directory = self.options.runs_dir / run.wandb_id / f"{seq:04d}"
             init = self._init_kwargs(run, directory)
             config = json.loads(run.config_json) if run.config_json else {}
@@ -385,10 +367,7 @@ class WandbWriter:
             raise
         try:
             with self.db.transaction() as session:
-                segment = Segment(node=node_of(session), run_id=run_id, seq=seq, dir=str(directory), mode=self.options.mode)
-                session.add(segment)
-                session.flush()
-                segment_id = segment.id
+                segment_id = segments.opened(session, run_id, seq, directory, self.options.mode)
         except BaseException:
             _abandon(handle, directory)
             raise
@@ -414,12 +393,12 @@ class WandbWriter:
             "name": run.name, "group": run.group, "job_type": run.job_type, "project": DEFAULT_PROJECT,
             "notes": f"Read by mmdet-wandb from {run.work_dir.path} on node {run.node or '(unnamed)'}",
         }
-        kwargs.update({k: v for k, v in merged.items() if k not in RESERVED_INIT_KWARGS})
+        kwargs.update(merged)  # without the keys the service owns (hook_options.RESERVED_INIT_KWARGS)
         kwargs.update(
             id=run.wandb_id,
             resume="allow",
             dir=str(directory),
-            settings=wandb.Settings(
+            settings=private_api.settings(
                 mode=self.options.mode,
                 console="off",
                 silent=True,
@@ -442,7 +421,7 @@ class WandbWriter:
         Nothing is tried while W&B is unreachable."""
         with self.db.read() as session:
             ours = self._ours(session)
-            runs = sorted(r for r in _runs_with_sent_segments(session) if ours(r))
+            runs = sorted(r for r in segments.awaiting_confirmation(session) if ours(r))
         for run_id in runs:
             if self.unreachable():
                 return
@@ -464,23 +443,14 @@ class WandbWriter:
         below it are uploaded (sent before, or before a crash; never sent again); the rest of each sent segment
         goes back to the outbox, and sent segments are settled and their local files removed."""
         with self.db.transaction() as session:
-            sent = session.scalars(select(Segment).where(Segment.run_id == run_id, Segment.state == SegmentState.SENT)).all()
-            for segment in sent:
-                returned = outbox.confirm_sent(session, segment.id, server_next_step)
-                segment.state = SegmentState.DISCARDED if returned else SegmentState.CLOSED
-                if returned:
-                    log.warning("run %s: W&B has the steps below %d only; %d rows of segment %s go again",
-                                run_id, server_next_step, returned, segment.seq)
-            outbox.mark_below_step(session, run_id, server_next_step)
-            settled = [Path(segment.dir) for segment in sent]
-            missing = sum(1 for segment in sent if segment.state is SegmentState.DISCARDED)
-            if sent and not missing:
-                run = session.get_one(Run, run_id)
-                run.last_error, run.failures, run.retry_at = None, 0, None
+            confirmed = segments.settle_sent(session, run_id, server_next_step)
+        for seq, returned in confirmed.returned.items():
+            log.warning("run %s: W&B has the steps below %d only; %d rows of segment %s go again",
+                        run_id, server_next_step, returned, seq)
         self.db.reclaim_space()
-        for directory in settled:
+        for directory in confirmed.directories:
             shutil.rmtree(directory, ignore_errors=True)
-        if missing:
+        if confirmed.returned:
             self._record_failure(run_id, RuntimeError(f"W&B kept the steps below {server_next_step} only: the rest is sent again"))
 
     def _verify_and_close(self, segment_id: int, sync_file: Path | None, *, wait: bool = True) -> None:
@@ -492,26 +462,14 @@ class WandbWriter:
                 reader.wait_for_exit(sync_file, self.options.exit_timeout_s)
             verify.check_segment(sync_file, content)
         with self.db.transaction() as session:
-            segment = session.get_one(Segment, segment_id)
-            segment.state = SegmentState.CLOSED
-            segment.closed_at = utcnow()
-            segment.rows = len(content.steps)
-            segment.first_step = content.steps[0] if content.steps else None
-            segment.last_step = content.steps[-1] if content.steps else None
-            outbox.settle_uploaded(session, segment_id)
-            run = session.get_one(Run, segment.run_id)
-            run.last_error, run.failures, run.retry_at = None, 0, None
+            segments.verified(session, segment_id, content)
         crash_points.reached("segment-closed")
         self.db.reclaim_space()
 
-    def _discard(self, segment_id: int, directory: Path | None) -> None:
+    def _discard(self, segment_id: int) -> None:
         """An unverified segment is never synced: delete its files and give what it held back to the outbox."""
         with self.db.transaction() as session:
-            segment = session.get_one(Segment, segment_id)
-            segment.state = SegmentState.DISCARDED
-            segment.closed_at = utcnow()
-            directory = directory or Path(segment.dir)
-            outbox.release(session, segment_id)
+            directory = segments.discarded(session, segment_id)
         crash_points.reached("segment-discarded")
         shutil.rmtree(directory, ignore_errors=True)  # offline: never synced; online: wandb-core's local files
 
@@ -529,24 +487,21 @@ class WandbWriter:
         """The run's backoff and error, in the DB (`status`); in memory only when the DB cannot be written."""
         try:
             with self.db.transaction() as session:
-                run = session.get_one(Run, run_id)
-                run.failures += 1
-                run.retry_at = time.time() + backoff_s(run.failures)
-                run.last_error = f"{type(exc).__name__}: {exc}"
-                log.warning("run %s: upload failed (%s); failure %d in a row; next try in %.0f s",
-                            run.wandb_id, run.last_error, run.failures, run.retry_at - time.time())
+                backoff = segments.failed(session, run_id, f"{type(exc).__name__}: {exc}")
         except Exception:  # e.g. the disk is full
             log.exception("run %s: upload failed (%s: %s) and the failure could not be recorded; backing off in memory",
                           run_id, type(exc).__name__, exc)
-            self._not_before[run_id] = time.time() + BACKOFF_BASE_S
+            self._not_before[run_id] = time.monotonic() + BACKOFF_BASE_S
         else:
+            log.warning("run %s: upload failed (%s); failure %d in a row; next try in %.0f s",
+                        backoff.wandb_id, backoff.error, backoff.failures, backoff.wait_s)
             self._not_before.pop(run_id, None)
 
     def _discard_or_remember(self, segment_id: int) -> None:
         """Discard a segment; when even that cannot be recorded (the disk full), try again on the next pass.
         Meanwhile its rows stay with it, counted as not uploaded."""
         try:
-            self._discard(segment_id, None)
+            self._discard(segment_id)
         except Exception as exc:
             if segment_id in self._undiscarded:
                 log.debug("segment %s still cannot be discarded: %s", segment_id, exc)
@@ -564,37 +519,10 @@ class WandbWriter:
         return files[0]
 
 
-def retry_now(db: Database, wandb_ids: list[str] | None = None) -> int:
-    """Operator command: runs backing off after a failure (all, or the ones named) are tried on the next pass."""
-    with db.transaction() as session:
-        stmt = update(Run).where(Run.retry_at.is_not(None))
-        if wandb_ids:
-            stmt = stmt.where(Run.wandb_id.in_(wandb_ids))
-        return session.execute(stmt.values(retry_at=None)).rowcount
-
-
 def _start_client() -> None:
     wandb.setup()
     with contextlib.suppress(ImportError):  # wandb.init imports it (for launch jobs) in its first run
         importlib.import_module("wandb.sdk.launch.inputs.internal")
-
-
-def _return_free_memory() -> None:
-    """After a burst of uploads the heap keeps what the finished run objects used: collect it and hand the free
-    pages back to the OS (glibc's malloc_trim), so that an idle service's RSS does not stay at its peak."""
-    import ctypes
-    import gc
-
-    gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc
-        pass
-
-
-def _runs_with_sent_segments(session: Any) -> set[int]:
-    """This node's runs whose online segments wait for W&B to confirm them."""
-    return set(session.scalars(select(Segment.run_id).where(Segment.node == node_of(session), Segment.state == SegmentState.SENT)))
 
 
 def _abandon(handle: Any, directory: Path | None, exit_code: int = 1) -> None:

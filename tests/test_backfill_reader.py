@@ -1,4 +1,4 @@
-"""Backfill reads the logs in a forked child process beside its uploading (uploader/reading.py): real backfills
+"""Backfill reads the logs in a forked child process beside its uploading (uploader/backfill_reader.py): real backfills
 of copies of the real logs, the child and the parent SIGKILLed and SIGTERMed for real, and what W&B got read back
 from the `.wandb` files the real client wrote."""
 from __future__ import annotations

@@ -22,7 +22,7 @@ from db.models import ArtifactKind, Checkpoint, CheckpointState
 from db.session import Database, node_of
 from uploader import checkpoints, hook_options
 
-log = logging.getLogger("mmdet_wandb.eval_jobs")
+log = logging.getLogger("mmdet_wandb.eval_queue")
 
 
 def enqueue(db: Database, ckpt: checkpoints.CheckpointOptions) -> int:

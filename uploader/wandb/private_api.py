@@ -1,0 +1,95 @@
+"""Every use of the W&B client's private internals, and whether this wandb may take it or only the public API.
+
+pyproject.toml allows a range of wandb releases (`.ci/wandb-versions` runs the W&B-facing tests on its oldest
+and on the newest on the registry); the internals were verified on the versions in `VERIFIED` only. On any other
+installed wandb, or with `MMDET_WANDB_WANDB_PUBLIC_ONLY=1` in the environment, each use falls back to the public
+call it stands for, which writes the same rows and checkpoint entries, only slower (`benchmarks/backfill.py
+--public-only` measures how much). A wandb release outside the list so needs no re-check to be safe: it only
+loses the fast paths until it is verified (tests/test_wandb_writer.py) and added here.
+
+The uses:
+- `history_batch` as a whole (`Run._interface`, `InterfaceSock._publish`/`_deliver`, the service client's socket
+  writer and framing): many rows handed to wandb-core at once. It runs only where `enabled()`; else `run.log`.
+- `add_local_file`: a checkpoint entry from the md5 the follower computed; else `Artifact.add_file` (a second
+  read of the file).
+- `client_id`, `local_media` and `reference_media`: prediction tables that reference the val artifact's images
+  (wandb-client-artifact:// references, wandb-offline.md §4.6 recipe C); else each prediction artifact holds its
+  own copy of the images (the table is the same).
+- `settings`: wandb's `x_` settings are experimental; one this wandb does not define is left out.
+
+Reading `.wandb` files back (`reader.py`) uses no private API: only the protobuf classes in the wheel
+(`wandb.proto.wandb_internal_pb2`) and the transaction log's format version, which the reader checks in every
+file header (a changed format is a clear error, not a misread). `writer._start_client` imports a wandb.sdk
+module only to warm it up, and tolerates its absence.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import wandb
+
+VERIFIED = frozenset({"0.31.0"})  # tests/test_wandb_writer.py compares each private use with its public call
+PUBLIC_ONLY_ENV = "MMDET_WANDB_WANDB_PUBLIC_ONLY"
+
+log = logging.getLogger("mmdet_wandb.wandb")
+
+
+def enabled() -> bool:
+    """Private internals are used: the installed wandb is a verified one and the public path is not forced."""
+    return wandb.__version__ in VERIFIED and os.environ.get(PUBLIC_ONLY_ENV, "") in ("", "0")
+
+
+def settings(**fields: Any) -> wandb.Settings:
+    """`wandb.Settings(**fields)` without the experimental (`x_`) fields this wandb does not define (each
+    only tunes wandb, e.g. `x_transaction_log_flush_interval`, new in 0.31.0); an unknown public field stays an
+    error."""
+    known = wandb.Settings.model_fields
+    dropped = sorted(name for name in fields if name.startswith("x_") and name not in known)
+    if dropped:
+        log.debug("wandb %s has no setting %s: left out", wandb.__version__, ", ".join(dropped))
+    return wandb.Settings(**{name: value for name, value in fields.items() if name not in dropped})
+
+
+def add_local_file(artifact: wandb.Artifact, path: Path, name: str, md5_b64: str) -> None:
+    """`artifact.add_file(path, name, policy="immutable", skip_cache=True)` with `md5_b64` as the digest
+    instead of reading the file again (`add_file` is LogicalPath + md5 + `_add_local_file`)."""
+    if not enabled():
+        artifact.add_file(str(path), name=name, policy="immutable", skip_cache=True)
+        return
+    from wandb.sdk.lib.paths import LogicalPath
+
+    artifact._add_local_file(LogicalPath(name), str(path), digest=md5_b64, policy="immutable", skip_cache=True)
+
+
+def client_id(artifact: wandb.Artifact) -> str | None:
+    """The id other artifacts of this process reference `artifact` by (no public accessor); None: no references."""
+    return artifact._client_id if enabled() else None
+
+
+def local_media(artifact: wandb.Artifact, directory: Path) -> dict[str, str]:
+    """Our files under `directory` that `artifact` holds (their path below `directory` → the entry's path)."""
+    if not enabled():
+        return {}
+    return {str(Path(local).relative_to(directory)): entry.path
+            for local, entry in artifact._added_local_paths.items() if Path(local).is_relative_to(directory)}
+
+
+def reference_media(artifact: wandb.Artifact, source_client_id: str | None, entries: dict[str, str],
+                    local: dict[str, Path]) -> None:
+    """Make `artifact` reference the entries (path → digest) of the artifact with `source_client_id` instead of
+    holding copies: each local file in `local` (entry path → file) that a table adds later becomes that
+    reference. Without a client id, or off the private path, it does nothing and the table copies the files."""
+    if source_client_id is None or not enabled():
+        return
+    from wandb.sdk.artifacts.artifact_manifest_entry import ArtifactManifestEntry
+
+    refs = {}
+    for path, digest in entries.items():
+        entry = ArtifactManifestEntry(path=path, ref=f"wandb-client-artifact://{source_client_id}/{path}", size=0, digest=digest)
+        artifact.manifest.add_entry(entry)
+        refs[path] = entry
+    for path, file in local.items():
+        artifact._added_local_paths[str(file)] = refs[path]
