@@ -2,12 +2,13 @@
 
 A real `mmdet-wandb watch --poll` (offline W&B, SQLite) follows one root while `--waves` waves of `--work-dirs`
 work_dirs each are created, trained into (the first lines of a real 2.x `.log.json` from ../shared/real_logs,
-then the rest appended a moment later), uploaded, and deleted. After each wave is deleted and a scan has seen it
-go, the watch process's RSS (VmRSS of the process itself: what the loop remembers; wandb-core comes and goes)
-and the state on disk (state.db, -wal, -shm) are sampled, with the rows the state DB still holds of logs that
-no longer exist. Reported as flatness against the named baseline, the figures after the first wave: RSS at the
-end / RSS after wave 1 (target <= 1.25), and state bytes at the end / after wave 1 (target <= 1.25: the rows
-of deleted work_dirs must not pile up).
+then the rest appended a moment later), uploaded, and deleted. The watch runs with `--forget-after` (1 s here;
+`--forget-after 0` leaves the option out, and the service's default of 7 days keeps every tombstone through the
+soak). After each wave is deleted and forgotten (without the option: seen gone), the watch process's RSS (VmRSS
+of the process itself: what the loop remembers; wandb-core comes and goes) and the state on disk (state.db, -wal,
+-shm) are sampled, with the rows the state DB still holds of logs that no longer exist. Reported as flatness
+against the named baseline, the figures after the first wave: RSS at the end / RSS after wave 1 (target <= 1.25),
+and state bytes at the end / after wave 1 (target <= 1.25: the rows of deleted work_dirs must not pile up).
 
     .venv/bin/python -m benchmarks.soak                  # 20 waves of 100 work_dirs (2,000 created and deleted)
     .venv/bin/python -m benchmarks.soak --quick          # 4 waves of 8 (CI: that it runs, ~1-2 min)
@@ -28,6 +29,7 @@ from pathlib import Path
 from benchmarks.idle import REAL_LOGS, rss_mb, terminate
 from benchmarks.report import exit_cleanly_on_sigterm, isolated_env
 from benchmarks.scale import db_bytes
+from uploader.loop import SCAN_MAX_INTERVAL_S
 
 REPO = Path(__file__).resolve().parents[1]
 LOG = "JJho1314__my_mmdet/work_dirs/fcos_center_r50_caffe_fpn_gn-head_1x_coco/20230302_173201.log.json"
@@ -66,7 +68,7 @@ def wait_for(what: str, check, timeout_s: float) -> None:  # type: ignore[no-unt
         time.sleep(0.5)
 
 
-def wave(root: Path, home: Path, index: int, count: int, lines: list[bytes], created: int, timeout_s: float) -> None:
+def wave(root: Path, home: Path, index: int, count: int, lines: list[bytes], timeout_s: float) -> None:
     """Create `count` work_dirs, train into them in two bursts, wait until all is uploaded, then delete them."""
     dirs = [root / f"w{index:04d}-{i:04d}" for i in range(count)]
     half = len(lines) // 2
@@ -80,7 +82,7 @@ def wave(root: Path, home: Path, index: int, count: int, lines: list[bytes], cre
 
     def uploaded() -> bool:
         s = state(home) if (home / "state.db").exists() else None
-        return s is not None and s["sources"] >= created + count and s["pending"] == 0 and s["open_segments"] == 0
+        return s is not None and s["sources"] - s["gone"] >= count and s["pending"] == 0 and s["open_segments"] == 0
 
     wait_for(f"wave {index + 1} uploaded", uploaded, timeout_s)
     for d in dirs:
@@ -92,6 +94,7 @@ def main(argv: list[str]) -> int:
     p.add_argument("--waves", type=int, default=20)
     p.add_argument("--work-dirs", type=int, default=100, help="work_dirs per wave")
     p.add_argument("--quick", action="store_true", help="4 waves of 8 work_dirs (that it runs, not months)")
+    p.add_argument("--forget-after", type=float, default=1.0, help="the watch's --forget-after; 0: the default (7 days)")
     p.add_argument("--json", type=Path, help="also write the samples here")
     args = p.parse_args(argv)
     if args.quick:
@@ -103,6 +106,8 @@ def main(argv: list[str]) -> int:
     root.mkdir()
     command = [sys.executable, "-m", "mmdet_wandb.cli", "watch", str(root), "--poll", "--scan-interval", "1",
                "--poll-interval", "0.2", "--segment-idle", "1", "--finish-after", "2", "--log-level", "WARNING"]
+    if args.forget_after > 0:
+        command += ["--forget-after", str(args.forget_after)]
     samples: list[dict] = []
     with (tmp / "watch.log").open("wb") as log:
         watch = subprocess.Popen(command, env=isolated_env(home), cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
@@ -110,9 +115,13 @@ def main(argv: list[str]) -> int:
             started = time.monotonic()
             for index in range(args.waves):
                 created = index * args.work_dirs
-                wave(root, home, index, args.work_dirs, lines, created, timeout_s=120 + 2.0 * args.work_dirs)
+                wave(root, home, index, args.work_dirs, lines, timeout_s=120 + 2.0 * args.work_dirs)
                 total = created + args.work_dirs
-                wait_for(f"wave {index + 1} seen gone", lambda total=total: watch.poll() is None and state(home)["gone"] >= total, 60)
+                if args.forget_after > 0:
+                    wait_for(f"wave {index + 1} forgotten", lambda: watch.poll() is None and state(home)["work_dirs"] == 0,
+                             60 + args.forget_after + 2 * SCAN_MAX_INTERVAL_S)  # a scan sees them go, a later one forgets
+                else:
+                    wait_for(f"wave {index + 1} seen gone", lambda total=total: watch.poll() is None and state(home)["gone"] >= total, 60)
                 s = state(home)
                 samples.append({"wave": index + 1, "created": created + args.work_dirs, "elapsed_s": time.monotonic() - started,
                                 "rss_mb": rss_mb([watch.pid]), "state_bytes": db_bytes(home), **s})
@@ -122,7 +131,7 @@ def main(argv: list[str]) -> int:
     first, last = samples[0], samples[-1]
     rss_ratio, state_ratio = last["rss_mb"] / first["rss_mb"], last["state_bytes"] / first["state_bytes"]
     print(f"soak: {args.waves} waves of {args.work_dirs} work_dirs ({LINES} real log lines each) created, uploaded, "
-          f"deleted under one `watch --poll`; load {os.getloadavg()[0]:.2f} on {os.cpu_count()} CPUs")
+          f"deleted under one `watch --poll --forget-after {args.forget_after or 'never'}`; load {os.getloadavg()[0]:.2f} on {os.cpu_count()} CPUs")
     print(f"{'wave':>5} {'created':>8} {'s':>6} {'RSS MB':>7} {'state KB':>9} {'sources':>8} {'runs':>6} {'work_dirs':>9} {'problems':>8}")
     for s in samples:
         print(f"{s['wave']:>5} {s['created']:>8} {s['elapsed_s']:>6.0f} {s['rss_mb']:>7.1f} {s['state_bytes'] / 1024:>9.0f} "

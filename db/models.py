@@ -175,6 +175,7 @@ class OutboxRow(Base):
     payload_json: Mapped[str] = mapped_column(Text)
     segment_id: Mapped[int | None] = mapped_column(ForeignKey("segments.id"), nullable=True)
     uploaded: Mapped[bool] = mapped_column(Boolean, default=False)
+    appended_at: Mapped[float | None] = mapped_column(Float, nullable=True)  # epoch s: its log's mtime when read (lag)
 
 
 class UploadedSpan(Base):

@@ -8,12 +8,14 @@ followers: artifacts). The writer takes a run's pending entries, logs them into 
 from __future__ import annotations
 
 import json
+import time
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import delete, func, select, union, update
+from sqlalchemy import delete, event, func, select, union, update
 from sqlalchemy.orm import Session
 
+from common import timings
 from db import spans
 from db.models import ArtifactKind, OutboxArtifact, OutboxRow, Run, Segment
 from db.session import node_of
@@ -172,6 +174,7 @@ def content(session: Session, segment_id: int) -> SegmentContent:
 
 def settle_uploaded(session: Session, segment_id: int) -> None:
     """The segment is verified: everything in it is uploaded, and its rows are folded."""
+    _confirming(session, OutboxRow.segment_id == segment_id)
     for table in (OutboxRow, OutboxArtifact):
         session.execute(update(table).where(table.segment_id == segment_id).values(uploaded=True))
     spans.fold_uploaded(session, session.get_one(Segment, segment_id).run_id)
@@ -194,6 +197,7 @@ def confirm_sent(session: Session, segment_id: int, server_next_step: int) -> in
     """Online: W&B has every step below `server_next_step`. The segment's rows below it are uploaded; the others
     go back to the outbox, and so does any artifact that was not confirmed committed when the segment was sent.
     Returns how many rows go again."""
+    _confirming(session, OutboxRow.segment_id == segment_id, OutboxRow.step < server_next_step)
     session.execute(
         update(OutboxRow).where(OutboxRow.segment_id == segment_id, OutboxRow.step < server_next_step).values(uploaded=True)
     )
@@ -203,10 +207,27 @@ def confirm_sent(session: Session, segment_id: int, server_next_step: int) -> in
 
 def mark_below_step(session: Session, run_id: int, step: int) -> None:
     """Online resume: rows below the server's next step reached W&B (before a crash, or in a sent segment)."""
+    _confirming(session, OutboxRow.run_id == run_id, OutboxRow.step < step)
     session.execute(
         update(OutboxRow).where(OutboxRow.run_id == run_id, OutboxRow.step < step, OutboxRow.uploaded.is_(False)).values(uploaded=True)
     )
     spans.fold_uploaded(session, run_id)
+
+
+def _confirming(session: Session, *where: Any) -> None:
+    """The rows `where` are being marked uploaded: once the transaction commits, each one's lag (now less its
+    line's append) goes into this process's histogram (common/timings.py)."""
+    appended = session.scalars(
+        select(OutboxRow.appended_at).where(*where, OutboxRow.uploaded.is_(False), OutboxRow.appended_at.is_not(None))
+    ).all()
+    if appended:
+        confirmed_at = time.time()
+        event.listen(session, "after_commit", lambda _session: _observe_lag(confirmed_at, appended), once=True)
+
+
+def _observe_lag(confirmed_at: float, appended: list[float]) -> None:
+    for appended_at in appended:
+        timings.LAG.observe(max(0.0, confirmed_at - appended_at))
 
 
 def pending_row_count(session: Session) -> int:

@@ -46,6 +46,13 @@ def _seconds(value: float) -> float:
     return value
 
 
+def _seconds_or_now(value: float) -> float:
+    """`--checkpoint-incomplete-after`: 0 is meaningful (a broken, still checkpoint is incomplete at once)."""
+    if not math.isfinite(value) or value < 0:
+        raise typer.BadParameter(f"{value!r}: a finite number of seconds, 0 or more, is expected")
+    return value
+
+
 class LogFormat(str, enum.Enum):
     TEXT = "text"
     JSON = "json"
@@ -61,13 +68,14 @@ FreshOpt = Annotated[
 ]
 LogLevelOpt = Annotated[str, typer.Option(help="Log level: DEBUG, INFO, WARNING, ERROR")]
 LogFormatOpt = Annotated[LogFormat, typer.Option(help="Log lines as text, or one JSON object per line")]
-IncompleteAfterOpt = Annotated[float, typer.Option(callback=_seconds, help="Seconds a checkpoint may stay still but broken before it is marked incomplete")]
+IncompleteAfterOpt = Annotated[float, typer.Option(callback=_seconds_or_now, help="Seconds a checkpoint may stay still but broken before it is marked incomplete (0: at once)")]
 DeviceOpt = Annotated[Optional[str], typer.Option(help="cuda:N or cpu (default: cuda:0 when a GPU is visible, else cpu)")]
 NodeOpt = Annotated[Optional[str], typer.Option("--node", envvar="MMDET_WANDB_NODE", show_envvar=False, help="This uploader's name in a shared state DB: it reads and changes only its own rows (env: MMDET_WANDB_NODE; default: the host name)")]
 DatasetRootOpt = Annotated[Optional[list[Path]], typer.Option("--dataset-root", help="Where relative dataset paths of training configs are looked for first; repeatable (env: MMDET_WANDB_DATASET_ROOTS, separated by ':')")]
 JobsOpt = Annotated[Optional[int], typer.Option("--jobs", "-j", min=1, help="Processes that read and upload disjoint work_dirs, each with its own W&B client (default: half the cores, at most 8)")]
 LogTimezoneOpt = Annotated[Optional[str], typer.Option("--log-timezone", help="IANA zone of the training hosts, for the naive times in logs (env: MMDET_WANDB_LOG_TIMEZONE; config file: log_timezone; default: this machine's zone)")]
 WandbTimeoutOpt = Annotated[Optional[float], typer.Option("--wandb-timeout", help="Online: seconds one W&B start, finish or the artifact commits of a segment may take before it counts as failed (env: MMDET_WANDB_TIMEOUT; default: 60)", show_default=False)]
+ForgetAfterOpt = Annotated[Optional[float], typer.Option("--forget-after", help="Seconds after which the state of a work_dir deleted from disk, with nothing left to upload, is forgotten: if it comes back later it is new (env: MMDET_WANDB_FORGET_AFTER; default: 604800, 7 days)", show_default=False)]
 MetricsPortOpt = Annotated[Optional[int], typer.Option("--metrics-port", help="Serve Prometheus metrics, /healthz and /readyz on this TCP port (env: MMDET_WANDB_METRICS_PORT; default: off)", show_default=False)]
 MetricsAddrOpt = Annotated[Optional[str], typer.Option("--metrics-addr", help="The address the metrics port listens on (env: MMDET_WANDB_METRICS_ADDR; default: 127.0.0.1)", show_default=False)]
 BatchSizeOpt = Annotated[int, typer.Option(min=1, help="Images per inference batch (halved on CUDA out of memory)")]
@@ -199,6 +207,7 @@ def watch(
     node: NodeOpt = None,
     metrics_port: MetricsPortOpt = None,
     metrics_addr: MetricsAddrOpt = None,
+    forget_after: ForgetAfterOpt = None,
     log_level: LogLevelOpt = "INFO",
     log_format: LogFormatOpt = LogFormat.TEXT,
 ) -> None:
@@ -211,12 +220,14 @@ def watch(
     root_paths = _roots(roots)
     home, db = _setup(data_dir, root_paths, log_level, log_format, "uploader", node)
     config = _settings(home, hook, settings.ServiceFlags(log_timezone=log_timezone, wandb_timeout=wandb_timeout,
-                                                         metrics_port=metrics_port, metrics_addr=metrics_addr))
+                                                         metrics_port=metrics_port, metrics_addr=metrics_addr,
+                                                         forget_after=forget_after))
     _metrics(config, db, db.node, home.heartbeat("uploader"))
     uploader = _uploader(db, home, root_paths, config, fresh_launch, finish_idle_s=finish_after,
                          writer={"segment_idle_s": segment_idle},
                          checkpoints={"settle_s": checkpoint_settle, "incomplete_after_s": checkpoint_incomplete_after},
-                         loop={"scan_interval_s": scan_interval, "poll_interval_s": poll_interval, "use_events": not poll})
+                         loop={"scan_interval_s": scan_interval, "poll_interval_s": poll_interval, "use_events": not poll,
+                               "forget_after_s": config.forget_after_s})
     stop = _stop_on_signals()
     logging.getLogger("mmdet_wandb").info("watching %s (W&B mode %s, data in %s)", ", ".join(map(str, root_paths)),
                                           uploader.writer.options.mode, home.path)

@@ -1,8 +1,9 @@
 """A Prometheus endpoint beside `watch` and `evaluate`, with `/healthz` and `/readyz` on the same port.
 
-The figures are read from the state DB at scrape time with `status`'s own queries, so a scrape and
-`status --json --node N` agree by construction and nothing is counted twice across a restart: the process
-holds no counter of its own (a crash loses nothing; a second instance on the same node reports the same rows).
+The figures are read from the state DB at scrape time by a few aggregate queries (db/figures.py: the totals of
+what `status --json --node N` shows per work_dir, so a scrape is cheap at 1,000 work_dirs), and nothing is counted
+twice across a restart: the process holds no counter of its own (a crash loses nothing; a second instance on the
+same node reports the same rows).
 """
 from __future__ import annotations
 
@@ -17,12 +18,10 @@ from prometheus_client import CollectorRegistry, GCCollector, PlatformCollector,
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.exposition import ThreadingWSGIServer
 from prometheus_client.registry import Collector
-from sqlalchemy import func, select
-
 from common import timings
-from db.models import Problem, Run, Segment, SegmentState, WorkDir
+from db import figures
 from db.session import Database
-from mmdet_wandb import heartbeat, status
+from mmdet_wandb import heartbeat
 
 #: Every family this endpoint exposes besides the client library's process_* and python_* collectors; the alert
 #: rules in monitoring/ may name only these (tests/test_metrics.py checks).
@@ -31,6 +30,7 @@ NAMES = (
     "mmdet_wandb_segments_open", "mmdet_wandb_runs_backing_off", "mmdet_wandb_wandb_reachable",
     "mmdet_wandb_problems", "mmdet_wandb_checkpoints", "mmdet_wandb_eval_jobs", "mmdet_wandb_heartbeat_age_seconds",
     "mmdet_wandb_scrape_duration_seconds", "mmdet_wandb_loop_pass_seconds", "mmdet_wandb_scan_seconds",
+    "mmdet_wandb_lag_seconds", "mmdet_wandb_oldest_pending_seconds",
 )
 
 
@@ -42,45 +42,30 @@ class StateCollector(Collector):
 
     def collect(self) -> Iterator[Metric]:
         started = time.perf_counter()
-        statuses = status.collect(self.db, self.node)
-        runs = [run for w in statuses for run in w.runs]
-        uploaded = sum(r.rows_uploaded for r in runs)
-        pending = sum(r.rows_pending for r in runs)
-        yield CounterMetricFamily("mmdet_wandb_rows_read", "Log rows parsed into the state DB", value=uploaded + pending)
-        yield CounterMetricFamily("mmdet_wandb_rows_uploaded", "Rows W&B confirmed (or a closed offline segment holds)", value=uploaded)
-        yield GaugeMetricFamily("mmdet_wandb_rows_pending", "Rows read but not confirmed yet", value=pending)
-        yield GaugeMetricFamily("mmdet_wandb_work_dirs", "Work_dirs known", value=len(statuses))
-        now = time.time()
-        yield GaugeMetricFamily("mmdet_wandb_runs_backing_off", "Runs waiting for a retry after an upload failure",
-                                value=sum(1 for r in runs if r.failures and r.retry_at and r.retry_at > now))
         with self.db.read() as session:
-            open_segments = select(func.count()).select_from(Segment).where(Segment.state == SegmentState.OPEN)
-            if self.node is not None:
-                open_segments = open_segments.join(Run, Run.id == Segment.run_id).join(WorkDir, WorkDir.id == Run.work_dir_id).where(WorkDir.node == self.node)
-            segments = session.scalar(open_segments) or 0
-            kinds = select(Problem.kind, func.count()).where(Problem.resolved_at.is_(None)).group_by(Problem.kind)
-            if self.node is not None:
-                kinds = kinds.where(Problem.node == self.node)
-            problems = dict(session.execute(kinds).tuples().all())
-        yield GaugeMetricFamily("mmdet_wandb_segments_open", "W&B segments being written", value=segments)
+            found = figures.totals(session, self.node, time.time())
+        yield CounterMetricFamily("mmdet_wandb_rows_read", "Log rows parsed into the state DB", value=found.rows_read)
+        yield CounterMetricFamily("mmdet_wandb_rows_uploaded", "Rows W&B confirmed (or a closed offline segment holds)",
+                                  value=found.rows_uploaded)
+        yield GaugeMetricFamily("mmdet_wandb_rows_pending", "Rows read but not confirmed yet", value=found.rows_pending)
+        oldest = found.oldest_pending_appended_at
+        yield GaugeMetricFamily("mmdet_wandb_oldest_pending_seconds",
+                                "Age of the oldest row not confirmed yet, from its line's append (0: none)",
+                                value=0 if oldest is None else max(0.0, time.time() - oldest))
+        yield GaugeMetricFamily("mmdet_wandb_work_dirs", "Work_dirs known", value=found.work_dirs)
+        yield GaugeMetricFamily("mmdet_wandb_runs_backing_off", "Runs waiting for a retry after an upload failure",
+                                value=found.runs_backing_off)
+        yield GaugeMetricFamily("mmdet_wandb_segments_open", "W&B segments being written", value=found.segments_open)
         yield GaugeMetricFamily("mmdet_wandb_wandb_reachable", "1 while this node's uploader reaches W&B (online), else 0",
-                                value=0 if status.unreachable(self.db, self.node) else 1)
-        yield _by("mmdet_wandb_problems", "Open problems", "kind", problems)
-        yield _by("mmdet_wandb_checkpoints", "Checkpoints", "state", _sum(w.checkpoint_counts() for w in statuses))
-        yield _by("mmdet_wandb_eval_jobs", "Eval jobs (dead: parked)", "state", _sum(w.eval_job_counts() for w in statuses))
+                                value=0 if found.wandb_unreachable else 1)
+        yield _by("mmdet_wandb_problems", "Open problems", "kind", found.problems)
+        yield _by("mmdet_wandb_checkpoints", "Checkpoints", "state", found.checkpoints)
+        yield _by("mmdet_wandb_eval_jobs", "Eval jobs (dead: parked)", "state", found.eval_jobs)
         age = heartbeat.age(self.beat)
         yield GaugeMetricFamily("mmdet_wandb_heartbeat_age_seconds", "Seconds since the service's last loop pass (-1: none yet)",
                                 value=-1 if age is None else age)
         yield GaugeMetricFamily("mmdet_wandb_scrape_duration_seconds", "Seconds this scrape spent reading the state DB",
                                 value=time.perf_counter() - started)
-
-
-def _sum(counts: Iterable[dict[str, int]]) -> dict[str, int]:
-    total: dict[str, int] = {}
-    for one in counts:
-        for key, n in one.items():
-            total[key] = total.get(key, 0) + n
-    return total
 
 
 def _by(name: str, documentation: str, label: str, counts: dict[str, int]) -> GaugeMetricFamily:

@@ -50,6 +50,7 @@ class ServiceFlags:
     wandb_timeout: float | None = None
     metrics_port: int | None = None
     metrics_addr: str | None = None
+    forget_after: float | None = None
 
 
 @dataclass(frozen=True)
@@ -62,6 +63,7 @@ class Settings:
     wandb_timeout_s: float
     metrics_port: int | None  # None: no metrics endpoint
     metrics_addr: str
+    forget_after_s: float  # a work_dir deleted from disk this long, with nothing pending, is forgotten (db/forget.py)
 
 
 def _zone(value: Any) -> ZoneInfo:
@@ -139,6 +141,7 @@ SERVICE: dict[str, Setting] = {
     "wandb_timeout": Setting("MMDET_WANDB_TIMEOUT", None, _seconds, 60.0),
     "metrics_port": Setting("MMDET_WANDB_METRICS_PORT", None, _port, None),
     "metrics_addr": Setting("MMDET_WANDB_METRICS_ADDR", None, _address, "127.0.0.1"),
+    "forget_after": Setting("MMDET_WANDB_FORGET_AFTER", "forget_after", _seconds, 7 * 24 * 3600.0),
 }
 
 
@@ -203,4 +206,5 @@ def load(data_dir: Path, hook: HookFlags = HookFlags(), service: ServiceFlags = 
         wandb_timeout_s=value("wandb_timeout"),
         metrics_port=value("metrics_port"),
         metrics_addr=value("metrics_addr"),
+        forget_after_s=value("forget_after"),
     )

@@ -102,6 +102,9 @@ def test_the_endpoint_moves_with_the_work_and_ends_equal_to_status(trained_work_
     passes, scans = scraped["mmdet_wandb_loop_pass_seconds_count"][()], scraped["mmdet_wandb_scan_seconds_count"][()]
     assert passes >= 3 and scans >= 1 and scraped["mmdet_wandb_loop_pass_seconds_sum"][()] > 0
     assert next(iter(scraped["mmdet_wandb_wandb_reachable"].values())) == 1  # offline: nothing to reach
+    # every row, the appended ones too, had its lag observed once, when its segment closed; none is pending
+    assert scraped["mmdet_wandb_lag_seconds_count"][()] == data_lines and scraped["mmdet_wandb_lag_seconds_sum"][()] > 0
+    assert scraped["mmdet_wandb_oldest_pending_seconds"][()] == 0
     stop(proc)
     assert get(port, "/healthz")[0] == 0  # the endpoint ends with the service
 

@@ -116,6 +116,9 @@ def test_timing_flags_refuse_nan_and_zero(tmp_path):
     for value in ("nan", "0", "-1"):
         proc = cli(tmp_path / "home", "watch", str(tmp_path), "--scan-interval", value, check=False)
         assert proc.returncode == 2 and "a finite number of seconds above 0 is expected" in proc.stderr, proc.stderr
+    for value in ("nan", "-1"):  # 0 is meaningful here: a still, broken checkpoint is incomplete at once
+        proc = cli(tmp_path / "home", "backfill", str(tmp_path), "--checkpoint-incomplete-after", value, check=False)
+        assert proc.returncode == 2 and "a finite number of seconds, 0 or more, is expected" in proc.stderr, proc.stderr
 
 
 def test_a_config_dump_that_is_not_python_holds_its_run_until_it_is_fixed(real_logs, tmp_path):

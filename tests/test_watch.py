@@ -113,23 +113,56 @@ def test_sigkill_mid_backfill_then_restart_uploads_every_row_once(real_logs, tmp
         assert all(seg.has_exit for seg in files.segments), "the killed segment was dropped, not kept half-written"
 
 
+def _uploaded(home: Path) -> dict[str, list[tuple[str, int]]]:
+    """work_dir path → its runs as (W&B id, rows uploaded), from `status`."""
+    if not (home / "state.db").exists():
+        return {}
+    return {w["path"]: [(r["wandb_id"], r["rows_uploaded"]) for r in w["runs"]] for w in status(home)["work_dirs"]}
+
+
+def _rows(home: Path, sql: str) -> list[tuple]:
+    with sqlite3.connect(home / "state.db") as db:
+        return db.execute(sql).fetchall()
+
+
 def test_watch_forgets_the_work_dirs_that_were_deleted(real_logs, tmp_path, watcher):
+    """A deleted work_dir is a tombstone for `--forget-after` (one that comes back is not uploaded twice), then
+    forgotten: rows and memory both (one that comes back after that is new); a restart keeps the clock."""
     source = real_logs / ELTD
     root, home = tmp_path / "work_dirs", tmp_path / "home"
     for name in ("a", "b", "c"):
         (root / name).mkdir(parents=True)
         shutil.copyfile(source, root / name / source.name)
-    proc = watcher(home, root, "--segment-idle", "1", "--finish-after", "1")
+    proc = watcher(home, root, "--segment-idle", "1", "--finish-after", "1", "--forget-after", "3600")
     rows = len(expected_rows(source))
-    wait_until(lambda: (home / "state.db").exists() and sum(r["rows_uploaded"] for w in status(home)["work_dirs"] for r in w["runs"]) == 3 * rows,
-               120, "every row uploaded", proc)
+    wait_until(lambda: sum(n for runs in _uploaded(home).values() for _, n in runs) == 3 * rows, 120, "every row uploaded", proc)
+    first = _uploaded(home)
+
+    def states(name: str) -> set[str]:
+        return {state for (state,) in _rows(home, f"SELECT state FROM sources WHERE path LIKE '%/{name}/%'")}
+
+    (tmp_path / "away").mkdir()
+    (root / "b").rename(tmp_path / "away" / "b")  # moved away and back before --forget-after: the same log
+    wait_until(lambda: states("b") == {"gone"}, 60, "b seen gone", proc)
+    (tmp_path / "away" / "b").rename(root / "b")
+    wait_until(lambda: states("b") == {"finished"}, 60, "b read again", proc)
     shutil.rmtree(root / "a")
     shutil.rmtree(root / "b")
-
-    def gone() -> int:
-        with sqlite3.connect(home / "state.db") as db:
-            return db.execute("SELECT count(*) FROM problems WHERE kind = 'gone'").fetchone()[0]
-
-    wait_until(lambda: gone() == 2, 60, "the two deleted logs seen gone", proc)
+    wait_until(lambda: states("a") == states("b") == {"gone"}, 60, "the two deleted logs seen gone", proc)
     output = stop(proc)
     assert "2 logs gone; following 1 logs in 1 work_dirs (1 read as finished," in output, output
+    assert _uploaded(home) == first, "b came back and went again: nothing of it uploaded twice, every tombstone kept"
+
+    proc = watcher(home, root, "--segment-idle", "1", "--finish-after", "1", "--forget-after", "1")
+    wait_until(lambda: _rows(home, "SELECT path FROM work_dirs") == [(str(root / "c"),)], 60, "a and b forgotten", proc)
+    assert _rows(home, "SELECT count(*) FROM sources") == _rows(home, "SELECT count(*) FROM runs") == [(1,)]
+    assert _rows(home, "SELECT count(*) FROM problems WHERE kind = 'gone'") == [(0,)]
+    assert _uploaded(home) == {str(root / "c"): first[str(root / "c")]}, "the work_dir still on disk is untouched"
+    (root / "a").mkdir()
+    shutil.copyfile(source, root / "a" / source.name)  # back after --forget-after: a new work_dir, a new run
+    wait_until(lambda: [n for _, n in _uploaded(home).get(str(root / "a"), [])] == [rows], 120, "a uploaded as new", proc)
+    output = stop(proc)
+    assert "forgot 2 work_dirs deleted from disk" in output, output
+    ((new_id, _),) = _uploaded(home)[str(root / "a")]
+    assert new_id != first[str(root / "a")][0][0]
+    assert_history_matches(offline_run(home, new_id).history, expected_rows(source))

@@ -255,7 +255,7 @@ def _commit(
                     intervals[run.id] = run_options.interval
                 if not on_interval(record, intervals[run.id], state):
                     continue
-                _append(new_rows, run, source, read.position.generation, line, record, summary)
+                _append(new_rows, run, source, read, line, record, summary)
                 added += 1
     _flush_summary(run, summary)
     outbox.add_rows(session, new_rows)
@@ -287,7 +287,7 @@ def _stored_lines(session: Session, source_id: int, parsed: list[_ParsedLine]) -
 
 
 def _append(
-    new_rows: list[dict[str, Any]], run: Run, source: Source, generation: int, line: _ParsedLine, row: MetricRow,
+    new_rows: list[dict[str, Any]], run: Run, source: Source, read: tail.TailRead, line: _ParsedLine, row: MetricRow,
     summary: dict[str, Any],
 ) -> None:
     """Queue one outbox row (inserted in bulk by the caller) and give it the run's next step; its time never
@@ -297,9 +297,9 @@ def _append(
         payload["_timestamp"] = run.last_timestamp = max(row.timestamp, run.last_timestamp or row.timestamp)
     new_rows.append(
         dict(
-            run_id=run.id, step=run.next_step, source_id=source.id, generation=generation, byte_offset=line.offset,
-            line_hash=line.line_hash, kind=row.kind.value, epoch=row.epoch, iter=row.iter,
-            payload_json=json_values.dumps(payload), uploaded=False,
+            run_id=run.id, step=run.next_step, source_id=source.id, generation=read.position.generation,
+            byte_offset=line.offset, line_hash=line.line_hash, kind=row.kind.value, epoch=row.epoch, iter=row.iter,
+            payload_json=json_values.dumps(payload), uploaded=False, appended_at=read.mtime,
         )
     )
     run.next_step += 1

@@ -22,7 +22,7 @@ from pathlib import Path
 
 from common import timings
 from common.memory import return_free_memory
-from db import outbox
+from db import forget, outbox
 from db.offsets import backlog
 from db.problems import record_problem, record_scan
 from db.segments import retry_now
@@ -54,6 +54,7 @@ class LoopOptions:
     poll_interval_s: float = 0.5
     use_events: bool = True
     share: frozenset[Path] | None = None  # backfill --jobs: the work_dirs this process reads (uploader/shards.py)
+    forget_after_s: float | None = None  # watch: forget work_dirs deleted this long ago (db/forget.py); None: never
 
 
 class Loop:
@@ -99,6 +100,12 @@ class Loop:
         if refresh_failing_configs(self.db, found):
             log.info("the training config of a failing run changed; trying it again")
         return found
+
+    def forget_deleted(self) -> None:
+        """The state of work_dirs deleted `forget_after_s` ago with nothing pending goes too (db/forget.py)."""
+        if self.options.forget_after_s is not None and (forgotten := forget.forget_deleted(self.db, self.options.forget_after_s)):
+            self.db.reclaim_space()
+            log.info("forgot %d work_dirs deleted from disk over %.0f s ago", len(forgotten), self.options.forget_after_s)
 
     def _forget_what_is_gone(self) -> None:
         """Memory holds only the logs and work_dirs the last scan found (DESIGN 13): months of work_dirs
@@ -302,6 +309,7 @@ class Loop:
                         walk = time.monotonic() - started
                         timings.SCAN.observe(walk)
                         next_scan = time.monotonic() + min(SCAN_MAX_INTERVAL_S, max(self.options.scan_interval_s, walk / SCAN_SHARE))
+                        self.forget_deleted()  # after the walk's timing: it paces the scans
                     if self.read_step(hinted, everything=full):
                         read.set()
                     timings.LOOP_PASS.observe(time.monotonic() - pass_started)

@@ -69,6 +69,7 @@ class TailRead:
     size: int  # file size seen by fstat of the open fd
     at_eof: bool  # nothing whole is left to read; False: call again (that call may find only a fragment)
     reset_from: int = -1  # with a reset: the byte the previous generation had been read up to
+    mtime: float = 0.0  # epoch seconds, by the same fstat: when its lines were appended, at the latest
 
     @property
     def replaced(self) -> bool:
@@ -246,4 +247,4 @@ def _read(
         tail_hash=_sha256(tail_bytes),
     )
     reset_from = position.offset if reason is not None and position is not None else -1
-    return TailRead(new_position, lines, oversized, reason, size, not (more or shrunk), reset_from)
+    return TailRead(new_position, lines, oversized, reason, size, not (more or shrunk), reset_from, st.st_mtime)
