@@ -41,6 +41,7 @@ IDLE_POLL_MAX_S = 30.0  # the longest a still log goes without a stat (with even
 ACTIVE_S = 60.0  # a work_dir stays active this long after its last change: its checkpoints are looked at every pass
 SCAN_SHARE = 0.001  # the walk of a full scan takes at most this share of the time (the look at every work_dir after
 SCAN_MAX_INTERVAL_S = 120.0  # it costs about as much again); a new log is found within this, however slow the walk
+FORGET_EVERY_S = 600.0  # deleted work_dirs are looked for this often (or every --forget-after, when shorter)
 QUEUE_EVERY_S = 5.0  # the artifact producers run at least this often (the writer and workers settle things too)
 HEARTBEAT_MAX_S = 30.0  # the loop passes at least this often, however quiet (health checks allow 120 s)
 
@@ -74,6 +75,7 @@ class Loop:
         self._active: dict[Path, float] = {}  # work_dir → when it last changed (monotonic)
         self._unsettled: set[Path] = set()  # work_dirs with a checkpoint not settled yet
         self._queued_at = 0.0
+        self._forgot_at = self._looked_at_all = float("-inf")  # monotonic: the last forget, the last look at every checkpoint
         self.background = Background()  # checkpoint copies and hashes, off the loop's thread
 
     def scan(self) -> list[FoundLog]:
@@ -102,10 +104,15 @@ class Loop:
         return found
 
     def forget_deleted(self) -> None:
-        """The state of work_dirs deleted `forget_after_s` ago with nothing pending goes too (db/forget.py)."""
-        if self.options.forget_after_s is not None and (forgotten := forget.forget_deleted(self.db, self.options.forget_after_s)):
+        """The state of work_dirs deleted `forget_after_s` ago with nothing pending goes too (db/forget.py); looked
+        for every `FORGET_EVERY_S` at most (each look queries every work_dir: at idle it was a third of a pass)."""
+        after = self.options.forget_after_s
+        if after is None or time.monotonic() - self._forgot_at < min(after, FORGET_EVERY_S):
+            return
+        self._forgot_at = time.monotonic()
+        if forgotten := forget.forget_deleted(self.db, after):
             self.db.reclaim_space()
-            log.info("forgot %d work_dirs deleted from disk over %.0f s ago", len(forgotten), self.options.forget_after_s)
+            log.info("forgot %d work_dirs deleted from disk over %.0f s ago", len(forgotten), after)
 
     def _forget_what_is_gone(self) -> None:
         """Memory holds only the logs and work_dirs the last scan found (DESIGN 13): months of work_dirs
@@ -310,7 +317,12 @@ class Loop:
                         timings.SCAN.observe(walk)
                         next_scan = time.monotonic() + min(SCAN_MAX_INTERVAL_S, max(self.options.scan_interval_s, walk / SCAN_SHARE))
                         self.forget_deleted()  # after the walk's timing: it paces the scans
-                    if self.read_step(hinted, everything=full):
+                    # every checkpoint is looked at on a scan; with events, a new one wakes its work_dir, so then only
+                    # every SCAN_MAX_INTERVAL_S (in case an event was lost)
+                    everything = full and (observer is None or time.monotonic() - self._looked_at_all >= SCAN_MAX_INTERVAL_S)
+                    if everything:
+                        self._looked_at_all = time.monotonic()
+                    if self.read_step(hinted, everything=everything):
                         read.set()
                     timings.LOOP_PASS.observe(time.monotonic() - pass_started)
                     if on_tick is not None:
