@@ -46,12 +46,14 @@ setup_mmdet3() {
 }
 
 setup_postgres_server() {
-  # The PostgreSQL tests start a throwaway server of their own; they need its binaries (Debian's package).
-  if command -v initdb >/dev/null || compgen -G "/usr/lib/postgresql/*/bin/initdb" >/dev/null; then
+  # The PostgreSQL tests start a throwaway server of their own; they need its binaries (Debian's package), and
+  # tests/test_db_network.py a network namespace whose packets iptables drops.
+  if { command -v initdb >/dev/null || compgen -G "/usr/lib/postgresql/*/bin/initdb" >/dev/null; } \
+      && command -v iptables >/dev/null && command -v ip >/dev/null; then
     return
   fi
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
-    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql iptables iproute2 >/dev/null
   else
     echo "note: no PostgreSQL server binaries (apt-get install postgresql): the PostgreSQL tests will be skipped" >&2
   fi

@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from sqlalchemy import Column, Connection, Engine, MetaData, PrimaryKeyConstraint, String, Table, create_engine, event, inspect, text
+from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session, sessionmaker
 
 MIGRATIONS = Path(__file__).with_name("migrations")
@@ -23,6 +24,14 @@ WAL_LIMIT_BYTES = 4 << 20  # SQLite: the WAL is cut to this at each reset (journ
 WAL_CHECKPOINT_BYTES = 256 << 10  # ... and checkpointed and cut to nothing after a burst that left more than this
 BUSY_TIMEOUT_MS = 30000  # a writer waits this long for another
 CHECKPOINT_WAIT_MS = 200  # how long a checkpoint waits for readers: it is tried again after the next burst
+# PostgreSQL: libpq's connection parameters, so that a server whose network vanished (a pod stopped, a node
+# cut off) fails a call in seconds instead of the kernel's ~2 min to connect and ~15 min to give up on unanswered
+# data; the loop then logs it and tries again, and SIGTERM is not held up. A URL that sets one keeps its value.
+PG_CONNECT_ARGS = {
+    "connect_timeout": 10,  # seconds
+    "tcp_user_timeout": 20000,  # ms data may stay unacknowledged
+    "keepalives": 1, "keepalives_idle": 10, "keepalives_interval": 5, "keepalives_count": 3,  # an idle connection
+}
 
 
 def sqlite_url(path: Path) -> str:
@@ -127,7 +136,8 @@ def node_of(session: Session) -> str:
 
 def _make_engine(url: str) -> Engine:
     if not url.startswith("sqlite"):
-        return create_engine(url, pool_pre_ping=True)
+        query = make_url(url).query
+        return create_engine(url, pool_pre_ping=True, connect_args={k: v for k, v in PG_CONNECT_ARGS.items() if k not in query})
     engine = create_engine(url, connect_args={"timeout": 30, "check_same_thread": False})
 
     @event.listens_for(engine, "connect")
