@@ -1,0 +1,85 @@
+"""`mmdet-wandb sync`: offline segments to the W&B stand-in (tests/wandb_standin.py) with the real wandb client,
+exactly once: every row once, at its own step, in order, after a SIGKILL, a refusal, or a hand-run `wandb sync`."""
+from __future__ import annotations
+
+import os
+import random
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+from tests.conftest import REAL_LOGS, REPO, cli, service_env, status
+from tests.oracle import assert_history_matches, expected_rows
+from tests.wandb_standin import WandbStandin
+
+YOLOV3_LOG = REAL_LOGS / "masati91__ELTD/work_dirs/yolov3_d53_320_273e_coco/20210422_141751.log.json"  # 4,368 rows
+
+
+def three_segments(tmp_path: Path) -> tuple[Path, Path, str]:
+    """(home, the full log, run id): the real yolov3 log growing in three parts, backfilled offline after each,
+    so that its run has three closed segments (as a watch restarted twice during a live training leaves)."""
+    work_dir = tmp_path / "root" / "yolov3_d53_320_273e_coco"
+    work_dir.mkdir(parents=True)
+    lines = YOLOV3_LOG.read_bytes().splitlines(keepends=True)
+    log = work_dir / YOLOV3_LOG.name
+    home = tmp_path / "home"
+    third = len(lines) // 3
+    for part in (lines[:third], lines[third:2 * third], lines[2 * third:]):
+        with log.open("ab") as f:
+            f.write(b"".join(part))
+        cli(home, "backfill", str(work_dir.parent), "--no-progress", timeout=300)
+    [entry] = runs_of(home)
+    assert len(list((home / "wandb" / entry["wandb_id"]).glob("*/wandb/offline-run-*/*.wandb"))) == 3
+    return home, log, entry["wandb_id"]
+
+
+def runs_of(home: Path) -> list[dict]:
+    return [r for w in status(home)["work_dirs"] for r in w["runs"]]
+
+
+def sync(standin: WandbStandin, home: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    return cli(home, "sync", "--no-progress", *args, check=check, timeout=300, **standin.env(home / "wandb-dirs"))
+
+
+def assert_exactly_once(standin: WandbStandin, wandb_id: str, log: Path) -> None:
+    run = standin.run(wandb_id)
+    rows = expected_rows(log)
+    assert run.history_offsets == list(range(len(rows))), "every line once, no gap"
+    assert run.steps == list(range(1, len(rows) + 1)), "at their own steps, in order"
+    assert not run.resent_history or all(w.row == run.history_by_offset[w.offset].row for w in run.resent_history)
+    assert_history_matches(run.history, rows)
+
+
+def test_three_segments_synced_once_then_a_second_sync_sends_nothing(wandb_standin: WandbStandin, tmp_path):
+    home, log, wandb_id = three_segments(tmp_path)
+    dry = sync(wandb_standin, home, "--dry-run")
+    assert f"{wandb_id}: 3 segment(s), 4368 row(s) to sync" in dry.stderr
+    assert not wandb_standin.has_run(wandb_id), "a dry run sends nothing"
+    done = sync(wandb_standin, home)
+    assert f"{wandb_id}: synced 3 segment(s), 4368 row(s) sent" in done.stderr, done.stderr
+    assert_exactly_once(wandb_standin, wandb_id, log)
+    writes = len(wandb_standin.run(wandb_id).history_writes)
+    again = sync(wandb_standin, home)
+    assert "nothing to sync" in again.stderr
+    assert len(wandb_standin.run(wandb_id).history_writes) == writes
+
+
+def test_the_server_refusing_the_second_segment_once(wandb_standin: WandbStandin, tmp_path):
+    home, log, wandb_id = three_segments(tmp_path)
+    def second_segment(record) -> bool:
+        history = (record.variables or {}).get("files", {}).get("wandb-history.jsonl")
+        return history is not None and history["lines"] > 0 and 1456 <= history["offset"] < 2912
+
+    refusal = wandb_standin.fail("file_stream", 400, when=second_segment)
+    first = sync(wandb_standin, home, check=False)
+    assert first.returncode == 1
+    assert f"{wandb_id}: not synced" in first.stderr, first.stderr
+    with wandb_standin.lock:
+        wandb_standin.faults.remove(refusal)
+    [entry] = runs_of(home)
+    assert (entry["segments_synced"], entry["segments_to_sync"]) == (1, 2)
+    cli(home, "retry", wandb_id)
+    done = sync(wandb_standin, home)
+    assert "synced" in done.stderr
+    assert_exactly_once(wandb_standin, wandb_id, log)
