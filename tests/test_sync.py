@@ -69,12 +69,12 @@ def test_the_server_refusing_the_second_segment_once(wandb_standin: WandbStandin
     home, log, wandb_id = three_segments(tmp_path)
     def second_segment(record) -> bool:
         history = (record.variables or {}).get("files", {}).get("wandb-history.jsonl")
-        return history is not None and history["lines"] > 0 and 1456 <= history["offset"] < 2912
+        return history is not None and history["lines"] > 0 and 1455 <= history["offset"] < 2911  # segment 2: steps 1456..2911
 
     refusal = wandb_standin.fail("file_stream", 400, when=second_segment)
     first = sync(wandb_standin, home, check=False)
     assert first.returncode == 1
-    assert f"{wandb_id}: not synced" in first.stderr, first.stderr
+    assert f"{wandb_id}: not synced (2 segment(s) left, retried with backoff): SyncRefused: segment 2" in first.stderr, first.stderr
     with wandb_standin.lock:
         wandb_standin.faults.remove(refusal)
     [entry] = runs_of(home)
