@@ -83,3 +83,46 @@ def test_the_server_refusing_the_second_segment_once(wandb_standin: WandbStandin
     done = sync(wandb_standin, home)
     assert "synced" in done.stderr
     assert_exactly_once(wandb_standin, wandb_id, log)
+
+
+def test_sync_killed_at_random_points_then_rerun_sends_each_row_once(wandb_standin: WandbStandin, tmp_path):
+    """SIGKILL of a real `sync` process group while rows are on their way, at random points (three kills, seeded),
+    then a sync to the end: every row once, in order."""
+    home, log, wandb_id = three_segments(tmp_path)
+    rng = random.Random(25)
+    throttle = wandb_standin.slow("file_stream", 0.3)  # so that the kill lands while rows are on their way
+    env = service_env(home, **wandb_standin.env(home / "wandb-dirs"))
+    for _ in range(3):
+        writes = len(wandb_standin.run(wandb_id).history_writes) if wandb_standin.has_run(wandb_id) else 0
+        target = writes + rng.randint(1, 1200)
+        proc = subprocess.Popen([sys.executable, "-m", "mmdet_wandb.cli", "sync", "--no-progress"], env=env, cwd=REPO,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        try:
+            wandb_standin.wait_for(lambda: proc.poll() is not None or (wandb_standin.has_run(wandb_id) and len(
+                wandb_standin.run(wandb_id).history_writes) >= target), 240, f"{target} history lines")
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=30)
+    with wandb_standin.lock:
+        wandb_standin.faults.remove(throttle)
+    assert 0 < len(wandb_standin.run(wandb_id).history_writes), "the kills landed after rows reached the server"
+    cli(home, "retry", wandb_id)
+    done = sync(wandb_standin, home)
+    assert "synced" in done.stderr, done.stderr
+    assert_exactly_once(wandb_standin, wandb_id, log)
+    [entry] = runs_of(home)
+    assert (entry["segments_synced"], entry["segments_to_sync"]) == (3, 0)
+
+
+def test_a_segment_synced_by_hand_with_wandb_sync_is_not_sent_again(wandb_standin: WandbStandin, tmp_path):
+    home, log, wandb_id = three_segments(tmp_path)
+    [first] = (home / "wandb" / wandb_id / "0001" / "wandb").glob("offline-run-*")
+    wandb_cli = Path(sys.executable).with_name("wandb")
+    subprocess.run([str(wandb_cli), "sync", str(first)], env=service_env(home, **wandb_standin.env(home / "wandb-dirs")),
+                   check=True, capture_output=True, timeout=300)
+    by_hand = len(wandb_standin.run(wandb_id).history_writes)
+    assert by_hand == 1455
+    done = sync(wandb_standin, home)
+    assert f"{wandb_id}: synced 3 segment(s), {4368 - 1455} row(s) sent, 1 already on the server" in done.stderr, done.stderr
+    assert_exactly_once(wandb_standin, wandb_id, log)
