@@ -9,7 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from tests.conftest import REAL_LOGS, REPO, cli, service_env, status
+from tests.conftest import REAL_LOGS, REPO, cli, service_env, status, table_column
 from tests.oracle import assert_history_matches, expected_rows
 from tests.wandb_standin import WandbStandin
 
@@ -79,6 +79,8 @@ def test_the_server_refusing_the_second_segment_once(wandb_standin: WandbStandin
         wandb_standin.faults.remove(refusal)
     [entry] = runs_of(home)
     assert (entry["segments_synced"], entry["segments_to_sync"]) == (1, 2)
+    table = cli(home, "status").stdout
+    assert "1 / 2" in table_column(table, 5) and "sync: SyncRefused: segment 2" in table_column(table, -1)
     cli(home, "retry", wandb_id)
     done = sync(wandb_standin, home)
     assert "synced" in done.stderr
