@@ -262,3 +262,11 @@ def sync_failed(session: Session, segment_id: int, error: str) -> float:
 def synced_dirs(session: Session) -> set[str]:
     """The directories of this node's offline segments a W&B server confirmed (`mmdet-wandb sync`)."""
     return set(session.scalars(select(Segment.dir).where(Segment.node == node_of(session), Segment.sync_state == SyncState.SYNCED)))
+
+
+def unsynced_runs(session: Session, run_ids: list[int]) -> set[int]:
+    """Those of the runs with an offline segment no server confirmed yet: online, they wait for `sync` (a live
+    segment first would move the server's starting step past it, and it would never be sent)."""
+    return set(session.scalars(select(Segment.run_id).where(
+        Segment.run_id.in_(run_ids), Segment.mode == "offline", Segment.state == SegmentState.CLOSED,
+        Segment.sync_state.is_distinct_from(SyncState.SYNCED))))

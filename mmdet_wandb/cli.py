@@ -148,6 +148,24 @@ def _settings(home: paths.DataDir, hook: settings.HookFlags = settings.HookFlags
         raise _fail(str(exc)) from None
 
 
+def _sync_backlog(db: Database, home: paths.DataDir, config: settings.Settings) -> None:
+    """Online, a node's offline segments not yet synced (it ran offline before) go first, as `mmdet-wandb sync`
+    sends them; a run whose backlog does not go through uploads nothing live until a later `sync` or start."""
+    from uploader.wandb.mode import resolve_mode
+    from uploader.wandb.sync import SyncOptions, Syncer
+
+    if resolve_mode() != "online":
+        return
+    syncer = Syncer(db, SyncOptions(home.path / "sync", config.wandb_timeout_s))
+    for wandb_id, todo in syncer.plan().items():
+        outcome = syncer.sync_run(wandb_id, todo)
+        if outcome.error:
+            logging.getLogger("mmdet_wandb").warning("run %s: offline backlog not synced (%s); its live upload waits", wandb_id, outcome.error)
+        else:
+            logging.getLogger("mmdet_wandb").info("run %s: offline backlog synced (%d segment(s), %d row(s))",
+                                                  wandb_id, outcome.synced, outcome.rows_sent)
+
+
 def _uploader(db: Database, home: paths.DataDir, roots: list[Path], config: settings.Settings, fresh_launch: FreshLaunch, *,
               finish_idle_s: float, writer: dict[str, float], checkpoints: dict[str, float], loop: dict[str, Any]) -> Loop:
     """The one way `watch` and `backfill` build their loop and its W&B writer (imported here: wandb is the CLI's
@@ -223,6 +241,7 @@ def watch(
                                                          metrics_port=metrics_port, metrics_addr=metrics_addr,
                                                          forget_after=forget_after))
     _metrics(config, db, db.node, home.heartbeat("uploader"))
+    _sync_backlog(db, home, config)
     uploader = _uploader(db, home, root_paths, config, fresh_launch, finish_idle_s=finish_after,
                          writer={"segment_idle_s": segment_idle},
                          checkpoints={"settle_s": checkpoint_settle, "incomplete_after_s": checkpoint_incomplete_after},

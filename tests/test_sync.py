@@ -16,7 +16,7 @@ from tests.wandb_standin import WandbStandin
 YOLOV3_LOG = REAL_LOGS / "masati91__ELTD/work_dirs/yolov3_d53_320_273e_coco/20210422_141751.log.json"  # 4,368 rows
 
 
-def three_segments(tmp_path: Path) -> tuple[Path, Path, str]:
+def three_segments(tmp_path: Path, parts: int = 3) -> tuple[Path, Path, str]:
     """(home, the full log, run id): the real yolov3 log growing in three parts, backfilled offline after each,
     so that its run has three closed segments (as a watch restarted twice during a live training leaves)."""
     work_dir = tmp_path / "root" / "yolov3_d53_320_273e_coco"
@@ -25,12 +25,12 @@ def three_segments(tmp_path: Path) -> tuple[Path, Path, str]:
     log = work_dir / YOLOV3_LOG.name
     home = tmp_path / "home"
     third = len(lines) // 3
-    for part in (lines[:third], lines[third:2 * third], lines[2 * third:]):
+    for part in (lines[:third], lines[third:2 * third], lines[2 * third:])[:parts]:
         with log.open("ab") as f:
             f.write(b"".join(part))
         cli(home, "backfill", str(work_dir.parent), "--no-progress", timeout=300)
     [entry] = runs_of(home)
-    assert len(list((home / "wandb" / entry["wandb_id"]).glob("*/wandb/offline-run-*/*.wandb"))) == 3
+    assert len(list((home / "wandb" / entry["wandb_id"]).glob("*/wandb/offline-run-*/*.wandb"))) == parts
     return home, log, entry["wandb_id"]
 
 
@@ -128,3 +128,25 @@ def test_a_segment_synced_by_hand_with_wandb_sync_is_not_sent_again(wandb_standi
     done = sync(wandb_standin, home)
     assert f"{wandb_id}: synced 3 segment(s), {4368 - 1455} row(s) sent, 1 already on the server" in done.stderr, done.stderr
     assert_exactly_once(wandb_standin, wandb_id, log)
+
+
+def test_watch_started_online_syncs_its_offline_backlog_first_then_goes_live(wandb_standin: WandbStandin, tmp_path):
+    """Two thirds of the log backfilled offline (two segments), then the last third appended and `watch` started
+    with credentials: the backlog goes first, then the live rows; every row once, in order."""
+    home, log, wandb_id = three_segments(tmp_path, parts=2)
+    lines = YOLOV3_LOG.read_bytes().splitlines(keepends=True)
+    with log.open("ab") as f:
+        f.write(b"".join(lines[2 * (len(lines) // 3):]))
+    env = service_env(home, **wandb_standin.env(home / "wandb-dirs"))
+    proc = subprocess.Popen([sys.executable, "-m", "mmdet_wandb.cli", "watch", str(log.parent.parent), "--poll-interval", "0.2",
+                             "--scan-interval", "1", "--segment-idle", "1"], env=env, cwd=REPO,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        wandb_standin.wait_for(lambda: wandb_standin.has_run(wandb_id) and wandb_standin.run(wandb_id).history_line_count == 4368,
+                               240, "every row on the server")
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=120)
+    assert_exactly_once(wandb_standin, wandb_id, log)
+    [entry] = runs_of(home)
+    assert (entry["segments_synced"], entry["segments_to_sync"]) == (2, 0)
