@@ -211,7 +211,6 @@ class ToSync:
     id: int
     seq: int
     sync_file_dir: Path
-    first_step: int | None
     last_step: int | None
     rows: int
     sending: bool  # a replay of it began (maybe cut off): the server may hold a prefix
@@ -231,7 +230,7 @@ def to_sync(session: Session, wandb_ids: list[str] | None = None) -> dict[str, l
         stmt = stmt.where(Run.wandb_id.in_(wandb_ids))
     runs: dict[str, list[ToSync]] = {}
     for wandb_id, seg in session.execute(stmt):
-        runs.setdefault(wandb_id, []).append(ToSync(seg.id, seg.seq, Path(seg.dir), seg.first_step, seg.last_step,
+        runs.setdefault(wandb_id, []).append(ToSync(seg.id, seg.seq, Path(seg.dir), seg.last_step,
                                                     seg.rows, seg.sync_state is SyncState.SENDING, seg.sync_retry_at))
     return runs
 

@@ -2,6 +2,7 @@
 exactly once: every row once, at its own step, in order, after a SIGKILL, a refusal, or a hand-run `wandb sync`."""
 from __future__ import annotations
 
+import base64
 import os
 import random
 import signal
@@ -150,3 +151,34 @@ def test_watch_started_online_syncs_its_offline_backlog_first_then_goes_live(wan
     assert_exactly_once(wandb_standin, wandb_id, log)
     [entry] = runs_of(home)
     assert (entry["segments_synced"], entry["segments_to_sync"]) == (2, 0)
+
+
+def test_checkpoints_val_and_prediction_tables_synced_once_with_resolved_references(wandb_standin: WandbStandin, tmp_path,
+                                                                                    trained_work_dir):
+    """A real tiny training backfilled offline with checkpoints and tables, then synced twice: model versions
+    with their metadata and aliases, one `val`, prediction tables whose image references resolve into it."""
+    work_dir = trained_work_dir("retinanet_epoch")
+    checkpoint_names = sorted(p.name for p in work_dir.glob("*.pth") if not p.is_symlink())
+    home = tmp_path / "home"
+    cli(home, "backfill", str(work_dir.parent), "--no-progress", "--log-checkpoint", "--evaluate", "--num-eval-images", "6",
+        timeout=600, **{k: v for k, v in wandb_standin.env(home / "wandb-dirs").items() if k.startswith("WANDB_") and "DIR" in k})
+    removed = cli(home, "clean-store")
+    assert "removed 0 pinned checkpoint(s)" in removed.stderr, "pins stay until synced"
+    sync(wandb_standin, home)
+    sync(wandb_standin, home)
+    committed = [a for a in wandb_standin.artifacts.values() if a.state == "COMMITTED"]
+    models = [a for a in committed if a.type == "model"]
+    assert len(models) == len(checkpoint_names), "each checkpoint version once"
+    assert all(a.metadata and "epoch" in a.metadata for a in models)
+    assert any("best" in a.aliases for a in models)
+    [val] = [a for a in committed if a.type == "dataset"]
+    predictions = [a for a in committed if a.type == "evaluation"]
+    assert len(predictions) == len(checkpoint_names) - 1
+    val_hex = base64.b64decode(val.id).hex()
+    for prediction in predictions:
+        refs = {path: e["ref"] for path, e in prediction.entries.items() if e.get("ref")}
+        assert refs, "the images are references into val"
+        for path, ref in refs.items():
+            assert ref.startswith("wandb-artifact://") and ref.split("/")[2] in (val.id, val_hex), ref
+            assert prediction.entries[path]["digest"] == val.entries[path]["digest"]
+    assert f"removed {len(checkpoint_names)} pinned checkpoint(s)" in cli(home, "clean-store").stderr, "synced: the pins can go"
