@@ -123,7 +123,7 @@ def test_a_segment_synced_by_hand_with_wandb_sync_is_not_sent_again(wandb_standi
     [first] = (home / "wandb" / wandb_id / "0001" / "wandb").glob("offline-run-*")
     wandb_cli = Path(sys.executable).with_name("wandb")
     subprocess.run([str(wandb_cli), "sync", str(first)], env=service_env(home, **wandb_standin.env(home / "wandb-dirs")),
-                   check=True, capture_output=True, timeout=300)
+                   check=True, capture_output=True, timeout=300, cwd=tmp_path)  # wandb sync writes ./wandb/ logs
     by_hand = len(wandb_standin.run(wandb_id).history_writes)
     assert by_hand == 1455
     done = sync(wandb_standin, home)
