@@ -30,6 +30,7 @@ from db.models import (
     Run,
     Segment,
     SegmentState,
+    SyncState,
     Source,
     SourceState,
     UploadedSpan,
@@ -87,6 +88,8 @@ def _settled(session: Session, work_dir_id: int, cutoff: dt.datetime) -> bool:
         select(OutboxRow.id).where(OutboxRow.run_id.in_(runs), OutboxRow.uploaded.is_(False)),
         select(OutboxArtifact.id).where(OutboxArtifact.run_id.in_(runs), OutboxArtifact.uploaded.is_(False), OutboxArtifact.error.is_(None)),
         select(Segment.id).where(Segment.run_id.in_(runs), Segment.state.in_((SegmentState.OPEN, SegmentState.SENT))),
+        select(Segment.id).where(Segment.run_id.in_(runs), Segment.mode == "offline", Segment.state == SegmentState.CLOSED,
+                                 Segment.sync_state.is_distinct_from(SyncState.SYNCED)),  # `mmdet-wandb sync` still needs them
         select(Checkpoint.id).where(
             Checkpoint.work_dir_id == work_dir_id,
             or_(Checkpoint.pin_path.is_not(None), Checkpoint.state.in_((CheckpointState.SEEN, CheckpointState.READY))),

@@ -47,6 +47,13 @@ class SegmentState(str, enum.Enum):
     DISCARDED = "discarded"  # never verified (crash, failed read-back): deleted and rebuilt from the DB
 
 
+class SyncState(str, enum.Enum):
+    """An offline segment on its way to a W&B server (`mmdet-wandb sync`); NULL: not sent yet."""
+
+    SENDING = "sending"  # replay began: rows at or above the server's starting step were (maybe) sent
+    SYNCED = "synced"  # the server's starting step is past its last step (and its artifacts were committed)
+
+
 class CheckpointState(str, enum.Enum):
     SEEN = "seen"  # found and pinned; not yet known to be complete
     READY = "ready"  # complete and still: waiting for its evaluation line or for the writer
@@ -221,6 +228,11 @@ class Segment(Base):
     state: Mapped[SegmentState] = mapped_column(_enum(SegmentState), default=SegmentState.OPEN)
     opened_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     closed_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    sync_state: Mapped[SyncState | None] = mapped_column(_enum(SyncState), nullable=True)  # offline closed only
+    synced_step: Mapped[int | None] = mapped_column(BigInteger, nullable=True)  # the server's starting step - 1
+    sync_attempts: Mapped[int] = mapped_column(Integer, default=0)
+    sync_error: Mapped[str | None] = mapped_column(Text, nullable=True)
+    sync_retry_at: Mapped[float | None] = mapped_column(Float, nullable=True)  # epoch s (the DB's clock)
 
     run: Mapped[Run] = relationship(back_populates="segments")
 

@@ -7,6 +7,10 @@ run's next start to say what W&B has, `settle_sent`), or `discarded` (never veri
 again). Beside it, each run's failures in a row and its backoff: `failed` counts one and sets the next try by
 the database's clock, a segment that reaches W&B whole resets them (`succeeded`), `retry_now` is the
 operator's reset. The writer only talks to W&B and calls these.
+
+An offline closed segment then goes to a W&B server with `mmdet-wandb sync` (DESIGN 14): `sync_sending` when its
+replay begins, `synced` only once the server's starting step is past its last step (`confirmed`), with attempts,
+the last error and a backoff of its own (`sync_failed`). wandb's `.synced` marker files are never read.
 """
 from __future__ import annotations
 
@@ -19,7 +23,7 @@ from sqlalchemy.orm import Session
 from common.backoff import backoff_s
 from db import outbox
 from db.jobs import db_clock
-from db.models import Run, Segment, SegmentState, WorkDir, utcnow
+from db.models import Run, Segment, SegmentState, SyncState, WorkDir, utcnow
 from db.outbox import SegmentContent
 from db.session import Database, node_of
 
@@ -189,9 +193,79 @@ def backing_off(session: Session, run_ids: list[int]) -> set[int]:
 
 
 def retry_now(db: Database, wandb_ids: list[str] | None = None) -> int:
-    """Operator command: runs backing off after a failure (all, or the ones named) are tried on the next pass."""
+    """Operator command: runs backing off after a failure (all, or the ones named) are tried on the next pass, and
+    their offline segments on the next `mmdet-wandb sync`."""
     with db.transaction() as session:
-        stmt = update(Run).where(Run.retry_at.is_not(None))
-        if wandb_ids:
-            stmt = stmt.where(Run.wandb_id.in_(wandb_ids))
-        return session.execute(stmt.values(retry_at=None)).rowcount
+        runs = select(Run.id).where(Run.wandb_id.in_(wandb_ids)) if wandb_ids else select(Run.id)
+        waiting = set(session.scalars(select(Run.id).where(Run.id.in_(runs), Run.retry_at.is_not(None))))
+        waiting |= set(session.scalars(select(Segment.run_id).where(Segment.run_id.in_(runs), Segment.sync_retry_at.is_not(None))))
+        session.execute(update(Run).where(Run.id.in_(waiting)).values(retry_at=None))
+        session.execute(update(Segment).where(Segment.run_id.in_(waiting)).values(sync_retry_at=None))
+        return len(waiting)
+
+
+@dataclass(frozen=True)
+class ToSync:
+    """An offline closed segment not yet confirmed by a W&B server."""
+
+    id: int
+    seq: int
+    sync_file_dir: Path
+    last_step: int | None
+    rows: int
+    sending: bool  # a replay of it began (maybe cut off): the server may hold a prefix
+    retry_at: float | None
+
+
+def to_sync(session: Session, wandb_ids: list[str] | None = None) -> dict[str, list[ToSync]]:
+    """This node's runs with offline closed segments not yet synced: W&B id → those segments in seq order."""
+    stmt = (
+        select(Run.wandb_id, Segment)
+        .join(Run, Run.id == Segment.run_id)
+        .where(Segment.node == node_of(session), Segment.mode == "offline", Segment.state == SegmentState.CLOSED,
+               Segment.sync_state.is_distinct_from(SyncState.SYNCED))
+        .order_by(Run.wandb_id, Segment.seq)
+    )
+    if wandb_ids:
+        stmt = stmt.where(Run.wandb_id.in_(wandb_ids))
+    runs: dict[str, list[ToSync]] = {}
+    for wandb_id, seg in session.execute(stmt):
+        runs.setdefault(wandb_id, []).append(ToSync(seg.id, seg.seq, Path(seg.dir), seg.last_step,
+                                                    seg.rows, seg.sync_state is SyncState.SENDING, seg.sync_retry_at))
+    return runs
+
+
+def sync_sending(session: Session, segment_id: int) -> None:
+    """A replay of the segment begins: from now on the server may hold any prefix of it."""
+    segment = session.get_one(Segment, segment_id)
+    segment.sync_state = SyncState.SENDING
+    segment.sync_attempts += 1
+
+
+def confirmed(session: Session, segment_id: int, server_step: int) -> None:
+    """The server holds every step up to `server_step`, past the segment's last: synced."""
+    session.execute(update(Segment).where(Segment.id == segment_id).values(
+        sync_state=SyncState.SYNCED, synced_step=server_step, sync_error=None, sync_retry_at=None))
+
+
+def sync_failed(session: Session, segment_id: int, error: str) -> float:
+    """The server refused or lost the segment: its error, and its next try after a backoff that doubles with each
+    attempt (by the database's clock). Returns the wait in seconds."""
+    segment = session.get_one(Segment, segment_id)
+    wait_s = backoff_s(max(1, segment.sync_attempts))
+    segment.sync_error = error
+    segment.sync_retry_at = db_clock(session) + wait_s
+    return wait_s
+
+
+def synced_dirs(session: Session) -> set[str]:
+    """The directories of this node's offline segments a W&B server confirmed (`mmdet-wandb sync`)."""
+    return set(session.scalars(select(Segment.dir).where(Segment.node == node_of(session), Segment.sync_state == SyncState.SYNCED)))
+
+
+def unsynced_runs(session: Session, run_ids: list[int]) -> set[int]:
+    """Those of the runs with an offline segment no server confirmed yet: online, they wait for `sync` (a live
+    segment first would move the server's starting step past it, and it would never be sent)."""
+    return set(session.scalars(select(Segment.run_id).where(
+        Segment.run_id.in_(run_ids), Segment.mode == "offline", Segment.state == SegmentState.CLOSED,
+        Segment.sync_state.is_distinct_from(SyncState.SYNCED))))

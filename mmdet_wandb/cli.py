@@ -148,6 +148,24 @@ def _settings(home: paths.DataDir, hook: settings.HookFlags = settings.HookFlags
         raise _fail(str(exc)) from None
 
 
+def _sync_backlog(db: Database, home: paths.DataDir, config: settings.Settings) -> None:
+    """Online, a node's offline segments not yet synced (it ran offline before) go first, as `mmdet-wandb sync`
+    sends them; a run whose backlog does not go through uploads nothing live until a later `sync` or start."""
+    from uploader.wandb.mode import resolve_mode
+    from uploader.wandb.sync import SyncOptions, Syncer
+
+    if resolve_mode() != "online":
+        return
+    syncer = Syncer(db, SyncOptions(home.path / "sync", config.wandb_timeout_s))
+    for wandb_id, todo in syncer.plan().items():
+        outcome = syncer.sync_run(wandb_id, todo)
+        if outcome.error:
+            logging.getLogger("mmdet_wandb").warning("run %s: offline backlog not synced (%s); its live upload waits", wandb_id, outcome.error)
+        else:
+            logging.getLogger("mmdet_wandb").info("run %s: offline backlog synced (%d segment(s), %d row(s))",
+                                                  wandb_id, outcome.synced, outcome.rows_sent)
+
+
 def _uploader(db: Database, home: paths.DataDir, roots: list[Path], config: settings.Settings, fresh_launch: FreshLaunch, *,
               finish_idle_s: float, writer: dict[str, float], checkpoints: dict[str, float], loop: dict[str, Any]) -> Loop:
     """The one way `watch` and `backfill` build their loop and its W&B writer (imported here: wandb is the CLI's
@@ -223,6 +241,7 @@ def watch(
                                                          metrics_port=metrics_port, metrics_addr=metrics_addr,
                                                          forget_after=forget_after))
     _metrics(config, db, db.node, home.heartbeat("uploader"))
+    _sync_backlog(db, home, config)
     uploader = _uploader(db, home, root_paths, config, fresh_launch, finish_idle_s=finish_after,
                          writer={"segment_idle_s": segment_idle},
                          checkpoints={"settle_s": checkpoint_settle, "incomplete_after_s": checkpoint_incomplete_after},
@@ -304,7 +323,7 @@ def backfill(
     for line in waiting:
         _tell(line)
     if writer.options.mode == "offline":
-        _tell(f"offline runs are in {home.runs_dir}; upload them with: wandb sync {home.runs_dir}/*/*/wandb/offline-run-*")
+        _tell(f"offline runs are in {home.runs_dir}; upload them with: mmdet-wandb sync")
     if stop.is_set():
         _tell("interrupted: what was read is stored and what was uploaded is closed; run backfill again to finish")
         raise typer.Exit(143)
@@ -562,9 +581,60 @@ def status_command(
     status_table.print_status(db, as_json=as_json, out=status_table.console(sys.stdout), node=node)
 
 
+@app.command()
+def sync(
+    runs: Annotated[Optional[list[str]], typer.Argument(help="W&B run ids to sync (default: every run with offline segments to sync)")] = None,
+    data_dir: DataDirOpt = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="List what would be sent, send nothing")] = False,
+    progress: Annotated[bool, typer.Option(help="Show progress bars")] = True,
+) -> None:
+    """Upload the closed offline segments to the W&B server of WANDB_BASE_URL/WANDB_API_KEY, each once, in order.
+    Exits 0 only when the server confirmed every one."""
+    from uploader.wandb.sync import SyncOptions, Syncer
+
+    home = paths.resolve(data_dir)
+    db = _existing_db(data_dir)
+    config = _settings(home)
+    syncer = Syncer(db, SyncOptions(home.path / "sync", config.wandb_timeout_s))
+    plan = syncer.plan(runs or None)
+    if dry_run or not plan:
+        for wandb_id, todo in plan.items():
+            rows = sum(seg.rows for seg in todo)
+            _tell(f"{wandb_id}: {len(todo)} segment(s), {rows} row(s) to sync" + (" (one was being sent)" if any(s.sending for s in todo) else ""))
+        if not plan:
+            _tell("nothing to sync: every offline segment is confirmed by the server")
+        return
+    if not os.environ.get("WANDB_API_KEY"):
+        raise _fail("no WANDB_API_KEY: sync needs the W&B server's credentials (and WANDB_BASE_URL for a private server)")
+    total = sum(seg.rows for todo in plan.values() for seg in todo)
+    outcomes = []
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=err,
+                  disable=not progress) as bars:
+        overall = bars.add_task("total", total=total)
+        for wandb_id, todo in plan.items():
+            task = bars.add_task(wandb_id, total=sum(seg.rows for seg in todo))
+
+            def advance(_id: str, rows: int, task: Any = task) -> None:
+                bars.advance(task, rows)
+                bars.advance(overall, rows)
+
+            syncer.progress = advance
+            outcome = syncer.sync_run(wandb_id, todo)
+            bars.update(task, completed=sum(seg.rows for seg in todo) if outcome.error is None else bars.tasks[task].completed)
+            outcomes.append(outcome)
+    for outcome in outcomes:
+        if outcome.error:
+            _tell(f"{outcome.wandb_id}: not synced ({outcome.left} segment(s) left, retried with backoff): {outcome.error}")
+        else:
+            hand = f", {outcome.hand_synced} already on the server" if outcome.hand_synced else ""
+            _tell(f"{outcome.wandb_id}: synced {outcome.synced} segment(s), {outcome.rows_sent} row(s) sent{hand}")
+    if any(outcome.error for outcome in outcomes):
+        raise typer.Exit(1)
+
+
 @app.command("clean-store")
 def clean_store_command(data_dir: DataDirOpt = None, node: NodeOpt = None) -> None:
-    """Delete pinned checkpoints that `wandb sync` has uploaded (offline mode keeps them until then)."""
+    """Delete pinned checkpoints whose offline segment `mmdet-wandb sync` has synced (offline mode keeps them until then)."""
     from uploader import checkpoints
 
     removed, kept = checkpoints.clean_store(_existing_db(data_dir, node))

@@ -110,7 +110,7 @@ def _database(home: DataDir) -> Check:
 def _wandb() -> Check:
     mode = resolve_mode()
     if mode == "offline":
-        return Check("W&B", "ok", "offline (no WANDB_API_KEY): runs are written locally; `wandb sync` uploads them later")
+        return Check("W&B", "ok", "offline (no WANDB_API_KEY): runs are written locally; `mmdet-wandb sync` uploads them later")
     if mode == "disabled":
         return Check("W&B", "warn", "WANDB_MODE=disabled: nothing is written")
     if os.environ.get("WANDB_API_KEY"):

@@ -20,6 +20,7 @@ from db.models import (
     Run,
     Segment,
     SegmentState,
+    SyncState,
     Source,
     WorkDir,
 )
@@ -39,6 +40,9 @@ class RunStatus:
     failures: int = 0  # upload failures in a row
     retry_at: float | None = None  # epoch seconds of the next try after a failure
     artifacts_pending: int = 0  # checkpoint versions and tables not uploaded yet (not counting ones that cannot be built)
+    segments_synced: int = 0  # offline segments a W&B server confirmed (`mmdet-wandb sync`)
+    segments_to_sync: int = 0  # offline closed segments not confirmed yet
+    sync_error: str | None = None  # the last refusal of `mmdet-wandb sync`
 
 
 @dataclass
@@ -88,16 +92,23 @@ def collect(db: Database, node: str | None = None) -> list[WorkDirStatus]:
             .group_by(OutboxArtifact.run_id)
         ).tuples().all())
         closed: dict[int, list[str]] = {}
-        for run_id, directory in session.execute(
-            select(Segment.run_id, Segment.dir).where(Segment.state == SegmentState.CLOSED).order_by(Segment.seq)
+        sync: dict[int, list[int | str | None]] = {}  # run → [synced, to sync, last error]
+        for run_id, directory, mode, sync_state, sync_error in session.execute(
+            select(Segment.run_id, Segment.dir, Segment.mode, Segment.sync_state, Segment.sync_error)
+            .where(Segment.state == SegmentState.CLOSED).order_by(Segment.seq)
         ):
             closed.setdefault(run_id, []).append(directory)
+            if mode == "offline":
+                counts = sync.setdefault(run_id, [0, 0, None])
+                counts[0 if sync_state is SyncState.SYNCED else 1] += 1  # type: ignore[operator]
+                counts[2] = sync_error if sync_state is not SyncState.SYNCED and sync_error else counts[2]
         for run in session.scalars(select(Run).where(Run.work_dir_id.in_(ours)).order_by(Run.launch)):
             waiting = pending.get(run.id, 0)
             work_dirs[run.work_dir_id].runs.append(
                 RunStatus(
                     run.wandb_id, run.name, run.job_type, run.next_step - 1 - waiting, waiting, len(closed.get(run.id, [])), run.last_error,
                     closed.get(run.id, []), run.failures, run.retry_at, artifacts_pending.get(run.id, 0),
+                    *sync.get(run.id, [0, 0, None]),  # type: ignore[arg-type]
                 )
             )
         models = outbox.outcomes(session, ArtifactKind.MODEL)

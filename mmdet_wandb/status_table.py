@@ -41,13 +41,14 @@ def print_status(db: Database, *, as_json: bool, out: Console, node: str | None 
 def _table(statuses: list[status.WorkDirStatus], loose: list[status.LooseProblem]) -> Table:
     table = Table(title="mmdet-wandb status")
     several_nodes = len({s.node for s in statuses} | {p.node for p in loose}) > 1
-    for column in ("node",) * several_nodes + ("work_dir", "logs", "W&B run", "uploaded", "pending", "checkpoints", "eval jobs", "problems / last error"):
+    for column in ("node",) * several_nodes + ("work_dir", "logs", "W&B run", "uploaded", "pending", "synced / to sync", "checkpoints", "eval jobs", "problems / last error"):
         table.add_column(column, overflow="fold")
     for s in statuses:
         dead_job = next((j for j in reversed(s.eval_jobs) if j["state"] == "dead"), None)
         for index, run in enumerate(s.runs or [None]):
             error = (
                 (run_error(run) if run and run.last_error else None)
+                or (f"sync: {run.sync_error}" if run and run.sync_error else None)
                 or (s.last_problem if index == 0 else None)
                 or (dead_job_line(dead_job, s.eval_jobs) if index == 0 and dead_job else None)
             )
@@ -58,6 +59,7 @@ def _table(statuses: list[status.WorkDirStatus], loose: list[status.LooseProblem
                 f"{run.wandb_id} {_text(run.name)}" if run else "-",
                 str(run.rows_uploaded) if run else "0",
                 str(run.rows_pending) if run else "0",
+                f"{run.segments_synced} / {run.segments_to_sync}" if run and (run.segments_synced or run.segments_to_sync) else "-",
                 ", ".join(f"{n} {state}" for state, n in s.checkpoint_counts().items()) if index == 0 else "",
                 ", ".join(f"{n} {state}" for state, n in s.eval_job_counts().items()) if index == 0 else "",
                 (f"{s.problems} problem(s); " if index == 0 and s.problems else "") + _text(error or ""),
@@ -65,7 +67,7 @@ def _table(statuses: list[status.WorkDirStatus], loose: list[status.LooseProblem
     for problem in loose:
         seen = f" (seen {problem.count} times)" if problem.count > 1 else ""
         table.add_row(
-            *((_text(problem.node),) * several_nodes), _text(problem.path), "-", "-", "-", "-", "", "",
+            *((_text(problem.node),) * several_nodes), _text(problem.path), "-", "-", "-", "-", "-", "", "",
             f"[red]{problem.kind}[/red]: {_text(problem.message)}{seen}",
         )
     return table

@@ -8,7 +8,7 @@ import sqlite3
 import time
 from pathlib import Path
 
-from tests.conftest import offline_run, status, stop, wait_until
+from tests.conftest import cli, offline_run, status, stop, wait_until
 from tests.oracle import assert_history_matches, expected_rows
 from uploader.wandb import reader as wandb_reader
 
@@ -125,9 +125,10 @@ def _rows(home: Path, sql: str) -> list[tuple]:
         return db.execute(sql).fetchall()
 
 
-def test_watch_forgets_the_work_dirs_that_were_deleted(real_logs, tmp_path, watcher):
+def test_watch_forgets_the_work_dirs_that_were_deleted(real_logs, tmp_path, watcher, wandb_standin):
     """A deleted work_dir is a tombstone for `--forget-after` (one that comes back is not uploaded twice), then
-    forgotten: rows and memory both (one that comes back after that is new); a restart keeps the clock."""
+    forgotten once its offline segments are synced: rows and memory both (one that comes back after that is
+    new); a restart keeps the clock."""
     source = real_logs / ELTD
     root, home = tmp_path / "work_dirs", tmp_path / "home"
     for name in ("a", "b", "c"):
@@ -152,6 +153,8 @@ def test_watch_forgets_the_work_dirs_that_were_deleted(real_logs, tmp_path, watc
     output = stop(proc)
     assert "2 logs gone; following 1 logs in 1 work_dirs (1 read as finished," in output, output
     assert _uploaded(home) == first, "b came back and went again: nothing of it uploaded twice, every tombstone kept"
+    synced = cli(home, "sync", "--no-progress", **wandb_standin.env(home / "wandb-dirs"))  # unsynced ones are never forgotten
+    assert synced.stderr.count(" row(s) sent") == 3, synced.stderr
 
     proc = watcher(home, root, "--segment-idle", "1", "--finish-after", "1", "--forget-after", "1")
     wait_until(lambda: _rows(home, "SELECT path FROM work_dirs") == [(str(root / "c"),)], 60, "a and b forgotten", proc)

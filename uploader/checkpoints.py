@@ -23,7 +23,7 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from common import checkpoint_file, crash_points
-from db import outbox
+from db import outbox, segments
 from db.models import (
     ArtifactKind,
     Checkpoint,
@@ -451,21 +451,18 @@ def undecided(db: Database) -> int:
 
 
 def clean_store(db: Database) -> tuple[int, int]:
-    """Drop the pins of uploaded checkpoints whose offline segment `wandb sync` has marked as synced.
-
-    Returns (removed, kept). wandb writes `.synced` even after a failed upload, so run this only once the
-    run looks right in W&B.
-    """
+    """Drop the pins of uploaded checkpoints whose offline segment a W&B server confirmed (`mmdet-wandb sync`,
+    in our state; wandb's `.synced` markers say nothing). Returns (removed, kept)."""
     removed = kept = 0
     with db.transaction() as session:
         rows = session.scalars(
             select(Checkpoint).where(Checkpoint.node == node_of(session), Checkpoint.state == CheckpointState.UPLOADED, Checkpoint.pin_path.is_not(None))
         ).all()
         uploads = outbox.outcomes(session, ArtifactKind.MODEL, [row.id for row in rows])
+        synced_dirs = segments.synced_dirs(session)
         for row in rows:
             directory = uploads[row.id].segment_dir if row.id in uploads else None
-            synced = directory is not None and any(Path(f"{path}.synced").exists() for path in Path(directory).rglob("run-*.wandb"))
-            if synced:
+            if directory in synced_dirs:
                 _unpin(row)
                 removed += 1
             else:

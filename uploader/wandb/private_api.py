@@ -15,6 +15,8 @@ The uses:
 - `client_id`, `local_media` and `reference_media`: prediction tables that reference the val artifact's images
   (wandb-client-artifact:// references, wandb-offline.md §4.6 recipe C); else each prediction artifact holds its
   own copy of the images (the table is the same).
+- `keep_client_id`: `mmdet-wandb sync` re-logs an offline artifact under its offline client id, so that the
+  prediction tables' references into `val` resolve; else a segment with such references is not synced.
 - `settings`: wandb's `x_` settings are experimental; one this wandb does not define is left out.
 
 Reading `.wandb` files back (`reader.py`) uses no private API: only the protobuf classes in the wheel
@@ -93,3 +95,13 @@ def reference_media(artifact: wandb.Artifact, source_client_id: str | None, entr
         refs[path] = entry
     for path, file in local.items():
         artifact._added_local_paths[str(file)] = refs[path]
+
+
+def keep_client_id(artifact: wandb.Artifact, offline_client_id: str) -> bool:
+    """Give a re-logged offline artifact the client id it had offline, so that the `wandb-client-artifact://`
+    references of the segment's prediction tables resolve to it (`ClientIDMapping`). False off the private path:
+    such references cannot be resolved and the caller must not send them."""
+    if not enabled():
+        return False
+    artifact._client_id = offline_client_id
+    return True

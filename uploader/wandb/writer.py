@@ -171,6 +171,8 @@ class WandbWriter:
             ours = self._ours(session)
             runs = sorted(r for r in set(outbox.pending_runs(session)) | segments.awaiting_confirmation(session) if ours(r))
             waiting = segments.backing_off(session, runs)
+            if self.online:
+                waiting |= segments.unsynced_runs(session, runs)
         waiting |= {run_id for run_id, until in self._not_before.items() if until > time.monotonic()}
         logged = 0
         for run_id in runs:
