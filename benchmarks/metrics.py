@@ -9,6 +9,7 @@ one scrape (the state DB read by status's queries) is shown beside it.
     .venv/bin/python -m benchmarks.metrics                   # 1,000 work_dirs, two 120 s windows
     .venv/bin/python -m benchmarks.metrics --work-dirs 100 --window-s 60
     .venv/bin/python -m benchmarks.metrics --quick           # 20 work_dirs, 10 s windows, 1 s scrapes (that it runs)
+    .venv/bin/python -m benchmarks.metrics --work-dir-labels 100   # with rows per work_dir for 100 of them
 """
 from __future__ import annotations
 
@@ -58,18 +59,21 @@ def main(argv: list[str]) -> int:
     p.add_argument("--window-s", type=float, default=120.0)
     p.add_argument("--scrape-interval-s", type=float, default=15.0)
     p.add_argument("--settle-s", type=float, default=75.0, help="as benchmarks/idle.py: idle after everything is uploaded")
+    p.add_argument("--work-dir-labels", type=int, default=0, help="watch --metrics-work-dir-labels (default 0: totals only)")
     p.add_argument("--quick", action="store_true", help="20 work_dirs, 10 s windows, a scrape a second (that it runs, not how fast)")
     args = p.parse_args(argv)
     if args.quick:
         args.work_dirs, args.window_s, args.scrape_interval_s, args.settle_s = 20, 10.0, 1.0, 3.0
     source = REAL_LOGS / SMALL_LOG
-    print(f"watch --metrics-port over {args.work_dirs} idle work_dirs; load {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+    print(f"watch --metrics-port --metrics-work-dir-labels {args.work_dir_labels} over {args.work_dirs} idle work_dirs; "
+          f"load {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     with tempfile.TemporaryDirectory(prefix="bench-metrics-") as tmp:
         root, home, port = Path(tmp) / "root", Path(tmp) / "home", free_port()
         for i in range(args.work_dirs):
             (root / f"wd{i:05d}").mkdir(parents=True)
             shutil.copy(source, root / f"wd{i:05d}" / source.name)
-        with uploaded_watch(root, Path(tmp) / "watch.log", home, 60 + args.work_dirs * 2.0, ("--metrics-port", str(port))) as (watch, _):
+        extra = ("--metrics-port", str(port), "--metrics-work-dir-labels", str(args.work_dir_labels))
+        with uploaded_watch(root, Path(tmp) / "watch.log", home, 60 + args.work_dirs * 2.0, extra) as (watch, _):
             time.sleep(args.settle_s)
             quiet, _ = window(watch.pid, args.window_s, None, port)
             scraped, scrapes = window(watch.pid, args.window_s, args.scrape_interval_s, port)

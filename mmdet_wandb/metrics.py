@@ -15,7 +15,7 @@ from typing import Any
 from wsgiref.simple_server import WSGIRequestHandler, make_server
 
 from prometheus_client import CollectorRegistry, GCCollector, PlatformCollector, ProcessCollector, make_wsgi_app
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.exposition import ThreadingWSGIServer
 from prometheus_client.registry import Collector
 from common import timings
@@ -30,20 +30,25 @@ NAMES = (
     "mmdet_wandb_segments_open", "mmdet_wandb_runs_backing_off", "mmdet_wandb_wandb_reachable",
     "mmdet_wandb_problems", "mmdet_wandb_checkpoints", "mmdet_wandb_eval_jobs", "mmdet_wandb_heartbeat_age_seconds",
     "mmdet_wandb_scrape_duration_seconds", "mmdet_wandb_loop_pass_seconds", "mmdet_wandb_scan_seconds",
-    "mmdet_wandb_lag_seconds", "mmdet_wandb_oldest_pending_seconds",
+    "mmdet_wandb_lag_seconds", "mmdet_wandb_oldest_pending_seconds", "mmdet_wandb_eval_job_seconds",
+    "mmdet_wandb_eval_jobs_lease_expired",
 )
+#: The per-work_dir families, only with `--metrics-work-dir-labels N` (N > 0): label `work_dir`, at most N of them.
+WORK_DIR_NAMES = ("mmdet_wandb_work_dir_rows_read", "mmdet_wandb_work_dir_rows_uploaded", "mmdet_wandb_work_dir_rows_pending")
 
 
 class StateCollector(Collector):
-    """One node's figures from the state DB (the evaluator's: every node's checkpoints and jobs)."""
+    """One node's figures from the state DB (the evaluator's: every node's checkpoints and jobs); with
+    `work_dir_labels` > 0, the rows of that many work_dirs too, each under its own label."""
 
-    def __init__(self, db: Database, node: str | None, beat: Path) -> None:
-        self.db, self.node, self.beat = db, node, beat
+    def __init__(self, db: Database, node: str | None, beat: Path, work_dir_labels: int = 0) -> None:
+        self.db, self.node, self.beat, self.work_dir_labels = db, node, beat, work_dir_labels
 
     def collect(self) -> Iterator[Metric]:
         started = time.perf_counter()
         with self.db.read() as session:
             found = figures.totals(session, self.node, time.time())
+            newest = figures.newest_work_dirs(session, self.node, self.work_dir_labels) if self.work_dir_labels else None
         yield CounterMetricFamily("mmdet_wandb_rows_read", "Log rows parsed into the state DB", value=found.rows_read)
         yield CounterMetricFamily("mmdet_wandb_rows_uploaded", "Rows W&B confirmed (or a closed offline segment holds)",
                                   value=found.rows_uploaded)
@@ -53,6 +58,8 @@ class StateCollector(Collector):
                                 "Age of the oldest row not confirmed yet, from its line's append (0: none)",
                                 value=0 if oldest is None else max(0.0, time.time() - oldest))
         yield GaugeMetricFamily("mmdet_wandb_work_dirs", "Work_dirs known", value=found.work_dirs)
+        if newest is not None:
+            yield from _per_work_dir(newest)
         yield GaugeMetricFamily("mmdet_wandb_runs_backing_off", "Runs waiting for a retry after an upload failure",
                                 value=found.runs_backing_off)
         yield GaugeMetricFamily("mmdet_wandb_segments_open", "W&B segments being written", value=found.segments_open)
@@ -61,11 +68,30 @@ class StateCollector(Collector):
         yield _by("mmdet_wandb_problems", "Open problems", "kind", found.problems)
         yield _by("mmdet_wandb_checkpoints", "Checkpoints", "state", found.checkpoints)
         yield _by("mmdet_wandb_eval_jobs", "Eval jobs (dead: parked)", "state", found.eval_jobs)
+        durations = found.job_seconds
+        yield HistogramMetricFamily(
+            "mmdet_wandb_eval_job_seconds", "Inference seconds of the done eval jobs in the state DB (each one's last attempt)",
+            buckets=[*((repr(bound), n) for bound, n in zip(figures.JOB_SECONDS_BUCKETS, durations.at_most)), ("+Inf", durations.count)],
+            sum_value=durations.total)
+        yield GaugeMetricFamily("mmdet_wandb_eval_jobs_lease_expired",
+                                "Running eval jobs whose lease ran out (their worker stopped renewing it), not taken over yet",
+                                value=found.leases_expired)
         age = heartbeat.age(self.beat)
         yield GaugeMetricFamily("mmdet_wandb_heartbeat_age_seconds", "Seconds since the service's last loop pass (-1: none yet)",
                                 value=-1 if age is None else age)
         yield GaugeMetricFamily("mmdet_wandb_scrape_duration_seconds", "Seconds this scrape spent reading the state DB",
                                 value=time.perf_counter() - started)
+
+
+def _per_work_dir(rows: list[figures.WorkDirRows]) -> Iterator[Metric]:
+    read = CounterMetricFamily(WORK_DIR_NAMES[0], "Log rows of the work_dir parsed into the state DB", labels=["work_dir"])
+    uploaded = CounterMetricFamily(WORK_DIR_NAMES[1], "Rows of the work_dir W&B confirmed", labels=["work_dir"])
+    pending = GaugeMetricFamily(WORK_DIR_NAMES[2], "Rows of the work_dir not confirmed yet", labels=["work_dir"])
+    for row in rows:
+        read.add_metric([row.path], row.rows_read)
+        uploaded.add_metric([row.path], row.rows_uploaded)
+        pending.add_metric([row.path], row.rows_pending)
+    yield from (read, uploaded, pending)
 
 
 def _by(name: str, documentation: str, label: str, counts: dict[str, int]) -> GaugeMetricFamily:
@@ -101,13 +127,13 @@ def _app(registry: CollectorRegistry, db: Database, beat: Path) -> Callable[...,
     return app
 
 
-def serve(addr: str, port: int, db: Database, node: str | None, beat: Path) -> ThreadingWSGIServer:
+def serve(addr: str, port: int, db: Database, node: str | None, beat: Path, work_dir_labels: int = 0) -> ThreadingWSGIServer:
     """Bind now (OSError names a port in use or an address that does not resolve) and serve on a daemon thread."""
     registry = CollectorRegistry()
     ProcessCollector(registry=registry)  # the library's own process facts
     PlatformCollector(registry=registry)
     GCCollector(registry=registry)
-    registry.register(StateCollector(db, node, beat))
+    registry.register(StateCollector(db, node, beat, work_dir_labels))
     registry.register(timings.REGISTRY)  # the loop's own durations (none in `evaluate`)
     server = make_server(addr, port, _app(registry, db, beat), ThreadingWSGIServer, handler_class=_Quiet)
     threading.Thread(target=server.serve_forever, name="metrics", daemon=True).start()
