@@ -6,6 +6,7 @@ against `status --json`); a scrape every few seconds must not read the per-work_
 from __future__ import annotations
 
 import functools
+import math
 from dataclasses import dataclass
 
 from sqlalchemy import Float, Select, bindparam, case, func, not_, select
@@ -31,6 +32,8 @@ class Totals:
     eval_jobs: dict[str, int]  # by state
     job_seconds: JobSeconds  # of the done jobs
     leases_expired: int  # running jobs whose lease ran out (their worker stopped renewing it), not reclaimed yet
+    leases_lost: int  # leases that ran out in all (the job taken over or parked), of the jobs in the DB
+    changes_at: float  # when the figures of `now` change with no write (a backoff or a lease runs out); inf: never
 
     @property
     def rows_uploaded(self) -> int:
@@ -79,7 +82,7 @@ def _statements(node: str | None) -> _Statements:
         rows_read=select(func.coalesce(func.sum(Run.next_step - 1), 0)).where(Run.work_dir_id.in_(work_dirs)),
         pending=select(func.count()).select_from(OutboxRow).where(*not_uploaded),
         oldest=select(func.min(OutboxRow.appended_at)).where(*not_uploaded),
-        backing_off=select(func.count()).select_from(Run).where(Run.work_dir_id.in_(work_dirs), Run.failures > 0, Run.retry_at > now),
+        backing_off=select(func.count(), func.min(Run.retry_at)).where(Run.work_dir_id.in_(work_dirs), Run.failures > 0, Run.retry_at > now),
         segments=select(func.count()).select_from(Segment).where(Segment.state == SegmentState.OPEN, Segment.run_id.in_(runs)),
         reachability=reachability,
         problems=problems,
@@ -87,6 +90,7 @@ def _statements(node: str | None) -> _Statements:
         # One query for the jobs: their count by state, and, summed within each state, what durations and leases need.
         jobs=select(EvalJob.state, func.count(), func.sum(case((timed, 1), else_=0)), func.coalesce(func.sum(EvalJob.seconds), 0.0),
                     func.sum(case((EvalJob.lease_expires_at < now, 1), else_=0)),
+                    func.min(case((EvalJob.lease_expires_at >= now, EvalJob.lease_expires_at))), func.sum(EvalJob.leases_lost),
                     *(func.sum(case((EvalJob.seconds <= bound, 1), else_=0)) for bound in JOB_SECONDS_BUCKETS))
         .join(Checkpoint, Checkpoint.id == EvalJob.checkpoint_id).where(Checkpoint.work_dir_id.in_(work_dirs)).group_by(EvalJob.state),
         work_dirs=select(func.count()).select_from(work_dirs.subquery()),
@@ -97,16 +101,19 @@ def totals(session: Session, node: str | None, now: float) -> Totals:
     """`node` None: every node's, as `status` without `--node`; `now`: epoch seconds, for backoff and leases."""
     st, at = _statements(node), {"now": now}
     by_state = {getattr(state, "value", state): row for state, *row in session.execute(st.jobs, at).all()}
-    done = by_state.get(JobState.DONE.value) or [0, 0, 0.0, 0, *([0] * len(JOB_SECONDS_BUCKETS))]
+    done = by_state.get(JobState.DONE.value) or [0, 0, 0.0, 0, None, 0, *([0] * len(JOB_SECONDS_BUCKETS))]
+    running = by_state.get(JobState.RUNNING.value) or [0, 0, 0.0, 0, None, 0]
+    backing_off, next_retry = session.execute(st.backing_off, at).one()
     return Totals(
         work_dirs=session.scalar(st.work_dirs) or 0,
         rows_read=int(session.scalar(st.rows_read) or 0), rows_pending=session.scalar(st.pending) or 0,
-        oldest_pending_appended_at=session.scalar(st.oldest), runs_backing_off=session.scalar(st.backing_off, at) or 0,
+        oldest_pending_appended_at=session.scalar(st.oldest), runs_backing_off=backing_off or 0,
         segments_open=session.scalar(st.segments) or 0, wandb_unreachable=bool(session.scalar(st.reachability)),
         problems=_counts(session, st.problems), checkpoints=_counts(session, st.checkpoints),
         eval_jobs={state: row[0] for state, row in by_state.items()},
-        job_seconds=JobSeconds(int(done[1] or 0), float(done[2] or 0.0), tuple(int(n or 0) for n in done[4:])),
-        leases_expired=int((by_state.get(JobState.RUNNING.value) or [0, 0, 0.0, 0])[3] or 0),
+        job_seconds=JobSeconds(int(done[1] or 0), float(done[2] or 0.0), tuple(int(n or 0) for n in done[6:])),
+        leases_expired=int(running[3] or 0), leases_lost=sum(int(row[5] or 0) for row in by_state.values()),
+        changes_at=min(next_retry or math.inf, running[4] or math.inf),
     )
 
 

@@ -19,7 +19,7 @@ import time
 from dataclasses import dataclass
 
 import orjson
-from sqlalchemy import and_, func, or_, select, update
+from sqlalchemy import and_, case, func, or_, select, update
 from sqlalchemy.orm import Session
 
 from common import events
@@ -74,6 +74,7 @@ def claim(db: Database, worker_id: str, lease_s: float, now: float | None = None
                 lease_owner=worker_id,
                 lease_expires_at=now + lease_s,
                 attempts=EvalJob.attempts + 1,
+                leases_lost=EvalJob.leases_lost + case((EvalJob.state == JobState.RUNNING, 1), else_=0),  # taken over
             )
             .returning(
                 EvalJob.id, EvalJob.attempts, EvalJob.stack, EvalJob.checkpoint_path, EvalJob.work_dir, EvalJob.config_name,
@@ -104,7 +105,7 @@ def _park_exhausted(session: Session, now: float) -> list[tuple[int, str, str, i
     parked = session.execute(
         update(EvalJob)
         .where(EvalJob.id.in_(exhausted))
-        .values(state=JobState.DEAD, lease_owner=None, finished_at=utcnow(),
+        .values(state=JobState.DEAD, lease_owner=None, finished_at=utcnow(), leases_lost=EvalJob.leases_lost + 1,
                 last_error="its worker stopped renewing the lease on every attempt")
         .returning(EvalJob.id, EvalJob.work_dir, EvalJob.checkpoint_path, EvalJob.attempts, EvalJob.last_error)
     )

@@ -18,7 +18,7 @@ from prometheus_client import CollectorRegistry, GCCollector, PlatformCollector,
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.exposition import ThreadingWSGIServer
 from prometheus_client.registry import Collector
-from common import timings
+from common import inotify, timings
 from db import figures
 from db.session import Database
 from mmdet_wandb import heartbeat
@@ -31,7 +31,8 @@ NAMES = (
     "mmdet_wandb_problems", "mmdet_wandb_checkpoints", "mmdet_wandb_eval_jobs", "mmdet_wandb_heartbeat_age_seconds",
     "mmdet_wandb_scrape_duration_seconds", "mmdet_wandb_loop_pass_seconds", "mmdet_wandb_scan_seconds",
     "mmdet_wandb_lag_seconds", "mmdet_wandb_oldest_pending_seconds", "mmdet_wandb_eval_job_seconds",
-    "mmdet_wandb_eval_jobs_lease_expired",
+    "mmdet_wandb_eval_jobs_lease_expired", "mmdet_wandb_eval_job_leases_lost", "mmdet_wandb_inotify_watches",
+    "mmdet_wandb_inotify_max_user_watches",
 )
 #: The per-work_dir families, only with `--metrics-work-dir-labels N` (N > 0): label `work_dir`, at most N of them.
 WORK_DIR_NAMES = ("mmdet_wandb_work_dir_rows_read", "mmdet_wandb_work_dir_rows_uploaded", "mmdet_wandb_work_dir_rows_pending")
@@ -39,16 +40,32 @@ WORK_DIR_NAMES = ("mmdet_wandb_work_dir_rows_read", "mmdet_wandb_work_dir_rows_u
 
 class StateCollector(Collector):
     """One node's figures from the state DB (the evaluator's: every node's checkpoints and jobs); with
-    `work_dir_labels` > 0, the rows of that many work_dirs too, each under its own label."""
+    `work_dir_labels` > 0, the rows of that many work_dirs too, each under its own label.
+
+    On SQLite the figures are read again only when the DB changed (`Database.change_probe`) or a backoff or lease
+    they count ran out: an idle node's scrape is a pragma, not the queries (most of what a scrape cost)."""
 
     def __init__(self, db: Database, node: str | None, beat: Path, work_dir_labels: int = 0) -> None:
         self.db, self.node, self.beat, self.work_dir_labels = db, node, beat, work_dir_labels
+        self._probe = db.change_probe()
+        self._lock = threading.Lock()
+        self._read: tuple[int | None, figures.Totals, list[figures.WorkDirRows] | None] | None = None
+
+    def _figures(self) -> tuple[figures.Totals, list[figures.WorkDirRows] | None]:
+        with self._lock:
+            version = self._probe() if self._probe is not None else None
+            now = time.time()
+            if self._read is not None and version is not None and self._read[0] == version and now < self._read[1].changes_at:
+                return self._read[1], self._read[2]
+            with self.db.read() as session:
+                found = figures.totals(session, self.node, now)
+                newest = figures.newest_work_dirs(session, self.node, self.work_dir_labels) if self.work_dir_labels else None
+            self._read = (version, found, newest)
+            return found, newest
 
     def collect(self) -> Iterator[Metric]:
         started = time.perf_counter()
-        with self.db.read() as session:
-            found = figures.totals(session, self.node, time.time())
-            newest = figures.newest_work_dirs(session, self.node, self.work_dir_labels) if self.work_dir_labels else None
+        found, newest = self._figures()
         yield CounterMetricFamily("mmdet_wandb_rows_read", "Log rows parsed into the state DB", value=found.rows_read)
         yield CounterMetricFamily("mmdet_wandb_rows_uploaded", "Rows W&B confirmed (or a closed offline segment holds)",
                                   value=found.rows_uploaded)
@@ -76,10 +93,18 @@ class StateCollector(Collector):
         yield GaugeMetricFamily("mmdet_wandb_eval_jobs_lease_expired",
                                 "Running eval jobs whose lease ran out (their worker stopped renewing it), not taken over yet",
                                 value=found.leases_expired)
+        yield CounterMetricFamily("mmdet_wandb_eval_job_leases_lost",
+                                  "Leases of eval jobs that ran out (the job taken over by another worker, or parked)",
+                                  value=found.leases_lost)
+        in_use, limit = inotify.watches_in_use(), inotify.max_user_watches()
+        yield GaugeMetricFamily("mmdet_wandb_inotify_watches", "inotify watches this process holds (watch: a folder each)",
+                                value=-1 if in_use is None else in_use)
+        yield GaugeMetricFamily("mmdet_wandb_inotify_max_user_watches", "The user's inotify watch limit (fs.inotify.max_user_watches)",
+                                value=-1 if limit is None else limit)
         age = heartbeat.age(self.beat)
         yield GaugeMetricFamily("mmdet_wandb_heartbeat_age_seconds", "Seconds since the service's last loop pass (-1: none yet)",
                                 value=-1 if age is None else age)
-        yield GaugeMetricFamily("mmdet_wandb_scrape_duration_seconds", "Seconds this scrape spent reading the state DB",
+        yield GaugeMetricFamily("mmdet_wandb_scrape_duration_seconds", "Seconds this scrape spent on the state DB's figures (a change probe when nothing changed)",
                                 value=time.perf_counter() - started)
 
 

@@ -18,6 +18,8 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 from common.trust import Trust
 from uploader import hook_options
 
+MAX_WORK_DIR_LABELS = 1000  # `metrics_work_dir_labels` at most: 3 series a work_dir, a few thousand a node
+
 
 class SettingsError(ValueError):
     """A value that no level may have; the message names where it came from."""
@@ -118,9 +120,10 @@ def _port(value: Any) -> int:
     return int(value)
 
 
-def _count(value: Any) -> int:
-    if isinstance(value, bool) or not str(value).strip().isdigit():
-        raise ValueError("a whole number, 0 or more, is expected")
+def _labels(value: Any) -> int:
+    """The cap on per-work_dir label sets: each is a series Prometheus keeps, so it has a ceiling of its own."""
+    if isinstance(value, bool) or not str(value).strip().isdigit() or int(value) > MAX_WORK_DIR_LABELS:
+        raise ValueError(f"a whole number from 0 to {MAX_WORK_DIR_LABELS} is expected")
     return int(value)
 
 
@@ -149,7 +152,7 @@ SERVICE: dict[str, Setting] = {
     "wandb_timeout": Setting("MMDET_WANDB_TIMEOUT", None, _seconds, 60.0),
     "metrics_port": Setting("MMDET_WANDB_METRICS_PORT", None, _port, None),
     "metrics_addr": Setting("MMDET_WANDB_METRICS_ADDR", None, _address, "127.0.0.1"),
-    "metrics_work_dir_labels": Setting("MMDET_WANDB_METRICS_WORK_DIR_LABELS", "metrics_work_dir_labels", _count, 0),
+    "metrics_work_dir_labels": Setting("MMDET_WANDB_METRICS_WORK_DIR_LABELS", "metrics_work_dir_labels", _labels, 0),
     "forget_after": Setting("MMDET_WANDB_FORGET_AFTER", "forget_after", _seconds, 7 * 24 * 3600.0),
 }
 

@@ -112,6 +112,9 @@ def test_the_endpoint_moves_with_the_work_and_ends_equal_to_status(trained_work_
     # every row, the appended ones too, had its lag observed once, when its segment closed; none is pending
     assert scraped["mmdet_wandb_lag_seconds_count"][()] == data_lines and scraped["mmdet_wandb_lag_seconds_sum"][()] > 0
     assert scraped["mmdet_wandb_oldest_pending_seconds"][()] == 0
+    # watchdog's observer holds a watch per folder under the root (the root and the work_dir at least)
+    assert scraped["mmdet_wandb_inotify_watches"][()] >= 2
+    assert scraped["mmdet_wandb_inotify_max_user_watches"][()] == int(Path("/proc/sys/fs/inotify/max_user_watches").read_text())
     stop(proc)
     assert get(port, "/healthz")[0] == 0  # the endpoint ends with the service
 
@@ -200,7 +203,7 @@ def test_a_port_in_use_or_an_address_that_does_not_resolve_is_one_clear_line(tmp
     proc = cli(tmp_path / "home", "watch", str(root), "--metrics-work-dir-labels", "-1", check=False, timeout=120)
     assert proc.returncode == 2
     (line,) = proc.stderr.strip().splitlines()
-    assert "--metrics-work-dir-labels = -1" in line and "0 or more" in line, line
+    assert "--metrics-work-dir-labels = -1" in line and "from 0 to 1000" in line, line
 
 
 def series_names(port: int) -> set[str]:
@@ -252,7 +255,10 @@ def test_every_alert_rule_and_dashboard_panel_names_only_series_the_endpoint_exp
             assert names and names <= exposed, (panel["title"], names - exposed)
             panels.setdefault(panel["title"], set()).update(names)
     shown = set().union(*panels.values())
-    assert {"mmdet_wandb_lag_seconds_bucket", "mmdet_wandb_oldest_pending_seconds"} <= shown, panels
+    assert {"mmdet_wandb_lag_seconds_bucket", "mmdet_wandb_oldest_pending_seconds", "mmdet_wandb_eval_job_seconds_bucket",
+            "mmdet_wandb_eval_job_leases_lost_total", "mmdet_wandb_inotify_watches", "mmdet_wandb_inotify_max_user_watches"} <= shown, panels
+    alerted = set().union(*named.values())
+    assert {"mmdet_wandb_inotify_watches", "mmdet_wandb_eval_job_leases_lost_total"} <= alerted, named
 
 
 def test_eval_job_durations_and_expired_leases_from_the_state_db(trained_work_dir, tmp_path):
@@ -286,8 +292,10 @@ def test_eval_job_durations_and_expired_leases_from_the_state_db(trained_work_di
         claimed = queue.claim(db, "a-worker-that-dies", 0.2, stack="mmdet2")
         assert claimed is not None
         wait_until(lambda: scrape(port)["mmdet_wandb_eval_jobs_lease_expired"][()] == 1, 30, "the lease expired")
+        assert scrape(port)["mmdet_wandb_eval_job_leases_lost_total"][()] == 0  # expired, not lost until taken over
         assert queue.claim(db, "another-worker", 60, stack="mmdet2").id == claimed.id  # taken over
-        assert scrape(port)["mmdet_wandb_eval_jobs_lease_expired"][()] == 0
+        after = scrape(port)
+        assert after["mmdet_wandb_eval_jobs_lease_expired"][()] == 0 and after["mmdet_wandb_eval_job_leases_lost_total"][()] == 1
     finally:
         server.shutdown()
         server.server_close()
