@@ -34,6 +34,7 @@ NAMES = (
     "mmdet_wandb_eval_jobs_lease_expired", "mmdet_wandb_eval_job_leases_lost", "mmdet_wandb_inotify_watches",
     "mmdet_wandb_inotify_max_user_watches",
 )
+INOTIFY_EVERY_S = 60.0
 #: The per-work_dir families, only with `--metrics-work-dir-labels N` (N > 0): label `work_dir`, at most N of them.
 WORK_DIR_NAMES = ("mmdet_wandb_work_dir_rows_read", "mmdet_wandb_work_dir_rows_uploaded", "mmdet_wandb_work_dir_rows_pending")
 
@@ -50,6 +51,7 @@ class StateCollector(Collector):
         self._probe = db.change_probe()
         self._lock = threading.Lock()
         self._read: tuple[int | None, figures.Totals, list[figures.WorkDirRows] | None] | None = None
+        self._watches: tuple[float, int | None, int | None] = (0.0, None, None)  # (next count, in use, limit)
 
     def _figures(self) -> tuple[figures.Totals, list[figures.WorkDirRows] | None]:
         with self._lock:
@@ -62,6 +64,14 @@ class StateCollector(Collector):
                 newest = figures.newest_work_dirs(session, self.node, self.work_dir_labels) if self.work_dir_labels else None
             self._read = (version, found, newest)
             return found, newest
+
+    def _inotify(self) -> tuple[int | None, int | None]:
+        """Counted again at most every INOTIFY_EVERY_S: the kernel writes a line per watch (2 ms for 1,000), and
+        watches change only as folders come and go."""
+        with self._lock:
+            if time.monotonic() >= self._watches[0]:
+                self._watches = (time.monotonic() + INOTIFY_EVERY_S, inotify.watches_in_use(), inotify.max_user_watches())
+            return self._watches[1], self._watches[2]
 
     def collect(self) -> Iterator[Metric]:
         started = time.perf_counter()
@@ -96,7 +106,7 @@ class StateCollector(Collector):
         yield CounterMetricFamily("mmdet_wandb_eval_job_leases_lost",
                                   "Leases of eval jobs that ran out (the job taken over by another worker, or parked)",
                                   value=found.leases_lost)
-        in_use, limit = inotify.watches_in_use(), inotify.max_user_watches()
+        in_use, limit = self._inotify()
         yield GaugeMetricFamily("mmdet_wandb_inotify_watches", "inotify watches this process holds (watch: a folder each)",
                                 value=-1 if in_use is None else in_use)
         yield GaugeMetricFamily("mmdet_wandb_inotify_max_user_watches", "The user's inotify watch limit (fs.inotify.max_user_watches)",
