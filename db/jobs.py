@@ -19,9 +19,10 @@ import time
 from dataclasses import dataclass
 
 import orjson
-from sqlalchemy import and_, func, or_, select, update
+from sqlalchemy import and_, case, func, or_, select, update
 from sqlalchemy.orm import Session
 
+from common import events
 from common.backoff import backoff_s
 from common.records import EvalOutcome
 from db import eval_results
@@ -48,7 +49,10 @@ def claim(db: Database, worker_id: str, lease_s: float, now: float | None = None
     """The oldest claimable job of `stack` (the worker's installed one); `now`: the database's clock unless given (tests)."""
     with db.transaction() as session:
         now = db_clock(session) if now is None else now
-        _park_exhausted(session, now)
+        parked = _park_exhausted(session, now)
+    for job_id, work_dir, checkpoint, attempts, error in parked:
+        events.emit(log, events.EVAL_JOB_PARKED, "job %s parked: %s", job_id, error, level=logging.WARNING,
+                    job_id=job_id, work_dir=work_dir, checkpoint=checkpoint, attempt=attempts, error=error)
     with db.transaction() as session:
         claimable = or_(
             and_(EvalJob.state == JobState.QUEUED, EvalJob.run_after <= now),
@@ -70,6 +74,7 @@ def claim(db: Database, worker_id: str, lease_s: float, now: float | None = None
                 lease_owner=worker_id,
                 lease_expires_at=now + lease_s,
                 attempts=EvalJob.attempts + 1,
+                leases_lost=EvalJob.leases_lost + case((EvalJob.state == JobState.RUNNING, 1), else_=0),  # taken over
             )
             .returning(
                 EvalJob.id, EvalJob.attempts, EvalJob.stack, EvalJob.checkpoint_path, EvalJob.work_dir, EvalJob.config_name,
@@ -87,21 +92,24 @@ def db_clock(session: Session) -> float:
     return time.time()
 
 
-def _park_exhausted(session: Session, now: float) -> None:
+def _park_exhausted(session: Session, now: float) -> list[tuple[int, str, str, int, str]]:
     """A job whose worker died on its last attempt is claimable no more (the claim skips it): park it with the
     reason. Its own transaction, and rows another worker holds are skipped, not waited for: the next claim parks
-    them, and the claim itself stays one statement (DESIGN 8)."""
+    them, and the claim itself stays one statement (DESIGN 8). Returns what it parked (id, work_dir, checkpoint,
+    attempts, error), for their events."""
     exhausted = (
         select(EvalJob.id)
         .where(EvalJob.state == JobState.RUNNING, EvalJob.lease_expires_at < now, EvalJob.attempts >= EvalJob.max_attempts)
         .with_for_update(skip_locked=True)
     )
-    session.execute(
+    parked = session.execute(
         update(EvalJob)
         .where(EvalJob.id.in_(exhausted))
-        .values(state=JobState.DEAD, lease_owner=None, finished_at=utcnow(),
+        .values(state=JobState.DEAD, lease_owner=None, finished_at=utcnow(), leases_lost=EvalJob.leases_lost + 1,
                 last_error="its worker stopped renewing the lease on every attempt")
+        .returning(EvalJob.id, EvalJob.work_dir, EvalJob.checkpoint_path, EvalJob.attempts, EvalJob.last_error)
     )
+    return [tuple(row) for row in parked]  # type: ignore[misc]
 
 
 def _fenced(job_id: int, worker_id: str):  # type: ignore[no-untyped-def]
@@ -133,12 +141,13 @@ def complete(db: Database, job_id: int, worker_id: str, outcome: EvalOutcome) ->
     return True
 
 
-def fail(db: Database, job_id: int, worker_id: str, error: str, *, retryable: bool) -> bool:
-    """Back to the queue after a backoff (retryable, attempts left), else parked as dead; fenced."""
+def fail(db: Database, job_id: int, worker_id: str, error: str, *, retryable: bool) -> JobState | None:
+    """Back to the queue after a backoff (retryable, attempts left), else parked as dead; fenced. Returns the job's
+    new state (None: the lease was lost)."""
     with db.transaction() as session:
         job = session.scalar(select(EvalJob).where(_fenced(job_id, worker_id)))
         if job is None:
-            return False
+            return None
         job.last_error = error
         job.lease_owner, job.lease_expires_at = None, None
         if retryable and job.attempts < job.max_attempts:
@@ -147,7 +156,7 @@ def fail(db: Database, job_id: int, worker_id: str, error: str, *, retryable: bo
         else:
             job.state = JobState.DEAD
             job.finished_at = utcnow()
-    return True
+        return job.state
 
 
 def requeue(db: Database, job_ids: list[int] | None = None) -> tuple[int, list[int]]:

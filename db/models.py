@@ -316,6 +316,7 @@ class EvalJob(Base):
     run_after: Mapped[float] = mapped_column(Float, default=0.0)  # epoch seconds (backoff)
     lease_owner: Mapped[str | None] = mapped_column(String(128), nullable=True)
     lease_expires_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+    leases_lost: Mapped[int] = mapped_column(Integer, default=0)  # leases that ran out: taken over, or parked
     last_error: Mapped[str | None] = mapped_column(Text, nullable=True)
     note: Mapped[str | None] = mapped_column(Text, nullable=True)  # e.g. the subset was clamped to the val set
     manifest_id: Mapped[int | None] = mapped_column(ForeignKey("val_manifests.id"), nullable=True)

@@ -9,6 +9,7 @@ from collections.abc import Iterable
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from common import events
 from db.models import Problem, utcnow
 from db.session import node_of
 
@@ -37,13 +38,15 @@ def record_problem(
     where = f"{path}" if offset < 0 else f"{path} at byte {offset}"
     if existing is not None:
         if existing.resolved_at is not None:
-            log.warning("%s: %s (%s, again)", where, message, kind)
+            events.emit(log, events.PROBLEM_RECORDED, "%s: %s (%s, again)", where, message, kind, level=logging.WARNING,
+                        path=path, offset=offset, kind=kind)
             existing.resolved_at = None
         existing.count += 1
         existing.last_seen = utcnow()
         existing.message = message
         return
-    log.warning("%s: %s (%s)", where, message, kind)
+    events.emit(log, events.PROBLEM_RECORDED, "%s: %s (%s)", where, message, kind, level=logging.WARNING,
+                path=path, offset=offset, kind=kind)
     session.add(Problem(node=node_of(session), path=path, byte_offset=offset, kind=kind, message=message, work_dir_id=work_dir_id))
 
 
@@ -84,4 +87,5 @@ def record_read(
 def _resolve(problem: Problem) -> None:
     problem.resolved_at = utcnow()
     where = problem.path if problem.byte_offset < 0 else f"{problem.path} at byte {problem.byte_offset}"
-    log.info("%s: resolved: %s (%s)", where, problem.message, problem.kind)
+    events.emit(log, events.PROBLEM_RESOLVED, "%s: resolved: %s (%s)", where, problem.message, problem.kind,
+                path=problem.path, offset=problem.byte_offset, kind=problem.kind)

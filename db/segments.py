@@ -23,7 +23,7 @@ from sqlalchemy.orm import Session
 from common.backoff import backoff_s
 from db import outbox
 from db.jobs import db_clock
-from db.models import Run, Segment, SegmentState, SyncState, WorkDir, utcnow
+from db.models import OutboxRow, Run, Segment, SegmentState, SyncState, WorkDir, utcnow
 from db.outbox import SegmentContent
 from db.session import Database, node_of
 
@@ -60,6 +60,18 @@ class Confirmed:
 
     directories: list[Path]  # their local files can go
     returned: dict[int, int]  # seq → rows of that segment W&B does not have, pending again
+    kept: dict[int, int]  # seq → rows of a segment W&B has whole (closed)
+
+
+@dataclass(frozen=True)
+class Closed:
+    """A segment just closed, named for its event (common/events.py)."""
+
+    wandb_id: str
+    work_dir: str
+    seq: int
+    mode: str
+    rows: int
 
 
 @dataclass(frozen=True)
@@ -118,7 +130,7 @@ def opened(session: Session, run_id: int, seq: int, directory: Path, mode: str) 
     return segment.id
 
 
-def verified(session: Session, segment_id: int, content: SegmentContent) -> None:
+def verified(session: Session, segment_id: int, content: SegmentContent) -> Closed:
     """The segment was read back and holds `content`: closed, everything in it uploaded, its run's backoff reset."""
     segment = session.get_one(Segment, segment_id)
     segment.state = SegmentState.CLOSED
@@ -128,6 +140,8 @@ def verified(session: Session, segment_id: int, content: SegmentContent) -> None
     segment.last_step = content.steps[-1] if content.steps else None
     outbox.settle_uploaded(session, segment_id)
     succeeded(session, segment.run_id)
+    run = session.get_one(Run, segment.run_id)
+    return Closed(run.wandb_id, run.work_dir.path, segment.seq, segment.mode, segment.rows)
 
 
 def sent(session: Session, segment_id: int, committed: dict[int, dict[str, object]], failed: list[int]) -> Finished:
@@ -150,16 +164,19 @@ def settle_sent(session: Session, run_id: int, server_next_step: int) -> Confirm
     uploaded; each sent segment is closed when W&B has all of it, else discarded with the rest pending again.
     The run's backoff is reset when W&B had every sent row."""
     sent_segments = session.scalars(select(Segment).where(Segment.run_id == run_id, Segment.state == SegmentState.SENT)).all()
-    returned = {}
+    returned, kept = {}, {}
     for segment in sent_segments:
+        rows = session.scalar(select(func.count()).select_from(OutboxRow).where(OutboxRow.segment_id == segment.id)) or 0
         count = outbox.confirm_sent(session, segment.id, server_next_step)
         segment.state = SegmentState.DISCARDED if count else SegmentState.CLOSED
         if count:
             returned[segment.seq] = count
+        else:
+            kept[segment.seq] = rows
     outbox.mark_below_step(session, run_id, server_next_step)
     if sent_segments and not returned:
         succeeded(session, run_id)
-    return Confirmed([Path(segment.dir) for segment in sent_segments], returned)
+    return Confirmed([Path(segment.dir) for segment in sent_segments], returned, kept)
 
 
 def discarded(session: Session, segment_id: int) -> Path:

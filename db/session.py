@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Iterator
+import sqlite3
+import threading
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from sqlalchemy import Column, Connection, Engine, MetaData, PrimaryKeyConstraint, String, Table, create_engine, event, inspect, text
@@ -16,7 +18,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session, sessionmaker
 
 MIGRATIONS = Path(__file__).with_name("migrations")
-SCHEMA_HEAD = "0012"  # the newest migration (a test keeps it equal to alembic's head): read-only commands import no alembic
+SCHEMA_HEAD = "0013"  # the newest migration (a test keeps it equal to alembic's head): read-only commands import no alembic
 MIGRATION_LOCK = 0x6D6D6477  # PostgreSQL advisory lock key held while migrating ("mmdw")
 RECLAIM_SHARE = 0.25  # SQLite: the file is shrunk once this much of it is free pages ...
 RECLAIM_MIN_PAGES = 64  # ... and at least this many (256 KiB at 4 KiB pages)
@@ -125,6 +127,21 @@ class Database:
                 _truncate_wal(driver)
         finally:
             raw.close()
+
+    def change_probe(self) -> Callable[[], int] | None:
+        """SQLite: a function whose value changes once any other connection committed (`PRAGMA data_version` on a
+        connection of its own that never writes), so that a reader may keep what it read until then: a pragma,
+        not the queries. None on PostgreSQL, where other nodes write and no such figure is cheap."""
+        if not self.is_sqlite:
+            return None
+        connection = sqlite3.connect(self.engine.url.database or "", check_same_thread=False, isolation_level=None)
+        lock = threading.Lock()
+
+        def version() -> int:
+            with lock:
+                return connection.execute("PRAGMA data_version").fetchone()[0]
+
+        return version
 
     def dispose(self) -> None:
         self.engine.dispose()

@@ -17,9 +17,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from common import crash_points, stacks
+from common import crash_points, events, stacks
 from db import jobs
 from db.jobs import ClaimedJob
+from db.models import JobState
 from db.session import Database
 from evaluator.errors import JobError, LeaseLost
 from common.trust import Trust
@@ -96,7 +97,8 @@ class Worker:
         return done
 
     def run_one(self, job: ClaimedJob) -> int:
-        log.info("job %s (attempt %s): %s", job.id, job.attempts, job.checkpoint_path)
+        ids = {"job_id": job.id, "work_dir": job.work_dir, "checkpoint": job.checkpoint_path, "attempt": job.attempts}
+        events.emit(log, events.EVAL_JOB_CLAIMED, "job %s (attempt %s): %s", job.id, job.attempts, job.checkpoint_path, **ids)
         lease_lost = threading.Event()
         finished = threading.Event()
         heartbeat = threading.Thread(target=self._renew, args=(job.id, lease_lost, finished), daemon=True,
@@ -122,7 +124,8 @@ class Worker:
             log.warning("job %s: lease lost to another worker; result dropped", job.id)
             return 0
         crash_points.reached("job-completed")
-        log.info("job %s done: %d images in %.2f s on %s", job.id, len(outcome.predictions), outcome.seconds, outcome.device)
+        events.emit(log, events.EVAL_JOB_DONE, "job %s done: %d images in %.2f s on %s", job.id, len(outcome.predictions), outcome.seconds,
+                    outcome.device, **ids, seconds=outcome.seconds)
         return 1
 
     def _renew(self, job_id: int, lease_lost: threading.Event, finished: threading.Event) -> None:
@@ -136,8 +139,13 @@ class Worker:
 
     def _fail(self, job: ClaimedJob, error: str, *, retryable: bool) -> None:
         log.warning("job %s failed (%s): %s", job.id, "will retry" if retryable else "permanent", error.splitlines()[0])
-        if not jobs.fail(self.db, job.id, self.options.worker_id, error, retryable=retryable):
+        state = jobs.fail(self.db, job.id, self.options.worker_id, error, retryable=retryable)
+        if state is None:
             log.warning("job %s: lease lost to another worker before the failure was recorded", job.id)
+        elif state is JobState.DEAD:
+            events.emit(log, events.EVAL_JOB_PARKED, "job %s parked after %d attempt(s): %s", job.id, job.attempts, error.splitlines()[0],
+                        level=logging.WARNING, job_id=job.id, work_dir=job.work_dir, checkpoint=job.checkpoint_path, attempt=job.attempts,
+                        error=error.splitlines()[0])
 
 
 def _adapter(stack: str):  # type: ignore[no-untyped-def]

@@ -78,6 +78,7 @@ WandbTimeoutOpt = Annotated[Optional[float], typer.Option("--wandb-timeout", hel
 ForgetAfterOpt = Annotated[Optional[float], typer.Option("--forget-after", help="Seconds after which the state of a work_dir deleted from disk, with nothing left to upload, is forgotten: if it comes back later it is new (env: MMDET_WANDB_FORGET_AFTER; default: 604800, 7 days)", show_default=False)]
 MetricsPortOpt = Annotated[Optional[int], typer.Option("--metrics-port", help="Serve Prometheus metrics, /healthz and /readyz on this TCP port (env: MMDET_WANDB_METRICS_PORT; default: off)", show_default=False)]
 MetricsAddrOpt = Annotated[Optional[str], typer.Option("--metrics-addr", help="The address the metrics port listens on (env: MMDET_WANDB_METRICS_ADDR; default: 127.0.0.1)", show_default=False)]
+MetricsWorkDirLabelsOpt = Annotated[Optional[int], typer.Option("--metrics-work-dir-labels", help="Rows read, uploaded and pending per work_dir for the N work_dirs discovered last (env: MMDET_WANDB_METRICS_WORK_DIR_LABELS; default: 0, totals only)", show_default=False)]
 BatchSizeOpt = Annotated[int, typer.Option(min=1, help="Images per inference batch (halved on CUDA out of memory)")]
 # What code from the work_dirs the evaluator may run (CLI > env > config file > none; README "Security model")
 TrustCheckpointsOpt = Annotated[Optional[bool], typer.Option("--trust-checkpoints", help="Load checkpoints with the full unpickler (weights_only=False), which runs any code a checkpoint holds (env: MMDET_WANDB_TRUST_CHECKPOINTS; config file: trust_checkpoints; default: the weights-only unpickler with an allowlist)", show_default=False)]
@@ -189,7 +190,7 @@ def _metrics(config: settings.Settings, db: Database, node: str | None, beat: Pa
     from mmdet_wandb import metrics
 
     try:
-        _held.append(metrics.serve(config.metrics_addr, config.metrics_port, db, node, beat))
+        _held.append(metrics.serve(config.metrics_addr, config.metrics_port, db, node, beat, config.metrics_work_dir_labels))
     except OSError as exc:
         raise _fail(f"--metrics-addr {config.metrics_addr} --metrics-port {config.metrics_port}: cannot listen: "
                     f"{exc.strerror or exc}") from None
@@ -225,6 +226,7 @@ def watch(
     node: NodeOpt = None,
     metrics_port: MetricsPortOpt = None,
     metrics_addr: MetricsAddrOpt = None,
+    metrics_work_dir_labels: MetricsWorkDirLabelsOpt = None,
     forget_after: ForgetAfterOpt = None,
     log_level: LogLevelOpt = "INFO",
     log_format: LogFormatOpt = LogFormat.TEXT,
@@ -239,7 +241,7 @@ def watch(
     home, db = _setup(data_dir, root_paths, log_level, log_format, "uploader", node)
     config = _settings(home, hook, settings.ServiceFlags(log_timezone=log_timezone, wandb_timeout=wandb_timeout,
                                                          metrics_port=metrics_port, metrics_addr=metrics_addr,
-                                                         forget_after=forget_after))
+                                                         metrics_work_dir_labels=metrics_work_dir_labels, forget_after=forget_after))
     _metrics(config, db, db.node, home.heartbeat("uploader"))
     _sync_backlog(db, home, config)
     uploader = _uploader(db, home, root_paths, config, fresh_launch, finish_idle_s=finish_after,
@@ -368,6 +370,7 @@ def evaluate(
     config_file: ConfigOpt = None,
     metrics_port: MetricsPortOpt = None,
     metrics_addr: MetricsAddrOpt = None,
+    metrics_work_dir_labels: MetricsWorkDirLabelsOpt = None,
     log_level: LogLevelOpt = "INFO",
     log_format: LogFormatOpt = LogFormat.TEXT,
 ) -> None:
@@ -386,7 +389,8 @@ def evaluate(
     home, db = _setup(data_dir, [], log_level, log_format, "evaluator")
     config = _settings(home, settings.HookFlags(config=config_file), settings.ServiceFlags(
         trust_checkpoints=trust_checkpoints, trust_configs=trust_configs, allow_import=tuple(allow_import or ()) or None,
-        dataset_roots=tuple(dataset_root or ()) or None, metrics_port=metrics_port, metrics_addr=metrics_addr))
+        dataset_roots=tuple(dataset_root or ()) or None, metrics_port=metrics_port, metrics_addr=metrics_addr,
+        metrics_work_dir_labels=metrics_work_dir_labels))
     _metrics(config, db, None, home.heartbeat("evaluator"))
     options = WorkerOptions(stack=installed, device=device or default_device(), batch_size=batch_size, lease_s=lease, poll_s=poll,
                             exit_when_idle=exit_when_idle, dataset_roots=config.dataset_roots, trust=config.trust)

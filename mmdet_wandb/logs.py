@@ -60,7 +60,7 @@ class TextFormatter(logging.Formatter):
 
 
 class JsonFormatter(logging.Formatter):
-    """`{"ts", "level", "logger", "msg", "service", "exc"?}` per line."""
+    """`{"ts", "level", "logger", "msg", "event"? and its ids, "service", "pid", "exc"?}` per line (common/events.py)."""
 
     def __init__(self, service: str) -> None:
         super().__init__()
@@ -72,12 +72,15 @@ class JsonFormatter(logging.Formatter):
             "level": record.levelname,
             "logger": record.name,
             "msg": record.getMessage(),
-            "service": self.service,
-            "pid": record.process,
         }
+        event = getattr(record, "event", None)
+        if event is not None:
+            entry["event"] = event
+            entry.update(record.event_ids)
+        entry.update(service=self.service, pid=record.process)
         if record.exc_info:
             entry["exc"] = self.formatException(record.exc_info)
-        return orjson.dumps(entry).decode()
+        return orjson.dumps(entry, default=str).decode()  # an id that is a Path is its text
 
 
 def report(message: str, level: int = logging.INFO) -> bool:

@@ -18,6 +18,8 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 from common.trust import Trust
 from uploader import hook_options
 
+MAX_WORK_DIR_LABELS = 1000  # `metrics_work_dir_labels` at most: 3 series a work_dir, a few thousand a node
+
 
 class SettingsError(ValueError):
     """A value that no level may have; the message names where it came from."""
@@ -50,6 +52,7 @@ class ServiceFlags:
     wandb_timeout: float | None = None
     metrics_port: int | None = None
     metrics_addr: str | None = None
+    metrics_work_dir_labels: int | None = None
     forget_after: float | None = None
 
 
@@ -63,6 +66,7 @@ class Settings:
     wandb_timeout_s: float
     metrics_port: int | None  # None: no metrics endpoint
     metrics_addr: str
+    metrics_work_dir_labels: int  # per-work_dir rows for at most this many work_dirs (0: totals only)
     forget_after_s: float  # a work_dir deleted from disk this long, with nothing pending, is forgotten (db/forget.py)
 
 
@@ -116,6 +120,13 @@ def _port(value: Any) -> int:
     return int(value)
 
 
+def _labels(value: Any) -> int:
+    """The cap on per-work_dir label sets: each is a series Prometheus keeps, so it has a ceiling of its own."""
+    if isinstance(value, bool) or not str(value).strip().isdigit() or int(value) > MAX_WORK_DIR_LABELS:
+        raise ValueError(f"a whole number from 0 to {MAX_WORK_DIR_LABELS} is expected")
+    return int(value)
+
+
 def _address(value: Any) -> str:
     if not isinstance(value, str) or not value.strip() or any(c.isspace() for c in value.strip()):
         raise ValueError("a host name or IP address is expected")
@@ -141,6 +152,7 @@ SERVICE: dict[str, Setting] = {
     "wandb_timeout": Setting("MMDET_WANDB_TIMEOUT", None, _seconds, 60.0),
     "metrics_port": Setting("MMDET_WANDB_METRICS_PORT", None, _port, None),
     "metrics_addr": Setting("MMDET_WANDB_METRICS_ADDR", None, _address, "127.0.0.1"),
+    "metrics_work_dir_labels": Setting("MMDET_WANDB_METRICS_WORK_DIR_LABELS", "metrics_work_dir_labels", _labels, 0),
     "forget_after": Setting("MMDET_WANDB_FORGET_AFTER", "forget_after", _seconds, 7 * 24 * 3600.0),
 }
 
@@ -206,5 +218,6 @@ def load(data_dir: Path, hook: HookFlags = HookFlags(), service: ServiceFlags = 
         wandb_timeout_s=value("wandb_timeout"),
         metrics_port=value("metrics_port"),
         metrics_addr=value("metrics_addr"),
+        metrics_work_dir_labels=value("metrics_work_dir_labels"),
         forget_after_s=value("forget_after"),
     )

@@ -2,16 +2,23 @@
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import signal
 import socket
+import subprocess
+import sys
 import urllib.error
 import urllib.request
 from pathlib import Path
 
+import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
+from common import events
 from mmdet_wandb import metrics
-from tests.conftest import REPO, cli, status, stop, wait_until
+from tests.conftest import REPO, cli, service_env, status, stop, wait_until
 
 
 def free_port() -> int:
@@ -105,8 +112,46 @@ def test_the_endpoint_moves_with_the_work_and_ends_equal_to_status(trained_work_
     # every row, the appended ones too, had its lag observed once, when its segment closed; none is pending
     assert scraped["mmdet_wandb_lag_seconds_count"][()] == data_lines and scraped["mmdet_wandb_lag_seconds_sum"][()] > 0
     assert scraped["mmdet_wandb_oldest_pending_seconds"][()] == 0
+    # watchdog's observer holds a watch per folder under the root (the root and the work_dir at least)
+    assert scraped["mmdet_wandb_inotify_watches"][()] >= 2
+    assert scraped["mmdet_wandb_inotify_max_user_watches"][()] == int(Path("/proc/sys/fs/inotify/max_user_watches").read_text())
     stop(proc)
     assert get(port, "/healthz")[0] == 0  # the endpoint ends with the service
+
+
+def test_rows_per_work_dir_for_the_newest_n_work_dirs_and_totals_always(tmp_path, watcher):
+    """`metrics_work_dir_labels = 1` in the data dir's config file: the per-work_dir families hold the work_dir
+    discovered last only, and equal its `status --json` figures; the totals hold both."""
+    from tests.test_online import ELTD_LOG
+
+    root, home, port = tmp_path / "root", tmp_path / "home", free_port()
+    first, second = root / "eltd_a", root / "eltd_b"
+    first.mkdir(parents=True)
+    shutil.copy(ELTD_LOG, first)
+    home.mkdir()
+    (home / "config.toml").write_text("metrics_work_dir_labels = 1\n")
+    proc = watcher(home, root, "--metrics-port", str(port), "--segment-idle", "1", "--finish-after", "2")
+
+    def per_work_dir() -> dict[str, dict[str, float]]:
+        scraped = scrape(port)
+        return {name: {dict(k)["work_dir"]: v for k, v in scraped.get(name + suffix, {}).items()}
+                for name, suffix in zip(metrics.WORK_DIR_NAMES, ("_total", "_total", ""))}
+
+    wait_until(lambda: get(port, "/metrics")[0] == 200, 60, "the endpoint", proc)
+    wait_until(lambda: per_work_dir()[metrics.WORK_DIR_NAMES[1]] == {str(first): 384}, 90, "the first work_dir uploaded", proc)
+    second.mkdir()
+    shutil.copy(ELTD_LOG, second)
+
+    def settled() -> bool:
+        shown = per_work_dir()
+        state = {w["path"]: w["runs"] for w in status(home)["work_dirs"]}
+        expected = {str(second): sum(r["rows_uploaded"] for r in state.get(str(second), []))}
+        return shown[metrics.WORK_DIR_NAMES[1]] == expected == {str(second): 384} and shown[metrics.WORK_DIR_NAMES[0]] == expected
+    wait_until(settled, 90, "the second work_dir, discovered last, alone under its label", proc)
+    scraped = scrape(port)
+    assert per_work_dir()[metrics.WORK_DIR_NAMES[2]] == {str(second): 0}
+    assert scraped["mmdet_wandb_rows_uploaded_total"][()] == 768 and scraped["mmdet_wandb_work_dirs"][()] == 2
+    stop(proc)
 
 
 def test_health_over_http_fails_before_the_first_loop_pass(tmp_path):
@@ -155,24 +200,218 @@ def test_a_port_in_use_or_an_address_that_does_not_resolve_is_one_clear_line(tmp
     (line,) = proc.stderr.strip().splitlines()
     assert "MMDET_WANDB_METRICS_PORT = '70000'" in line and "65535" in line, line
 
+    proc = cli(tmp_path / "home", "watch", str(root), "--metrics-work-dir-labels", "-1", check=False, timeout=120)
+    assert proc.returncode == 2
+    (line,) = proc.stderr.strip().splitlines()
+    assert "--metrics-work-dir-labels = -1" in line and "from 0 to 1000" in line, line
 
-def test_every_alert_rule_and_dashboard_panel_names_only_metrics_the_endpoint_exposes():
-    """promtool is not available here: the rules are parsed as YAML and each expr's metric names checked."""
+
+def series_names(port: int) -> set[str]:
+    """The names of the series Prometheus stores from a scrape of the endpoint: a counter `c` is `c_total`, a
+    histogram `h` is `h_bucket`, `h_sum` and `h_count` (families without a sample count too, from their TYPE)."""
+    code, text = get(port, "/metrics")
+    assert code == 200, text
+    suffixes = {"counter": ("_total",), "histogram": ("_bucket", "_sum", "_count")}
+    return {family.name + suffix for family in text_string_to_metric_families(text) for suffix in suffixes.get(family.type, ("",))}
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+def test_every_alert_rule_and_dashboard_panel_names_only_series_the_endpoint_exposes(tmp_path, request, backend):
+    """promtool is not available here: the rules are parsed as YAML and each expr's metric names checked against
+    the series of a real endpoint's scrape (of a state DB on either backend); the oldest pending row has its alert,
+    lag and oldest pending their panels."""
     import re
 
+    from db.session import Database
+
+    home = tmp_path / "home"
+    home.mkdir()
+    url = f"sqlite:///{home / 'state.db'}" if backend == "sqlite" else request.getfixturevalue("postgres_url")
+    db = Database(url, node="n")
+    db.upgrade()
+    port = free_port()
+    server = metrics.serve("127.0.0.1", port, db, "n", home / "heartbeat", work_dir_labels=1)
+    try:
+        exposed = series_names(port)
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert {"mmdet_wandb_rows_uploaded_total", "mmdet_wandb_lag_seconds_bucket", "mmdet_wandb_work_dir_rows_pending"} <= exposed
     rules = yaml.safe_load((REPO / "monitoring" / "alerts.yaml").read_text())
-    exposed = set(metrics.NAMES)
-    checked = 0
+    named: dict[str, set[str]] = {}
     for group in rules["groups"]:
         for rule in group["rules"]:
             assert rule["alert"] and rule["expr"] and rule["annotations"]["summary"], rule
             expr = re.sub(r'"[^"]*"|\{[^}]*\}', "", rule["expr"])  # label matchers and strings are not names
-            names = set(re.findall(r"\bmmdet_wandb_[a-z_]+\b", expr))
+            names = named[rule["alert"]] = set(re.findall(r"\bmmdet_wandb_[a-z_]+\b", expr))
             assert names and names <= exposed, (rule["alert"], names - exposed)
-            checked += 1
-    assert checked >= 4
+    assert len(named) >= 5
+    assert any("mmdet_wandb_oldest_pending_seconds" in names for names in named.values()), named
     dashboard = json.loads((REPO / "monitoring" / "grafana-dashboard.json").read_text())
+    panels: dict[str, set[str]] = {}
     for panel in dashboard["panels"]:
         for target in panel["targets"]:
             names = set(re.findall(r"\bmmdet_wandb_[a-z_]+\b", target["expr"]))
             assert names and names <= exposed, (panel["title"], names - exposed)
+            panels.setdefault(panel["title"], set()).update(names)
+    shown = set().union(*panels.values())
+    assert {"mmdet_wandb_lag_seconds_bucket", "mmdet_wandb_oldest_pending_seconds", "mmdet_wandb_eval_job_seconds_bucket",
+            "mmdet_wandb_eval_job_leases_lost_total", "mmdet_wandb_inotify_watches", "mmdet_wandb_inotify_max_user_watches"} <= shown, panels
+    alerted = set().union(*named.values())
+    assert {"mmdet_wandb_inotify_watches", "mmdet_wandb_eval_job_leases_lost_total"} <= alerted, named
+
+
+def test_eval_job_durations_and_expired_leases_from_the_state_db(trained_work_dir, tmp_path):
+    """After a real `backfill --evaluate`, the endpoint's job durations equal `status --json`'s job seconds; a job
+    claimed by a worker that then stops renewing its lease shows as expired until it is taken over."""
+    from db import jobs as queue
+    from db.session import Database
+    from tests.test_evaluator import NUM, rewrite_checkpoint, val_annotation_path
+
+    work_dir = trained_work_dir("retinanet_epoch", dest=tmp_path / "scratch", writable=True)
+    home = tmp_path / "home"
+    dataset_root = Path(val_annotation_path(next(work_dir.glob("*.py")))).parents[1]
+    parked = work_dir / "epoch_7.pth"  # its job is parked: a dataset that is not there
+    rewrite_checkpoint(parked, parked, lambda meta: {**meta, "config": meta["config"].replace(str(dataset_root), "data/coco")})
+    cli(home, "backfill", str(work_dir.parent), "--no-progress", "--evaluate", "--num-eval-images", str(NUM), check=False)
+    jobs = [job for w in status(home)["work_dirs"] for job in w["eval_jobs"]]
+    done = [job["seconds"] for job in jobs if job["state"] == "done"]
+    assert done and all(seconds > 0 for seconds in done) and [j["state"] for j in jobs].count("dead") == 1, jobs
+    db = Database(f"sqlite:///{home / 'state.db'}")
+    port = free_port()
+    server = metrics.serve("127.0.0.1", port, db, None, home / "heartbeat" / "evaluator")
+    try:
+        scraped = scrape(port)
+        assert scraped["mmdet_wandb_eval_job_seconds_count"][()] == len(done)
+        assert abs(scraped["mmdet_wandb_eval_job_seconds_sum"][()] - sum(done)) < 1e-6
+        buckets = {dict(k)["le"]: v for k, v in scraped["mmdet_wandb_eval_job_seconds_bucket"].items()}
+        assert buckets["+Inf"] == len(done) and all(buckets[le] == sum(s <= float(le) for s in done) for le in buckets if le != "+Inf")
+        assert scraped["mmdet_wandb_eval_jobs_lease_expired"][()] == 0
+
+        cli(home, "requeue")  # the parked job is queued again
+        claimed = queue.claim(db, "a-worker-that-dies", 0.2, stack="mmdet2")
+        assert claimed is not None
+        wait_until(lambda: scrape(port)["mmdet_wandb_eval_jobs_lease_expired"][()] == 1, 30, "the lease expired")
+        assert scrape(port)["mmdet_wandb_eval_job_leases_lost_total"][()] == 0  # expired, not lost until taken over
+        assert queue.claim(db, "another-worker", 60, stack="mmdet2").id == claimed.id  # taken over
+        after = scrape(port)
+        assert after["mmdet_wandb_eval_jobs_lease_expired"][()] == 0 and after["mmdet_wandb_eval_job_leases_lost_total"][()] == 1
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+# --- structured events (common/events.py) ------------------------------------------------------------------
+
+
+def events_in(output: str) -> dict[str, list[dict]]:
+    """event name → its JSON lines, in order. Lines that are no JSON object are not ours: torch's C++ side writes
+    a warning of its own to stderr when the evaluator imports it (`W1205 ... No CUDA runtime is found`)."""
+    found: dict[str, list[dict]] = {}
+    for line in output.splitlines():
+        if not line.startswith("{"):
+            continue
+        entry = json.loads(line)
+        if "event" in entry:
+            assert set(events.EVENTS[entry["event"]]) <= set(entry), entry  # every id of the event is a field
+            found.setdefault(entry["event"], []).append(entry)
+    return found
+
+
+def test_the_events_that_matter_carry_their_name_and_ids_in_json_logs(trained_work_dir, tmp_path):
+    """A real `backfill --evaluate --log-format json` over a real tiny training: one checkpoint's job parked (its
+    config names a dataset that is not there), the other done, a broken symlink recorded, then resolved."""
+    from tests.test_evaluator import NUM, rewrite_checkpoint, val_annotation_path
+
+    work_dir = trained_work_dir("retinanet_epoch", dest=tmp_path / "scratch", writable=True)
+    root, home = work_dir.parent, tmp_path / "home"
+    dataset_root = Path(val_annotation_path(next(work_dir.glob("*.py")))).parents[1]
+    parked = work_dir / "epoch_7.pth"
+    rewrite_checkpoint(parked, parked, lambda meta: {**meta, "config": meta["config"].replace(str(dataset_root), "data/coco")})
+    dangling = root / "dangling"
+    dangling.symlink_to(tmp_path / "nowhere")
+    args = ("backfill", str(root), "--no-progress", "--evaluate", "--num-eval-images", str(NUM), "--log-checkpoint",
+            "--log-format", "json", "--log-level", "INFO")
+    found = events_in(cli(home, *args, check=False).stderr)
+    state = status(home)
+    (entry,) = state["work_dirs"]
+    (run,) = entry["runs"]
+    for name in (events.RUN_OPENED, events.RUN_CLOSED, events.SEGMENT_VERIFIED):
+        assert found[name] and all((e["run_id"], e["work_dir"], e["mode"]) == (run["wandb_id"], str(work_dir), "offline")
+                                   and isinstance(e["segment"], int) for e in found[name]), (name, found.get(name))
+    assert sum(e["rows"] for e in found[events.SEGMENT_VERIFIED]) == run["rows_uploaded"] > 0
+    logged = {e["checkpoint"]: e for e in found[events.CHECKPOINT_LOGGED]}
+    assert "epoch_8.pth" in logged and "epoch_8" in logged["epoch_8.pth"]["aliases"], logged
+    assert all(e["run_id"] == run["wandb_id"] and e["work_dir"] == str(work_dir) for e in logged.values())
+    jobs = {job["id"]: job for job in entry["eval_jobs"]}
+    for name in (events.EVAL_JOB_CLAIMED, events.EVAL_JOB_DONE, events.EVAL_JOB_PARKED):
+        assert found[name] and all(e["job_id"] in jobs and e["work_dir"] == str(work_dir) and e["attempt"] >= 1  # its pin:
+                                   and Path(e["checkpoint"]).name.split("-", 1)[1] == jobs[e["job_id"]]["checkpoint"]  # <id>-<name>
+                                   for e in found[name]), (name, found.get(name))
+    (dead,) = found[events.EVAL_JOB_PARKED]
+    assert jobs[dead["job_id"]]["state"] == "dead" and jobs[dead["job_id"]]["checkpoint"] == parked.name
+    assert "val.json" in dead["error"]
+    assert {jobs[e["job_id"]]["state"] for e in found[events.EVAL_JOB_DONE]} == {"done"}
+    assert all(e["seconds"] > 0 for e in found[events.EVAL_JOB_DONE])
+    assert {(e["path"], e["offset"], e["kind"]) for e in found[events.PROBLEM_RECORDED]} == {(str(dangling), -1, "broken_symlink")}
+
+    dangling.unlink()
+    again = events_in(cli(home, *args, check=False).stderr)
+    assert [(e["path"], e["kind"]) for e in again[events.PROBLEM_RESOLVED]] == [(str(dangling), "broken_symlink")]
+
+
+def test_online_events_circuit_open_and_closed_and_segments_confirmed(wandb_standin, tmp_path):
+    """A real `watch --log-format json` of a real log with the loopback stand-in of W&B down at start, then up."""
+    from tests.test_online import ELTD_LOG, TIMEOUT
+
+    work_dir = tmp_path / "root" / "eltd"
+    work_dir.mkdir(parents=True)
+    shutil.copy(ELTD_LOG, work_dir)
+    home, output = tmp_path / "home", tmp_path / "watch.out"
+    wandb_standin.stop()
+    with output.open("w") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "mmdet_wandb.cli", "watch", str(work_dir.parent), "--poll-interval", "0.2", "--scan-interval", "1",
+             "--segment-idle", "2", "--finish-after", "3", "--wandb-timeout", TIMEOUT, "--log-format", "json"],
+            env={**service_env(home), **wandb_standin.env()}, cwd=REPO, stdout=subprocess.DEVNULL, stderr=out, start_new_session=True,
+        )
+
+    def logged() -> dict[str, list[dict]]:
+        text = output.read_text()
+        return events_in(text[: text.rfind("\n") + 1])  # whole lines only: the process is writing
+
+    try:
+        wait_until(lambda: events.CIRCUIT_OPEN in logged(), 60, "the circuit open")
+        wandb_standin.start()
+
+        def confirmed() -> int:
+            return sum(e["rows"] for e in logged().get(events.SEGMENT_CONFIRMED, []))
+
+        wait_until(lambda: confirmed() == 384 or proc.poll() is not None, 120, "every row confirmed by W&B")
+        stop(proc)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    found = events_in(output.read_text())
+    (run,) = [r for w in status(home)["work_dirs"] for r in w["runs"]]
+    assert [e["url"] for e in found[events.CIRCUIT_OPEN]] == [wandb_standin.url] and found[events.CIRCUIT_OPEN][0]["error"]
+    (closed,) = found[events.CIRCUIT_CLOSED]
+    assert closed["url"] == wandb_standin.url and closed["seconds"] > 0
+    for name in (events.RUN_OPENED, events.RUN_CLOSED, events.SEGMENT_CONFIRMED):
+        assert found[name] and all((e["run_id"], e["work_dir"], e["mode"]) == (run["wandb_id"], str(work_dir), "online")
+                                   for e in found[name]), (name, found.get(name))
+    assert (run["rows_uploaded"], run["rows_pending"]) == (384, 0)
+
+
+def test_the_docs_table_of_events_is_the_set_of_event_constants():
+    """docs/observability.md's Events table: one row per event of common/events.py, with the same ids."""
+    import re
+
+    text = (REPO / "docs" / "observability.md").read_text()
+    section = text.split("\n## Events\n", 1)[1].split("\n## ", 1)[0]
+    rows = re.findall(r"^\| `([a-z_]+)` \| ([^|]*) \|", section, flags=re.M)
+    documented = {name: tuple(re.findall(r"`([a-z_]+)`", ids)) for name, ids in rows}
+    assert documented == events.EVENTS
+    constants = {value for key, value in vars(events).items() if key.isupper() and isinstance(value, str)}
+    assert constants == set(events.EVENTS)

@@ -89,6 +89,10 @@ def test_a_hook_entry_fixed_in_the_training_config_is_read_by_a_running_watch(ba
     ((), {"MMDET_WANDB_LOG_TIMEZONE": "Mars/Olympus"}, "MMDET_WANDB_LOG_TIMEZONE = 'Mars/Olympus': not an IANA time zone"),
     ((), {"MMDET_WANDB_TIMEOUT": "-1"}, "MMDET_WANDB_TIMEOUT = '-1': it must be a finite number above 0"),
     ((), {"MMDET_WANDB_ALLOW_IMPORT": "ok,no such"}, "MMDET_WANDB_ALLOW_IMPORT = 'ok,no such': not a module name: 'no such'"),
+    ((), {"MMDET_WANDB_METRICS_WORK_DIR_LABELS": "1001"},
+     "MMDET_WANDB_METRICS_WORK_DIR_LABELS = '1001': a whole number from 0 to 1000 is expected"),
+    ((), {"MMDET_WANDB_METRICS_WORK_DIR_LABELS": "2.5"},
+     "MMDET_WANDB_METRICS_WORK_DIR_LABELS = '2.5': a whole number from 0 to 1000 is expected"),
 ])
 def test_every_level_checks_the_same_range_and_names_where_the_value_came_from(tmp_path, args, env, says):
     work_dir = tmp_path / "work_dirs"
@@ -103,6 +107,8 @@ def test_every_level_checks_the_same_range_and_names_where_the_value_came_from(t
     ("num_eval_images = -1\n", "num_eval_images = -1: it must be 0 or more"),
     ("log_timezone = 'nowhere'\n", "log_timezone = 'nowhere': not an IANA time zone"),
     ("trust_configs = 'maybe'\n", "trust_configs = 'maybe': true or false is expected"),
+    ("metrics_work_dir_labels = -1\n", "metrics_work_dir_labels = -1: a whole number from 0 to 1000 is expected"),
+    ("metrics_work_dir_labels = true\n", "metrics_work_dir_labels = True: a whole number from 0 to 1000 is expected"),
 ])
 def test_the_config_file_is_checked_by_the_same_validators(tmp_path, text, says):
     config = tmp_path / "options.toml"

@@ -54,7 +54,7 @@ OPTIONS: dict[str, Option] = {
 RESERVED_INIT_KWARGS = frozenset({"id", "resume", "dir", "reinit", "settings", "mode", "config", "resume_from", "fork_from"})
 #: Options of the service itself that the config file may set too (the CLI flag and its variable come first);
 #: kept as the file has them, for the command that reads them to check.
-SERVICE_OPTIONS = ("log_timezone", "trust_checkpoints", "trust_configs", "allow_import", "forget_after")
+SERVICE_OPTIONS = ("log_timezone", "trust_checkpoints", "trust_configs", "allow_import", "forget_after", "metrics_work_dir_labels")
 ENV_PREFIX = "MMDET_WANDB_"
 CONFIG_ENV = "MMDET_WANDB_CONFIG"
 TRUE, FALSE = {"1", "true", "yes", "on"}, {"0", "false", "no", "off", ""}

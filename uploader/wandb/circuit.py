@@ -12,6 +12,7 @@ import time
 import urllib.error
 import urllib.request
 
+from common import events
 from common.backoff import backoff_s
 from db import reachability
 from db.session import Database
@@ -69,15 +70,17 @@ class Circuit:
         error = probe(self.url, self.api_key)
         if error is None:
             if self.is_open:
-                log.warning("W&B at %s answers again after %.0f s: uploads resume", self.url, time.time() - (self.since or time.time()))
+                down_s = time.time() - (self.since or time.time())
+                events.emit(log, events.CIRCUIT_CLOSED, "W&B at %s answers again after %.0f s: uploads resume", self.url, down_s,
+                            level=logging.WARNING, url=self.url, seconds=round(down_s, 3))
             self.error, self.since, self.failures, self.retry_at = None, None, 0, 0.0
         else:
             self.failures += 1
             self.retry_at = time.time() + backoff_s(self.failures)
             if not self.is_open:
                 self.since = time.time()
-                log.warning("W&B at %s is unreachable (%s): every upload waits, logs are still read; next try in %.0f s",
-                            self.url, error, self.retry_at - time.time())
+                events.emit(log, events.CIRCUIT_OPEN, "W&B at %s is unreachable (%s): every upload waits, logs are still read; next try in %.0f s",
+                            self.url, error, self.retry_at - time.time(), level=logging.WARNING, url=self.url, error=error)
             self.error = error
         self._record()
         return error is None

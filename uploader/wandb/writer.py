@@ -27,7 +27,7 @@ from typing import Any
 import wandb
 from sqlalchemy.orm import Session
 
-from common import crash_points, json_values
+from common import crash_points, events, json_values
 from common.backoff import BACKOFF_BASE_S
 from db import outbox, segments
 from db.models import ArtifactKind, Run
@@ -65,6 +65,7 @@ class _OpenSegment:
     run_id: int
     handle: Any  # wandb.Run
     sync_file: Path | None
+    ids: dict[str, Any]  # the ids of its events: run_id (W&B's), work_dir, segment (seq), mode
     steps: list[int] = field(default_factory=list)
     artifacts: dict[int, Any] = field(default_factory=dict)  # outbox id → the wandb.Artifact logged (online: waited for)
     last_activity: float = field(default_factory=time.monotonic)
@@ -218,6 +219,7 @@ class WandbWriter:
             self._fail_run(run_id, exc)
             self._lost_wandb()
             return
+        events.emit(log, events.RUN_CLOSED, "run %s: finished segment %s", seg.ids["run_id"], seg.ids["segment"], **seg.ids)
         if self.online:
             self._sent(seg, committed, failed)
             return
@@ -344,7 +346,12 @@ class WandbWriter:
         with self.db.transaction() as session:
             outbox.logged(session, entry.id, seg.segment_id, {**built.record, "digest": built.artifact.digest})
         crash_points.reached("artifact-logged")
-        log.info("run %s: logged %s %s", wandb_id, built.artifact.name, ", ".join(entry.aliases))
+        if entry.kind is ArtifactKind.MODEL:
+            events.emit(log, events.CHECKPOINT_LOGGED, "run %s: logged %s %s", wandb_id, built.artifact.name, ", ".join(entry.aliases),
+                        run_id=wandb_id, work_dir=seg.ids["work_dir"], segment=seg.ids["segment"], checkpoint=entry.file_name,
+                        aliases=entry.aliases)
+        else:
+            log.info("run %s: logged %s %s", wandb_id, built.artifact.name, ", ".join(entry.aliases))
         return 1
 
     def _open_segment(self, run_id: int) -> _OpenSegment:
@@ -360,6 +367,7 @@ class WandbWriter:
             config = json.loads(run.config_json) if run.config_json else {}
             config_file = (run.config_name, run.config_text) if done is None and run.config_text else None
             by_epoch = run.by_epoch
+            ids = {"run_id": run.wandb_id, "work_dir": run.work_dir.path, "segment": seq, "mode": self.options.mode}
         shutil.rmtree(directory, ignore_errors=True)  # a leftover that no segment owns
         directory.mkdir(parents=True)
         try:
@@ -374,7 +382,7 @@ class WandbWriter:
             _abandon(handle, directory)
             raise
         crash_points.reached("segment-recorded")
-        seg = _OpenSegment(segment_id=segment_id, run_id=run_id, handle=handle, sync_file=None, uploaded_up_to=done)
+        seg = _OpenSegment(segment_id=segment_id, run_id=run_id, handle=handle, sync_file=None, ids=ids, uploaded_up_to=done)
         self._open[run_id] = seg
         _define_metrics(handle, by_epoch)
         if config:
@@ -382,10 +390,10 @@ class WandbWriter:
         if config_file is not None:
             _save_config_file(handle, *config_file)
         if self.online:
-            self._settle_sent(run_id, handle.starting_step)
+            self._settle_sent(seg, handle.starting_step)
             seg.uploaded_up_to = max(done or 0, handle.starting_step - 1)
         seg.sync_file = None if self.online else Path(handle.settings.sync_file)
-        log.info("run %s: opened segment %s in %s", init["id"], seq, directory)
+        events.emit(log, events.RUN_OPENED, "run %s: opened segment %s in %s", init["id"], seq, directory, **ids)
         return seg
 
     def _init_kwargs(self, run: Run, directory: Path) -> dict[str, Any]:
@@ -440,12 +448,16 @@ class WandbWriter:
             _abandon(seg.handle, None, exit_code=0)
             self._sent(seg, {}, {})  # it logged nothing: closed at once
 
-    def _settle_sent(self, run_id: int, server_next_step: int) -> None:
+    def _settle_sent(self, seg: _OpenSegment, server_next_step: int) -> None:
         """Online: the run just started again and W&B says it holds every step below `server_next_step`. Rows
         below it are uploaded (sent before, or before a crash; never sent again); the rest of each sent segment
         goes back to the outbox, and sent segments are settled and their local files removed."""
+        run_id = seg.run_id
         with self.db.transaction() as session:
             confirmed = segments.settle_sent(session, run_id, server_next_step)
+        for seq, rows in confirmed.kept.items():
+            events.emit(log, events.SEGMENT_CONFIRMED, "run %s: W&B has all %d rows of segment %s", seg.ids["run_id"], rows, seq,
+                        **{**seg.ids, "segment": seq}, rows=rows)
         for seq, returned in confirmed.returned.items():
             log.warning("run %s: W&B has the steps below %d only; %d rows of segment %s go again",
                         run_id, server_next_step, returned, seq)
@@ -464,7 +476,9 @@ class WandbWriter:
                 reader.wait_for_exit(sync_file, self.options.exit_timeout_s)
             verify.check_segment(sync_file, content)
         with self.db.transaction() as session:
-            segments.verified(session, segment_id, content)
+            closed = segments.verified(session, segment_id, content)
+        events.emit(log, events.SEGMENT_VERIFIED, "run %s: segment %s read back, its %d rows uploaded", closed.wandb_id, closed.seq,
+                    closed.rows, run_id=closed.wandb_id, work_dir=closed.work_dir, segment=closed.seq, mode=closed.mode, rows=closed.rows)
         crash_points.reached("segment-closed")
         self.db.reclaim_space()
 
