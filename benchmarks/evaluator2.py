@@ -87,7 +87,7 @@ TARGET_BYTES_RATIO = 0.02
 BBOX_SCORE_THR = 0.3  # the CLI's default --bbox-score-thr
 COCO_VAL2017_MEAN_JPEG_BYTES = 161_000  # val2017: 5000 images, ~788 MiB (for the report only)
 OURS_PHASES = ("load_config", "build_val_dataset", "build_manifest", "build_model", "take_subset", "run_inference",
-               "to_instances", "subset_metrics")
+               "to_detections", "subset_metrics")
 BASELINE_PHASES = ("config", "dataset", "dataloader", "model", "single_gpu_test", "evaluate")
 HOOK_KEYS_TEST_PY_DROPS = ("interval", "tmpdir", "start", "gpu_collect", "save_best", "rule", "dynamic_intervals")
 
