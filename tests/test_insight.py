@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import io
+import json
 import math
 import re
 from pathlib import Path
@@ -16,6 +17,8 @@ import pytest
 
 from db.jobs import ClaimedJob
 from evaluator import classwise, confusion, insight, mmdet2
+from tests.conftest import cli, offline_run, status
+from tests.test_evaluator import table_of
 
 NUM = 6
 
@@ -146,3 +149,39 @@ def test_a_detection_overlapping_another_class_is_a_wrong_class_not_a_miss_of_it
                                     np.array([0.9]), np.array([1]))
     assert matrix.tolist() == [[0, 1, 1], [0, 0, 0], [0, 0, 0]]
     assert confusion.errors(matrix) == confusion.ImageErrors(missed=1, false_positives=0, wrong_class=1)
+
+
+def test_backfill_logs_the_insight_tables_charts_and_summary(trained_work_dir, tmp_path):
+    work_dir = trained_work_dir("retinanet_epoch")
+    home = tmp_path / "home"
+    cli(home, "backfill", str(work_dir.parent), "--no-progress", "--evaluate", "--num-eval-images", str(NUM))
+    (run,) = [r for w in status(home)["work_dirs"] for r in w["runs"]]
+    segments = offline_run(home, run["wandb_id"]).segments
+    preds = [a for s in segments for a in s.artifacts if a.type == "evaluation"]
+    epochs = sorted(p.metadata["epoch"] for p in preds)
+    assert len(preds) == len(list(work_dir.glob("epoch_*.pth"))) > 1
+    classes = json.loads(Path(next(work_dir.glob("*.py")).read_text().split("val.json")[0].rsplit("'", 1)[1] + "val.json")
+                         .read_text())["categories"]
+    names = sorted(c["name"] for c in classes)
+    for pred in preds:
+        classwise_rows = table_of(pred, "classwise")
+        assert classwise_rows["columns"] == ["checkpoint", "epoch", "iter", "iou_type", "class", "gt_count", "AP", "AP50", "AP75", "recall"]
+        assert sorted(r[4] for r in classwise_rows["data"]) == names
+        assert {(r[0], r[1]) for r in classwise_rows["data"]} == {(pred.metadata["checkpoint"], pred.metadata["epoch"])}
+        pr = table_of(pred, "pr_curves")
+        assert pr["columns"][-3:] == ["class", "recall", "precision"] and {r[4] for r in pr["data"]} == {"0.5", "0.5:0.95"}
+        matrix = table_of(pred, "confusion_matrix")
+        assert len(matrix["data"]) == (len(names) + 1) ** 2 and "background" in {r[3] for r in matrix["data"]}
+        eval_data = table_of(pred, "eval_data")
+        assert eval_data["columns"] == ["image_name", "ground_truth", "prediction", "missed", "false_positives", "wrong_class", "errors"]
+        assert all(row[6] == row[3] + row[4] + row[5] for row in eval_data["data"])
+    summary = segments[-1].summary
+    for name in names:
+        assert summary[f"best_epoch/eval/{name}/bbox_AP"] in epochs
+        assert f"eval/{name}/bbox_AP" in summary
+    assert summary["eval/epoch"] == max(epochs)
+    visualize = segments[-1].wandb_internal_config["visualize"]
+    assert set(visualize) == {"eval/pr_curve/bbox@0.5", "eval/pr_curve/bbox@0.5:0.95", "eval/confusion_matrix"}
+    for key, chart in visualize.items():
+        assert chart["panel_config"]["panelDefId"] in ("wandb/line/v0", "wandb/confusion_matrix/v1")
+        assert summary[f"{key}_table"]["_type"] == "table-file", "the chart's table is a summary value"

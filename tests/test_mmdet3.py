@@ -76,18 +76,25 @@ def test_backfill_of_an_mmengine_work_dir_gives_checkpoints_val_and_prediction_t
     val_files = {e["path"]: e for e in val.entries if not e["path"].endswith(".table.json")}
     for pred in preds:
         table = table_of(pred, "eval_data")
-        assert table["columns"] == ["image_name", "ground_truth", "prediction"]
+        assert table["columns"] == ["image_name", "ground_truth", "prediction", "missed", "false_positives", "wrong_class", "errors"]
         assert [row[0] for row in table["data"]] == expected
         refs = {e["path"]: e for e in pred.entries if e["ref"]}
         assert set(refs) == set(val_files), "the images are references into val"
-        for _, gt, predicted in table["data"]:
+        for _, gt, predicted, *_errors in table["data"]:
             boxes = predicted["boxes"]["predictions"]
             assert all(b["scores"]["score"] > THR and b["class_id"] >= 1 for b in boxes), "class ids from 1"
             for b in gt["boxes"]["ground_truth"]:
                 assert b["box_caption"] == CLASSES[b["class_id"] - 1], "class ids from 1, names from the dataset"
         if kind.startswith("maskrcnn"):
-            assert all(gt["masks"] for _, gt, _ in table["data"]), "ground-truth masks drawn"
-        assert "coco/bbox_mAP" in pred.metadata["subset_metrics"]
+            assert all(row[1]["masks"] for row in table["data"]), "ground-truth masks drawn"
+        metrics = pred.metadata["subset_metrics"]
+        for iou_type in ("bbox", "segm") if kind.startswith("maskrcnn") else ("bbox",):
+            per_class = [row for row in table_of(pred, "classwise")["data"] if row[3] == iou_type]
+            assert sorted(row[4] for row in per_class) == sorted(CLASSES)
+            aps = [row[6] for row in per_class]
+            if all(row[5] for row in per_class):  # every class has ground truth: COCO's mAP is their mean
+                assert round(sum(aps) / len(aps), 3) == metrics[f"coco/{iou_type}_mAP"], "CocoMetric's own mAP"
+        assert len(table_of(pred, "confusion_matrix")["data"]) == (len(CLASSES) + 1) ** 2
     done = jobs(home)
     assert {(j.stack, j.state) for j in done} == {("mmdet3", JobState.DONE)} and len(done) == len(regular)
     assert not list((home / "store" / "eval").iterdir()), "the jobs' checkpoint links are gone"

@@ -15,6 +15,9 @@ The uses:
 - `client_id`, `local_media` and `reference_media`: prediction tables that reference the val artifact's images
   (wandb-client-artifact:// references, wandb-offline.md §4.6 recipe C); else each prediction artifact holds its
   own copy of the images (the table is the same).
+- `log_chart`: a custom chart (PR curves, confusion matrix) whose table is a summary value, without a history
+  step (the steps are the service's, DESIGN 5): the chart's spec goes into the run's `_wandb.visualize` config as
+  `run.log` puts it there; else the table is a summary value only (no chart panel).
 - `settings`: wandb's `x_` settings are experimental; one this wandb does not define is left out.
 
 Reading `.wandb` files back (`reader.py`) uses no private API: only the protobuf classes in the wheel
@@ -93,3 +96,12 @@ def reference_media(artifact: wandb.Artifact, source_client_id: str | None, entr
         refs[path] = entry
     for path, file in local.items():
         artifact._added_local_paths[str(file)] = refs[path]
+
+
+def log_chart(run: Any, key: str, chart: Any) -> None:
+    """What `run.log({key: chart})` writes (the spec into `_wandb.visualize`, the table under `<key>_table`), with
+    the table in the summary instead of a history row: the chart's query reads the summary table."""
+    chart.set_key(key)
+    run.summary[chart.spec.table_key] = chart.table
+    if enabled():
+        run._config_callback(key=chart.spec.config_key, val=chart.spec.config_value)
