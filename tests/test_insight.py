@@ -185,3 +185,22 @@ def test_backfill_logs_the_insight_tables_charts_and_summary(trained_work_dir, t
     for key, chart in visualize.items():
         assert chart["panel_config"]["panelDefId"] in ("wandb/line/v0", "wandb/confusion_matrix/v1")
         assert summary[f"{key}_table"]["_type"] == "table-file", "the chart's table is a summary value"
+
+
+def test_the_options_reach_the_job_no_classwise_and_other_confusion_thresholds(trained_work_dir, tmp_path):
+    work_dir = trained_work_dir("retinanet_epoch")
+    home = tmp_path / "home"
+    cli(home, "backfill", str(work_dir.parent), "--no-progress", "--evaluate", "--num-eval-images", str(NUM),
+        "--no-eval-classwise", "--confusion-score-thr", "0.05", "--confusion-iou-thr", "0.3")
+    (run,) = [r for w in status(home)["work_dirs"] for r in w["runs"]]
+    segments = offline_run(home, run["wandb_id"]).segments
+    preds = [a for s in segments for a in s.artifacts if a.type == "evaluation"]
+    assert preds
+    for pred in preds:
+        paths = {e["path"] for e in pred.entries}
+        assert "classwise.table.json" not in paths and "pr_curves.table.json" not in paths
+        assert "confusion_matrix.table.json" in paths
+    assert not any(k.startswith("eval/") and k.endswith("_AP") for k in segments[-1].summary)
+    assert set(segments[-1].wandb_internal_config["visualize"]) == {"eval/confusion_matrix"}
+    title = segments[-1].wandb_internal_config["visualize"]["eval/confusion_matrix"]["panel_config"]["stringSettings"]["title"]
+    assert "score >= 0.05" in title and "IoU >= 0.3" in title

@@ -56,6 +56,8 @@ def enqueue(db: Database, ckpt: checkpoints.CheckpointOptions) -> int:
                     stack=stacks.of_checkpoint(json.loads(row.meta_json or "{}")),
                     unit=checkpoints.unit(row), number=row.number, config_name=run.config_name, config_text=run.config_text,
                     num_eval_images=run_options.num_eval_images, bbox_score_thr=run_options.bbox_score_thr,
+                    eval_classwise=run_options.eval_classwise, confusion_score_thr=run_options.confusion_score_thr,
+                    confusion_iou_thr=run_options.confusion_iou_thr,
                 )
                 queued += 1
             if not run_options.log_checkpoint:
