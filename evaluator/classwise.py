@@ -108,8 +108,9 @@ def _mean(values: np.ndarray) -> float:
 
 
 def _curve(values: np.ndarray, missing: np.ndarray | None = None) -> list[float]:
+    """Rounded to 4 places: a chart needs no more, and the curves are most of the stored document."""
     missing = values if missing is None else missing
-    return [float(v) if m > -1 else math.nan for v, m in zip(values, missing)]
+    return [round(float(v), 4) if m > -1 else math.nan for v, m in zip(values, missing)]
 
 
 def _nan_to_none(value: Any) -> Any:
