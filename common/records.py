@@ -199,3 +199,4 @@ class EvalOutcome:
     device: str
     seconds: float  # model inference wall time
     note: str | None = None
+    insight: dict[str, Any] = field(default_factory=dict)  # per-class metrics, confusion matrix, per-image errors

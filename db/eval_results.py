@@ -13,7 +13,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
 from common.records import Instances, Manifest
-from db.models import Prediction, ValImage, ValManifest, utcnow
+from db.models import EvalJob, Prediction, ValImage, ValManifest, utcnow
 from db.session import Database
 
 
@@ -69,6 +69,13 @@ def predictions_of(db: Database, job_id: int) -> list[Instances]:
     with db.transaction() as session:
         texts = session.scalars(select(Prediction.result_json).where(Prediction.job_id == job_id).order_by(Prediction.position)).all()
     return [Instances.from_json(t) for t in texts]
+
+
+def insight_of(db: Database, job_id: int) -> dict:
+    """The job's evaluation insight (evaluator/insight.py's document; empty for a job done before it existed)."""
+    with db.transaction() as session:
+        text = session.scalar(select(EvalJob.insight_json).where(EvalJob.id == job_id))
+    return orjson.loads(text) if text else {}
 
 
 @dataclass(frozen=True)

@@ -43,6 +43,9 @@ class ClaimedJob:
     config_text: str | None
     num_eval_images: int
     bbox_score_thr: float
+    eval_classwise: bool = True
+    confusion_score_thr: float = 0.3
+    confusion_iou_thr: float = 0.5
 
 
 def claim(db: Database, worker_id: str, lease_s: float, now: float | None = None, *, stack: str) -> ClaimedJob | None:
@@ -78,7 +81,8 @@ def claim(db: Database, worker_id: str, lease_s: float, now: float | None = None
             )
             .returning(
                 EvalJob.id, EvalJob.attempts, EvalJob.stack, EvalJob.checkpoint_path, EvalJob.work_dir, EvalJob.config_name,
-                EvalJob.config_text, EvalJob.num_eval_images, EvalJob.bbox_score_thr,
+                EvalJob.config_text, EvalJob.num_eval_images, EvalJob.bbox_score_thr, EvalJob.eval_classwise,
+                EvalJob.confusion_score_thr, EvalJob.confusion_iou_thr,
             )
         ).first()
     return ClaimedJob(*row) if row is not None else None
@@ -134,6 +138,7 @@ def complete(db: Database, job_id: int, worker_id: str, outcome: EvalOutcome) ->
         job.manifest_id = eval_results.store_manifest(session, outcome.manifest)
         eval_results.store_predictions(session, job_id, outcome.predictions)
         job.metrics_json = orjson.dumps(outcome.metrics).decode()
+        job.insight_json = orjson.dumps(outcome.insight).decode()
         job.device, job.seconds, job.note = outcome.device, outcome.seconds, outcome.note
         job.state, job.lease_owner, job.lease_expires_at = JobState.DONE, None, None
         job.last_error = None
@@ -227,6 +232,7 @@ class FinishedJob:
     device: str | None
     seconds: float | None
     note: str | None
+    insight: dict[str, object]
 
 
 def done(session: Session, excluding: object) -> list[FinishedJob]:
@@ -240,6 +246,7 @@ def done(session: Session, excluding: object) -> list[FinishedJob]:
         FinishedJob(
             job.id, job.run_id, job.checkpoint_id, job.manifest_id, job.unit, job.number,  # type: ignore[arg-type]
             job.num_eval_images, job.bbox_score_thr, orjson.loads(job.metrics_json or "{}"), job.device, job.seconds, job.note,
+            orjson.loads(job.insight_json or "{}"),
         )
         for job in jobs
     ]

@@ -21,6 +21,7 @@ from sqlalchemy import (
     String,
     Text,
     UniqueConstraint,
+    true,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
@@ -310,6 +311,9 @@ class EvalJob(Base):
     config_text: Mapped[str | None] = mapped_column(Text, nullable=True)  # the work_dir's config dump, a fallback
     num_eval_images: Mapped[int] = mapped_column(Integer)
     bbox_score_thr: Mapped[float] = mapped_column(Float)
+    eval_classwise: Mapped[bool] = mapped_column(Boolean, default=True, server_default=true())  # per-class metrics and PR curves
+    confusion_score_thr: Mapped[float] = mapped_column(Float, default=0.3, server_default="0.3")  # the analysis tool's defaults
+    confusion_iou_thr: Mapped[float] = mapped_column(Float, default=0.5, server_default="0.5")
     state: Mapped[JobState] = mapped_column(_enum(JobState), default=JobState.QUEUED)
     attempts: Mapped[int] = mapped_column(Integer, default=0)  # counted at claim time
     max_attempts: Mapped[int] = mapped_column(Integer, default=5)
@@ -321,6 +325,7 @@ class EvalJob(Base):
     note: Mapped[str | None] = mapped_column(Text, nullable=True)  # e.g. the subset was clamped to the val set
     manifest_id: Mapped[int | None] = mapped_column(ForeignKey("val_manifests.id"), nullable=True)
     metrics_json: Mapped[str | None] = mapped_column(Text, nullable=True)  # the subset's own metrics
+    insight_json: Mapped[str | None] = mapped_column(Text, nullable=True)  # evaluator/insight.py's document
     device: Mapped[str | None] = mapped_column(String(64), nullable=True)
     seconds: Mapped[float | None] = mapped_column(Float, nullable=True)  # inference wall time of the last run
     created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)

@@ -164,12 +164,13 @@ def release_artifacts(session: Session, ids: list[int]) -> None:
 class SegmentContent:
     steps: list[int]
     artifacts: list[tuple[str, str | None]]  # (type, digest) of every artifact logged into it
+    chart_tables: int = 0  # the `run_table` artifacts wandb makes of the charts' summary tables
 
 
 def content(session: Session, segment_id: int) -> SegmentContent:
     steps = list(session.scalars(select(OutboxRow.step).where(OutboxRow.segment_id == segment_id).order_by(OutboxRow.step)))
     records = [json.loads(r) for r in session.scalars(select(OutboxArtifact.logged_json).where(OutboxArtifact.segment_id == segment_id))]
-    return SegmentContent(steps, sorted((r["type"], r.get("digest")) for r in records))
+    return SegmentContent(steps, sorted((r["type"], r.get("digest")) for r in records), sum(r.get("chart_tables", 0) for r in records))
 
 
 def settle_uploaded(session: Session, segment_id: int) -> None:

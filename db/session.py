@@ -18,7 +18,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session, sessionmaker
 
 MIGRATIONS = Path(__file__).with_name("migrations")
-SCHEMA_HEAD = "0013"  # the newest migration (a test keeps it equal to alembic's head): read-only commands import no alembic
+SCHEMA_HEAD = "0014"  # the newest migration (a test keeps it equal to alembic's head): read-only commands import no alembic
 MIGRATION_LOCK = 0x6D6D6477  # PostgreSQL advisory lock key held while migrating ("mmdw")
 RECLAIM_SHARE = 0.25  # SQLite: the file is shrunk once this much of it is free pages ...
 RECLAIM_MIN_PAGES = 64  # ... and at least this many (256 KiB at 4 KiB pages)

@@ -28,8 +28,8 @@ from common.records import (
     ValImageRecord,
 )
 from db.jobs import ClaimedJob
-from evaluator import checkpoint_globals, job_inputs
-from evaluator.encoding import rle_text, segmentation_rle, stored_image
+from evaluator import checkpoint_globals, insight, job_inputs
+from evaluator.encoding import segmentation_rle, stored_image
 from evaluator.batches import infer_halving
 from evaluator.errors import JobError
 from evaluator.metrics import plain_metrics
@@ -56,9 +56,12 @@ def evaluate(
     started = time.perf_counter()
     results = run_inference(model, subset, cfg, batch_size, lease_lost)
     seconds = time.perf_counter() - started
-    predictions = [to_instances(r, len(manifest.classes)).above(job.bbox_score_thr) for r in results]
+    detections = [to_detections(r, len(manifest.classes)) for r in results]
+    predictions = [d.instances().above(job.bbox_score_thr) for d in detections]
     metrics = subset_metrics(subset, results, cfg)
-    return EvalOutcome(manifest=manifest, predictions=predictions, metrics=metrics, device=device, seconds=seconds, note=note)
+    found = insight.compute(ground_truth(subset, manifest), detections, manifest.classes, insight.options_of(job))
+    return EvalOutcome(manifest=manifest, predictions=predictions, metrics=metrics, device=device, seconds=seconds, note=note,
+                       insight=found)
 
 
 def load_config(job: ClaimedJob, trust: Trust = Trust()) -> Any:
@@ -241,8 +244,9 @@ def run_inference(model: Any, subset: Any, cfg: Any, batch_size: int, lease_lost
                          lease_lost)
 
 
-def to_instances(result: Any, num_classes: int) -> Instances:
-    """An mmdet 2.x result (per-class (n, 5) arrays, with per-class mask RLEs) → Instances (§1.11 of the hook)."""
+def to_detections(result: Any, num_classes: int) -> insight.Detections:
+    """An mmdet 2.x result (per-class (n, 5) arrays, with per-class mask RLEs) → one image's detections, in
+    class order as `_det2json` walks them (§1.11 of the hook)."""
     segm = None
     if isinstance(result, tuple):
         bbox_result, segm = result
@@ -252,20 +256,29 @@ def to_instances(result: Any, num_classes: int) -> Instances:
         bbox_result = result
     if not isinstance(bbox_result, list) or len(bbox_result) != num_classes:
         raise JobError(f"unsupported result ({type(result).__name__}): expected one box array per class", retryable=False)
-    boxes: list[list[float]] = []
-    scores: list[float] = []
-    labels: list[int] = []
-    for label, per_class in enumerate(bbox_result):
-        array = np.asarray(per_class, dtype=float).reshape(-1, 5)
-        boxes.extend(array[:, :4].round(2).tolist())
-        scores.extend(array[:, 4].round(4).tolist())
-        labels.extend([label] * len(array))
+    arrays = [np.asarray(per_class, dtype=np.float32).reshape(-1, 5) for per_class in bbox_result]
+    stacked = np.concatenate(arrays) if arrays else np.zeros((0, 5), dtype=np.float32)
+    labels = np.concatenate([np.full(len(a), label, dtype=np.int64) for label, a in enumerate(arrays)] or [np.zeros(0, np.int64)])
     masks = None
     if segm is not None:
-        masks = [rle_text(rle) for per_class in segm for rle in per_class]
-        if len(masks) != len(boxes):
-            raise JobError(f"{len(masks)} masks for {len(boxes)} boxes", retryable=False)
-    return Instances(boxes=boxes, labels=labels, scores=scores, masks=masks)
+        masks = [rle for per_class in segm for rle in per_class]
+        if len(masks) != len(stacked):
+            raise JobError(f"{len(masks)} masks for {len(stacked)} boxes", retryable=False)
+    return insight.Detections(boxes=stacked[:, :4], scores=stacked[:, 4], labels=labels, masks=masks)
+
+
+def ground_truth(subset: Any, manifest: Manifest) -> insight.GroundTruth:
+    """The dataset's own COCO api when it has one (what its `evaluate` reads: crowd regions included), else the
+    stored subset; the confusion matrix matches `get_ann_info`'s boxes, as the analysis tool does."""
+    if not all(hasattr(subset, name) for name in ("coco", "cat_ids", "img_ids")):
+        return insight.ground_truth_of_manifest(manifest.images, len(manifest.classes))
+    anns = [subset.get_ann_info(i) for i in range(len(subset))]
+    return insight.GroundTruth(
+        subset.coco, list(subset.cat_ids), list(subset.img_ids),
+        [np.asarray(a["bboxes"], dtype=np.float32).reshape(-1, 4) for a in anns],
+        [np.asarray(a["labels"], dtype=np.int64) for a in anns],
+        any("masks" in a for a in anns),
+    )
 
 
 def subset_metrics(subset: Any, results: list[Any], cfg: Any) -> dict[str, Any]:

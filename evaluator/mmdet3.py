@@ -26,8 +26,8 @@ import numpy as np
 from common import dataset_paths
 from common.records import EvalOutcome, Instances, Manifest, ValImageRecord
 from db.jobs import ClaimedJob
-from evaluator import checkpoint_globals, job_inputs
-from evaluator.encoding import rle_text, segmentation_rle, stored_image
+from evaluator import checkpoint_globals, insight, job_inputs
+from evaluator.encoding import segmentation_rle, stored_image
 from evaluator.batches import infer_halving
 from evaluator.errors import JobError
 from evaluator.metrics import plain_metrics
@@ -50,9 +50,12 @@ def evaluate(
     started = time.perf_counter()
     samples = run_inference(model, dataset, indices, cfg, batch_size, lease_lost)
     seconds = time.perf_counter() - started
-    predictions = [to_instances(s).above(job.bbox_score_thr) for s in samples]
+    detections = [to_detections(s) for s in samples]
+    predictions = [d.instances().above(job.bbox_score_thr) for d in detections]
     metrics = subset_metrics(cfg, dataset, indices, samples, base)
-    return EvalOutcome(manifest=manifest, predictions=predictions, metrics=metrics, device=device, seconds=seconds, note=note)
+    found = insight.compute(ground_truth(dataset, indices, manifest), detections, manifest.classes, insight.options_of(job))
+    return EvalOutcome(manifest=manifest, predictions=predictions, metrics=metrics, device=device, seconds=seconds, note=note,
+                       insight=found)
 
 
 def load_config(job: ClaimedJob, trust: Trust = Trust()) -> Any:
@@ -185,20 +188,43 @@ def run_inference(model: Any, dataset: Any, indices: list[int], cfg: Any, batch_
                          lease_lost)
 
 
-def to_instances(sample: Any) -> Instances:
-    """A `DetDataSample`'s `pred_instances` (boxes in the original image, as `test_step` rescales them) → Instances."""
+def to_detections(sample: Any) -> insight.Detections:
+    """A `DetDataSample`'s `pred_instances` (boxes in the original image, as `test_step` rescales them)."""
     from mmdet.structures.mask import encode_mask_results
 
     pred = sample.pred_instances
-    boxes = pred.bboxes.detach().cpu().numpy().astype(float).reshape(-1, 4)
-    scores = pred.scores.detach().cpu().numpy().astype(float)
-    labels = [int(x) for x in pred.labels.detach().cpu().numpy()]
+    boxes = pred.bboxes.detach().cpu().numpy().astype(np.float32).reshape(-1, 4)
+    scores = pred.scores.detach().cpu().numpy().astype(np.float32)
+    labels = pred.labels.detach().cpu().numpy().astype(np.int64)
     masks = None
     if "masks" in pred:
-        masks = [rle_text(rle) for rle in encode_mask_results(pred.masks.detach().cpu().numpy())]
+        masks = encode_mask_results(pred.masks.detach().cpu().numpy())
         if len(masks) != len(labels):
             raise JobError(f"{len(masks)} masks for {len(labels)} boxes", retryable=False)
-    return Instances(boxes=boxes.round(2).tolist(), labels=labels, scores=scores.round(4).tolist(), masks=masks)
+    return insight.Detections(boxes=boxes, scores=scores, labels=labels, masks=masks)
+
+
+def ground_truth(dataset: Any, indices: list[int], manifest: Manifest) -> insight.GroundTruth:
+    """The COCO annotations `CocoMetric` reads (the dataset's `ann_file`, its `cat_ids`) when the dataset has them,
+    else the stored subset; the confusion matrix matches every instance of the data info, as the 3.x analysis tool
+    does (ignored ones included)."""
+    ann_file = str(getattr(dataset, "ann_file", "") or "")
+    if not hasattr(dataset, "cat_ids") or not os.path.isfile(ann_file):
+        return insight.ground_truth_of_manifest(manifest.images, len(manifest.classes))
+    import contextlib
+    import io
+
+    from pycocotools.coco import COCO
+
+    with contextlib.redirect_stdout(io.StringIO()):
+        coco = COCO(ann_file)
+    infos = [dataset.get_data_info(i) for i in indices]
+    return insight.GroundTruth(
+        coco, list(dataset.cat_ids), [info["img_id"] for info in infos],
+        [np.asarray([g["bbox"] for g in info.get("instances") or []], dtype=np.float32).reshape(-1, 4) for info in infos],
+        [np.asarray([g["bbox_label"] for g in info.get("instances") or []], dtype=np.int64) for info in infos],
+        any("mask" in g for info in infos for g in info.get("instances") or []),
+    )
 
 
 def subset_metrics(cfg: Any, dataset: Any, indices: list[int], samples: list[Any], base: Path | None) -> dict[str, Any]:

@@ -95,6 +95,9 @@ LogCheckpointOpt = Annotated[Optional[bool], typer.Option("--log-checkpoint/--no
 LogCheckpointMetadataOpt = Annotated[Optional[bool], typer.Option("--log-checkpoint-metadata/--no-log-checkpoint-metadata", help="The eval metrics of the checkpoint's own epoch/iter in its metadata (env: MMDET_WANDB_LOG_CHECKPOINT_METADATA; default: off)", show_default=False)]
 NumEvalImagesOpt = Annotated[Optional[int], typer.Option(help="Val images in the tables; each finished checkpoint gets an eval job; 0 turns tables off (env: MMDET_WANDB_NUM_EVAL_IMAGES; default: 100)")]
 BboxScoreThrOpt = Annotated[Optional[float], typer.Option(help="Predicted boxes and masks with a score above this (env: MMDET_WANDB_BBOX_SCORE_THR; default: 0.3)")]
+EvalClasswiseOpt = Annotated[Optional[bool], typer.Option("--eval-classwise/--no-eval-classwise", help="Per-class AP, AP50, AP75, recall and PR curves of each evaluated checkpoint (env: MMDET_WANDB_EVAL_CLASSWISE; default: on)", show_default=False)]
+ConfusionScoreThrOpt = Annotated[Optional[float], typer.Option(help="Detections scoring at least this count in the confusion matrix and the per-image errors, as the analysis tool's --score-thr (env: MMDET_WANDB_CONFUSION_SCORE_THR; default: 0.3)")]
+ConfusionIouThrOpt = Annotated[Optional[float], typer.Option(help="IoU at which a detection matches a ground-truth box in the confusion matrix, as the analysis tool's --tp-iou-thr (env: MMDET_WANDB_CONFUSION_IOU_THR; default: 0.5)")]
 
 
 def _fail(message: str) -> typer.Exit:
@@ -212,6 +215,7 @@ def watch(
     config_file: ConfigOpt = None, project: ProjectOpt = None, entity: EntityOpt = None, init_kwargs: InitKwargsOpt = None,
     interval: IntervalOpt = None, log_checkpoint: LogCheckpointOpt = None, log_checkpoint_metadata: LogCheckpointMetadataOpt = None,
     num_eval_images: NumEvalImagesOpt = None, bbox_score_thr: BboxScoreThrOpt = None,
+    eval_classwise: EvalClasswiseOpt = None, confusion_score_thr: ConfusionScoreThrOpt = None, confusion_iou_thr: ConfusionIouThrOpt = None,
     fresh_launch: FreshOpt = FreshLaunch.NEW_RUN,
     poll: Annotated[bool, typer.Option("--poll", help="No filesystem events (NFS, FUSE): poll and scan only")] = False,
     scan_interval: Annotated[float, typer.Option(callback=_seconds, help="Seconds between full scans of the roots")] = 10.0,
@@ -236,7 +240,7 @@ def watch(
     from uploader import shards
 
     hook = settings.HookFlags(config_file, project, entity, init_kwargs, interval, log_checkpoint, log_checkpoint_metadata,
-                              num_eval_images, bbox_score_thr)
+                              num_eval_images, bbox_score_thr, eval_classwise, confusion_score_thr, confusion_iou_thr)
     root_paths = _roots(roots)
     home, db = _setup(data_dir, root_paths, log_level, log_format, "uploader", node)
     config = _settings(home, hook, settings.ServiceFlags(log_timezone=log_timezone, wandb_timeout=wandb_timeout,
@@ -266,6 +270,7 @@ def backfill(
     config_file: ConfigOpt = None, project: ProjectOpt = None, entity: EntityOpt = None, init_kwargs: InitKwargsOpt = None,
     interval: IntervalOpt = None, log_checkpoint: LogCheckpointOpt = None, log_checkpoint_metadata: LogCheckpointMetadataOpt = None,
     num_eval_images: NumEvalImagesOpt = None, bbox_score_thr: BboxScoreThrOpt = None,
+    eval_classwise: EvalClasswiseOpt = None, confusion_score_thr: ConfusionScoreThrOpt = None, confusion_iou_thr: ConfusionIouThrOpt = None,
     evaluate: Annotated[bool, typer.Option("--evaluate", help="Run the eval jobs in this process too (needs the eval extra), so the tables go out in this pass")] = False,
     device: DeviceOpt = None,
     batch_size: BatchSizeOpt = 4,
@@ -289,7 +294,7 @@ def backfill(
     from uploader import shards
 
     hook = settings.HookFlags(config_file, project, entity, init_kwargs, interval, log_checkpoint, log_checkpoint_metadata,
-                              num_eval_images, bbox_score_thr)
+                              num_eval_images, bbox_score_thr, eval_classwise, confusion_score_thr, confusion_iou_thr)
     service = settings.ServiceFlags(log_timezone, trust_checkpoints, trust_configs, tuple(allow_import or ()) or None,
                                     tuple(dataset_root or ()) or None, wandb_timeout)
     root_paths = _roots(roots)
@@ -442,13 +447,14 @@ def config_show(
     config_file: ConfigOpt = None, project: ProjectOpt = None, entity: EntityOpt = None, init_kwargs: InitKwargsOpt = None,
     interval: IntervalOpt = None, log_checkpoint: LogCheckpointOpt = None, log_checkpoint_metadata: LogCheckpointMetadataOpt = None,
     num_eval_images: NumEvalImagesOpt = None, bbox_score_thr: BboxScoreThrOpt = None,
+    eval_classwise: EvalClasswiseOpt = None, confusion_score_thr: ConfusionScoreThrOpt = None, confusion_iou_thr: ConfusionIouThrOpt = None,
     as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output")] = False,
 ) -> None:
     """The effective options of each work_dir and where each one comes from (given the same flags); what is not
     used is marked: init_kwargs keys the service sets itself, and bad values of the hook entry (the run is held
     until they are fixed). Exit 1 when a work_dir has a bad value."""
     flags = settings.HookFlags(config_file, project, entity, init_kwargs, interval, log_checkpoint, log_checkpoint_metadata,
-                               num_eval_images, bbox_score_thr)
+                               num_eval_images, bbox_score_thr, eval_classwise, confusion_score_thr, confusion_iou_thr)
     home = paths.resolve(data_dir)
     layers = _settings(home, flags).layers
     hooks = _hook_entries(_roots(roots)) if roots else _hook_entries_in_db(home)

@@ -38,6 +38,9 @@ class HookFlags:
     log_checkpoint_metadata: bool | None = None
     num_eval_images: int | None = None
     bbox_score_thr: float | None = None
+    eval_classwise: bool | None = None
+    confusion_score_thr: float | None = None
+    confusion_iou_thr: float | None = None
 
 
 @dataclass(frozen=True)

@@ -82,7 +82,7 @@ def test_backfill_evaluate_logs_val_once_and_predictions_per_checkpoint(trained_
 
     for pred in preds:
         table = table_of(pred, "eval_data")
-        assert table["columns"] == ["image_name", "ground_truth", "prediction"]
+        assert table["columns"] == ["image_name", "ground_truth", "prediction", "missed", "false_positives", "wrong_class", "errors"]
         assert [row[0] for row in table["data"]] == expected_rows
         refs = {e["path"]: e for e in pred.entries if e["ref"]}
         assert set(refs) == set(val_files), "every val file is referenced"
@@ -90,15 +90,15 @@ def test_backfill_evaluate_logs_val_once_and_predictions_per_checkpoint(trained_
             assert entry["ref"] == f"wandb-client-artifact://{val.client_id}/{path}"
             assert entry["digest"] == val_files[path]["digest"] and entry["size"] == 0
         local = [e["path"] for e in pred.entries if not e["ref"]]
-        assert all(p == "eval_data.table.json" or "/mask/" in p for p in local), f"no image bytes copied: {local}"
-        for _, gt, predicted in table["data"]:
+        assert all(p.endswith(".table.json") or "/mask/" in p for p in local), f"no image bytes copied: {local}"
+        for _, gt, predicted, *_errors in table["data"]:
             assert gt["path"] in refs and predicted["path"] == gt["path"], "both cells show the val image"
             assert all(m["path"] in refs for m in gt.get("masks", {}).values()), "ground-truth masks referenced"
             scores = [b["scores"]["score"] for b in predicted["boxes"]["predictions"]]
             assert all(s > THR for s in scores)
         if kind == "maskrcnn_epoch":
             assert any("masks" in row[2] for row in table["data"]), "predicted masks drawn"
-            assert all(gt["masks"] for _, gt, _ in table["data"]), "ground-truth masks drawn"
+            assert all(row[1]["masks"] for row in table["data"]), "ground-truth masks drawn"
         assert pred.metadata["subset_metrics"]["bbox_mAP"] >= 0
 
     assert {j.state for j in jobs(home)} == {JobState.DONE} and not any(j.pinned for j in jobs(home))

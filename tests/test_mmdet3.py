@@ -76,18 +76,25 @@ def test_backfill_of_an_mmengine_work_dir_gives_checkpoints_val_and_prediction_t
     val_files = {e["path"]: e for e in val.entries if not e["path"].endswith(".table.json")}
     for pred in preds:
         table = table_of(pred, "eval_data")
-        assert table["columns"] == ["image_name", "ground_truth", "prediction"]
+        assert table["columns"] == ["image_name", "ground_truth", "prediction", "missed", "false_positives", "wrong_class", "errors"]
         assert [row[0] for row in table["data"]] == expected
         refs = {e["path"]: e for e in pred.entries if e["ref"]}
         assert set(refs) == set(val_files), "the images are references into val"
-        for _, gt, predicted in table["data"]:
+        for _, gt, predicted, *_errors in table["data"]:
             boxes = predicted["boxes"]["predictions"]
             assert all(b["scores"]["score"] > THR and b["class_id"] >= 1 for b in boxes), "class ids from 1"
             for b in gt["boxes"]["ground_truth"]:
                 assert b["box_caption"] == CLASSES[b["class_id"] - 1], "class ids from 1, names from the dataset"
         if kind.startswith("maskrcnn"):
-            assert all(gt["masks"] for _, gt, _ in table["data"]), "ground-truth masks drawn"
-        assert "coco/bbox_mAP" in pred.metadata["subset_metrics"]
+            assert all(row[1]["masks"] for row in table["data"]), "ground-truth masks drawn"
+        metrics = pred.metadata["subset_metrics"]
+        for iou_type in ("bbox", "segm") if kind.startswith("maskrcnn") else ("bbox",):
+            per_class = [row for row in table_of(pred, "classwise")["data"] if row[3] == iou_type]
+            assert sorted(row[4] for row in per_class) == sorted(CLASSES)
+            aps = [row[6] for row in per_class]
+            if all(row[5] for row in per_class):  # every class has ground truth: COCO's mAP is their mean
+                assert round(sum(aps) / len(aps), 3) == metrics[f"coco/{iou_type}_mAP"], "CocoMetric's own mAP"
+        assert len(table_of(pred, "confusion_matrix")["data"]) == (len(CLASSES) + 1) ** 2
     done = jobs(home)
     assert {(j.stack, j.state) for j in done} == {("mmdet3", JobState.DONE)} and len(done) == len(regular)
     assert not list((home / "store" / "eval").iterdir()), "the jobs' checkpoint links are gone"
@@ -257,3 +264,40 @@ print(len(sys.argv) - 1)
 def test_every_checkpoint_of_the_3x_trainings_loads_with_the_allowlist(trained_work_dir3):
     checkpoints = [str(p) for kind in ("retinanet3_epoch", "retinanet3_iter", "maskrcnn3_epoch") for p in sorted(trained_work_dir3(kind).glob("*.pth"))]
     assert in_mmdet3(LOAD_ALL, *checkpoints).strip() == str(len(checkpoints))
+
+
+CLASSWISE_3X = r"""
+import json, sys
+from pathlib import Path
+from db.jobs import ClaimedJob
+from evaluator import insight, mmdet3
+
+work_dir, checkpoint = Path(sys.argv[1]), sys.argv[2]
+job = ClaimedJob(1, 1, "mmdet3", checkpoint, str(work_dir), None, None, int(sys.argv[3]), 0.3)
+cfg = mmdet3.load_config(job)
+dataset, base = mmdet3.build_val_dataset(cfg, work_dir)
+indices, _ = mmdet3.job_inputs.subset(job, len(dataset))
+manifest = mmdet3.build_manifest(dataset, indices, cfg)
+samples = mmdet3.run_inference(mmdet3.build_model(cfg, checkpoint, "cpu"), dataset, indices, cfg, 2, None)
+found = insight.compute(mmdet3.ground_truth(dataset, indices, manifest), [mmdet3.to_detections(s) for s in samples],
+                        manifest.classes, insight.InsightOptions())
+for metric in cfg.val_evaluator if isinstance(cfg.val_evaluator, list) else [cfg.val_evaluator]:
+    metric["classwise"] = True
+print("RESULT", json.dumps({"insight": found, "metrics": mmdet3.subset_metrics(cfg, dataset, indices, samples, base)}))
+"""
+
+
+@pytest.mark.parametrize("kind", ["retinanet3_epoch", "maskrcnn3_epoch"])
+def test_per_class_ap_equals_coco_metric_classwise(trained_work_dir3, kind):
+    work_dir = trained_work_dir3(kind)
+    last = max(work_dir.glob("epoch_*.pth"), key=lambda p: int(p.stem.split("_")[1]))
+    out = in_mmdet3(CLASSWISE_3X, str(work_dir), str(last), str(NUM))
+    result = json.loads(out.split("RESULT ", 1)[1])
+    found, metrics = result["insight"], result["metrics"]
+    assert "error" not in found and "error" not in metrics, (found, metrics)
+    iou_types = ("bbox", "segm") if kind.startswith("maskrcnn") else ("bbox",)
+    for c in found["classwise"][iou_types[-1]]["classes"]:  # CocoMetric's key is per class: the last metric's
+        assert round(c["ap"], 3) == metrics[f"coco/{c['name']}_precision"], (iou_types[-1], c)
+    for iou_type in iou_types:
+        assert round(sum(c["ap"] for c in found["classwise"][iou_type]["classes"]) / len(CLASSES), 3) == \
+            metrics[f"coco/{iou_type}_mAP"]

@@ -83,6 +83,9 @@ def test_a_hook_entry_fixed_in_the_training_config_is_read_by_a_running_watch(ba
     (("--bbox-score-thr", "-3"), {}, "--bbox-score-thr = -3.0: it must be between 0 and 1"),
     (("--bbox-score-thr", "nan"), {}, "--bbox-score-thr = nan: a finite number is expected"),
     (("--interval", "0"), {}, "--interval = 0: it must be 1 or more"),
+    (("--confusion-score-thr", "1.5"), {}, "--confusion-score-thr = 1.5: it must be between 0 and 1"),
+    (("--confusion-iou-thr", "nan"), {}, "--confusion-iou-thr = nan: a finite number is expected"),
+    ((), {"MMDET_WANDB_EVAL_CLASSWISE": "maybe"}, "MMDET_WANDB_EVAL_CLASSWISE = 'maybe': true or false is expected"),
     ((), {"MMDET_WANDB_BBOX_SCORE_THR": "7"}, "MMDET_WANDB_BBOX_SCORE_THR = '7': it must be between 0 and 1"),
     ((), {"MMDET_WANDB_INTERVAL": "abc"}, "MMDET_WANDB_INTERVAL = 'abc': an integer is expected"),
     ((), {"MMDET_WANDB_INIT_KWARGS": "[1]"}, "MMDET_WANDB_INIT_KWARGS = '[1]': a mapping is expected"),
@@ -105,6 +108,7 @@ def test_every_level_checks_the_same_range_and_names_where_the_value_came_from(t
 @pytest.mark.parametrize(("text", "says"), [
     ("bbox_score_thr = 5\n", "bbox_score_thr = 5: it must be between 0 and 1"),
     ("num_eval_images = -1\n", "num_eval_images = -1: it must be 0 or more"),
+    ("confusion_iou_thr = 2\n", "confusion_iou_thr = 2: it must be between 0 and 1"),
     ("log_timezone = 'nowhere'\n", "log_timezone = 'nowhere': not an IANA time zone"),
     ("trust_configs = 'maybe'\n", "trust_configs = 'maybe': true or false is expected"),
     ("metrics_work_dir_labels = -1\n", "metrics_work_dir_labels = -1: a whole number from 0 to 1000 is expected"),

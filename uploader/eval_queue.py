@@ -11,14 +11,16 @@ from __future__ import annotations
 import errno
 import json
 import logging
+import math
 import os
 from pathlib import Path
+from typing import Any
 
 from sqlalchemy import select
 
 from common import stacks
 from db import jobs, outbox
-from db.models import ArtifactKind, Checkpoint, CheckpointState
+from db.models import ArtifactKind, Checkpoint, CheckpointState, Run
 from db.session import Database, node_of
 from uploader import checkpoints, hook_options
 
@@ -54,6 +56,8 @@ def enqueue(db: Database, ckpt: checkpoints.CheckpointOptions) -> int:
                     stack=stacks.of_checkpoint(json.loads(row.meta_json or "{}")),
                     unit=checkpoints.unit(row), number=row.number, config_name=run.config_name, config_text=run.config_text,
                     num_eval_images=run_options.num_eval_images, bbox_score_thr=run_options.bbox_score_thr,
+                    eval_classwise=run_options.eval_classwise, confusion_score_thr=run_options.confusion_score_thr,
+                    confusion_iou_thr=run_options.confusion_iou_thr,
                 )
                 queued += 1
             if not run_options.log_checkpoint:
@@ -104,8 +108,34 @@ def queue_tables(db: Database) -> int:
             }
             if job.note:
                 metadata["note"] = job.note
+            run = session.get_one(Run, job.run_id)
+            run.summary_json = json.dumps(classwise_summary(json.loads(run.summary_json), job.unit, job.number, job.insight))
             queued += outbox.add_artifact(
                 session, job.run_id, ArtifactKind.PREDICTIONS, f"pred:{job.id}", eval_job_id=job.id, manifest_id=job.manifest_id,
                 aliases=["latest", f"{job.unit}_{job.number}"], metadata=metadata,
             )
     return queued
+
+
+#: The per-class numbers that become summary values: `eval/<class>/<iou type>_<name>`.
+SUMMARY_METRICS = {"ap": "AP", "ap50": "AP50"}
+
+
+def classwise_summary(summary: dict[str, Any], unit: str, number: int, document: dict[str, Any]) -> dict[str, Any]:
+    """The run summary with a checkpoint's per-class metrics: `eval/<class>/bbox_AP` (and AP50, segm_…) of the
+    latest evaluated checkpoint (`eval/<unit>` says which), `best/eval/…` and `best_<unit>/eval/…` over all of them
+    (as `best/val/…` for the val lines). NaN (a class without ground truth) is left out."""
+    values = {
+        f"eval/{c['name']}/{iou_type}_{label}": c[field]
+        for iou_type, result in (document.get("classwise") or {}).items() for c in result["classes"]
+        for field, label in SUMMARY_METRICS.items() if c[field] is not None and math.isfinite(c[field])
+    }
+    summary = dict(summary)
+    if number >= summary.get(f"eval/{unit}", -1):
+        summary.update(values)
+        summary[f"eval/{unit}"] = number
+    for key, value in values.items():
+        if value > summary.get(f"best/{key}", -math.inf):
+            summary[f"best/{key}"] = value
+            summary[f"best_{unit}/{key}"] = number
+    return summary

@@ -48,6 +48,11 @@ OPTIONS: dict[str, Option] = {
     "log_checkpoint_metadata": Option(bool, False),
     "num_eval_images": Option(int, 100, low=0),
     "bbox_score_thr": Option(float, 0.3, low=0.0, high=1.0),
+    # Beyond the hook: the evaluation insight of each checkpoint (evaluator/insight.py); the thresholds are
+    # tools/analysis_tools/confusion_matrix.py's --score-thr and --tp-iou-thr, with its defaults.
+    "eval_classwise": Option(bool, True),
+    "confusion_score_thr": Option(float, 0.3, low=0.0, high=1.0),
+    "confusion_iou_thr": Option(float, 0.5, low=0.0, high=1.0),
 }
 #: wandb.init arguments the service sets itself (one run id per launch, its own folder and mode): a layer's value
 #: for one of them is dropped, and `config show` says so.
@@ -110,6 +115,18 @@ class HookOptions:
     @property
     def bbox_score_thr(self) -> float:
         return self.values["bbox_score_thr"]
+
+    @property
+    def eval_classwise(self) -> bool:
+        return self.values["eval_classwise"]
+
+    @property
+    def confusion_score_thr(self) -> float:
+        return self.values["confusion_score_thr"]
+
+    @property
+    def confusion_iou_thr(self) -> float:
+        return self.values["confusion_iou_thr"]
 
 
 def resolve(layers: Layers, hook: Mapping[str, Any] | None, hook_source: str = "hook") -> HookOptions:

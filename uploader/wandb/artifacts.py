@@ -10,7 +10,7 @@ also after a restart. Only the table JSON and the predicted masks are new bytes 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +23,7 @@ from db import eval_results
 from db.models import ArtifactKind
 from db.outbox import PendingArtifact
 from db.session import Database
-from uploader.wandb import private_api
+from uploader.wandb import insight, private_api
 
 VAL_ARTIFACT = "val"
 VAL_TABLE = "val_data"
@@ -159,9 +159,11 @@ def val_entries(artifact: wandb.Artifact, media: ValMedia) -> dict[str, Any]:
 
 def prediction_artifact(
     name: str, media: ValMedia, predictions: list[Instances], val_client_id: str | None, val: dict[str, Any],
-    aliases_metadata: dict[str, Any],
+    aliases_metadata: dict[str, Any], document: dict[str, Any] | None = None,
 ) -> wandb.Artifact:
-    """`run_<id>_pred` (type evaluation) with table `eval_data`: image_name, ground_truth, prediction.
+    """`run_<id>_pred` (type evaluation) with table `eval_data`: image_name, ground_truth, prediction, and each
+    image's errors (`insight.ERROR_COLUMNS`: sorting by them puts the failures first); beside it the tables of the
+    evaluation insight `document` (uploader/wandb/insight.py).
 
     The val files are added first as references to the val artifact; Media.to_json then finds each local
     image and mask already added (by its local path) and writes its reference name into the table. Off
@@ -171,8 +173,9 @@ def prediction_artifact(
     private_api.reference_media(artifact, val_client_id, val["entries"], {path: media.directory / relative for relative, path in val["local"].items()})
     labels = id_to_label(media.classes)
     class_set = wandb.Classes([{"id": i, "name": n} for i, n in labels.items()])
-    table = wandb.Table(columns=["image_name", "ground_truth", "prediction"])
-    for row, predicted in zip(media.rows, predictions):
+    table = wandb.Table(columns=["image_name", "ground_truth", "prediction", *insight.ERROR_COLUMNS])
+    errors = insight.image_errors(document or {}, len(media.rows))
+    for row, predicted, image_errors in zip(media.rows, predictions, errors):
         masks = merged_masks(predicted, row.height, row.width, media.classes)
         prediction = wandb.Image(
             str(row.image_path),
@@ -180,9 +183,15 @@ def prediction_artifact(
             masks={n: {"mask_data": m, "class_labels": labels} for n, m in masks.items()} or None,
             classes=class_set,
         )
-        table.add_data(row.image_name, _gt_image(row, media.classes, class_set), prediction)
+        table.add_data(row.image_name, _gt_image(row, media.classes, class_set), prediction, *image_errors)
     artifact.add(table, EVAL_TABLE)
+    for table_name, extra in insight.tables(document or {}, checkpoint_of(aliases_metadata)).items():
+        artifact.add(extra, table_name)
     return artifact
+
+
+def checkpoint_of(metadata: dict[str, Any]) -> insight.Checkpoint:
+    return insight.Checkpoint(str(metadata.get("checkpoint", "")), metadata.get("epoch"), metadata.get("iter"))
 
 
 def add_hashed_file(artifact: wandb.Artifact, path: Path, name: str, md5_b64: str) -> None:
@@ -202,6 +211,7 @@ class NotBuildable(RuntimeError):
 class Built:
     artifact: wandb.Artifact
     record: dict[str, Any]  # what the outbox keeps once it is logged: type and digest, and what others need
+    charts: dict[str, Any] = field(default_factory=dict)  # summary chart key → wandb custom chart
 
 
 class ArtifactBuilder:
@@ -223,8 +233,11 @@ class ArtifactBuilder:
         if val_record is None:
             raise RuntimeError(f"prediction table {entry.id}: the run's val table is not logged")
         predictions = eval_results.predictions_of(self.db, entry.eval_job_id)  # type: ignore[arg-type]
-        artifact = prediction_artifact(f"run_{wandb_id}_pred", media, predictions, val_record["client_id"], val_record, entry.metadata)
-        return Built(artifact, {"type": artifact.type})
+        document = eval_results.insight_of(self.db, entry.eval_job_id)  # type: ignore[arg-type]
+        artifact = prediction_artifact(f"run_{wandb_id}_pred", media, predictions, val_record["client_id"], val_record, entry.metadata,
+                                       document)
+        charts = insight.charts(document, checkpoint_of(entry.metadata))
+        return Built(artifact, {"type": artifact.type, "chart_tables": len(charts)}, charts)
 
     def _model(self, entry: PendingArtifact, wandb_id: str) -> Built:
         """The pinned file, with the md5 its producer computed (no second read of a multi-GB file here)."""

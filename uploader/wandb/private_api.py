@@ -17,6 +17,9 @@ The uses:
   own copy of the images (the table is the same).
 - `keep_client_id`: `mmdet-wandb sync` re-logs an offline artifact under its offline client id, so that the
   prediction tables' references into `val` resolve; else a segment with such references is not synced.
+- `log_chart`: a custom chart (PR curves, confusion matrix) whose table is a summary value, without a history
+  step (the steps are the service's, DESIGN 5): the chart's spec goes into the run's `_wandb.visualize` config as
+  `run.log` puts it there; else the table is a summary value only (no chart panel).
 - `settings`: wandb's `x_` settings are experimental; one this wandb does not define is left out.
 
 Reading `.wandb` files back (`reader.py`) uses no private API: only the protobuf classes in the wheel
@@ -105,3 +108,12 @@ def keep_client_id(artifact: wandb.Artifact, offline_client_id: str) -> bool:
         return False
     artifact._client_id = offline_client_id
     return True
+
+
+def log_chart(run: Any, key: str, chart: Any) -> None:
+    """What `run.log({key: chart})` writes (the spec into `_wandb.visualize`, the table under `<key>_table`), with
+    the table in the summary instead of a history row: the chart's query reads the summary table."""
+    chart.set_key(key)
+    run.summary[chart.spec.table_key] = chart.table
+    if enabled():
+        run._config_callback(key=chart.spec.config_key, val=chart.spec.config_value)

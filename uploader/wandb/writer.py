@@ -342,6 +342,8 @@ class WandbWriter:
                 outbox.reject(session, entry.id, str(exc))
             return 0
         seg.handle.log_artifact(built.artifact, aliases=entry.aliases or None)
+        for key, chart in built.charts.items():
+            private_api.log_chart(seg.handle, key, chart)
         seg.artifacts[entry.id] = built.artifact
         with self.db.transaction() as session:
             outbox.logged(session, entry.id, seg.segment_id, {**built.record, "digest": built.artifact.digest})
