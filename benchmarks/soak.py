@@ -1,6 +1,7 @@
 """Benchmark: months of churn in minutes — whether `watch` keeps its memory and its state flat (DESIGN 13).
 
-A real `mmdet-wandb watch --poll` (offline W&B, SQLite) follows one root while `--waves` waves of `--work-dirs`
+A real `mmdet-wandb watch --poll` (online, to the loopback stand-in of W&B's API in tests/; SQLite) follows one
+root while `--waves` waves of `--work-dirs`
 work_dirs each are created, trained into (the first lines of a real 2.x `.log.json` from ../shared/real_logs,
 then the rest appended a moment later), uploaded, and deleted. The watch runs with `--forget-after` (1 s here;
 `--forget-after 0` leaves the option out, and the service's default of 7 days keeps every tombstone through the
@@ -9,6 +10,8 @@ of the process itself: what the loop remembers; wandb-core comes and goes) and t
 -shm) are sampled, with the rows the state DB still holds of logs that no longer exist. Reported as flatness
 against the named baseline, the figures after the first wave: RSS at the end / RSS after wave 1 (target <= 1.25),
 and state bytes at the end / after wave 1 (target <= 1.25: the rows of deleted work_dirs must not pile up).
+Online, because a work_dir is forgotten only once W&B has all of it: an air-gapped node keeps the tombstones of
+its offline runs until `mmdet-wandb sync` has confirmed them (docs/failure-modes.md).
 
     .venv/bin/python -m benchmarks.soak                  # 20 waves of 100 work_dirs (2,000 created and deleted)
     .venv/bin/python -m benchmarks.soak --quick          # 4 waves of 8 (CI: that it runs, ~1-2 min)
@@ -29,6 +32,7 @@ from pathlib import Path
 from benchmarks.idle import REAL_LOGS, rss_mb, terminate
 from benchmarks.report import exit_cleanly_on_sigterm, isolated_env
 from benchmarks.scale import db_bytes
+from tests.wandb_standin import WandbStandin
 from uploader.loop import SCAN_MAX_INTERVAL_S
 
 REPO = Path(__file__).resolve().parents[1]
@@ -109,8 +113,9 @@ def main(argv: list[str]) -> int:
     if args.forget_after > 0:
         command += ["--forget-after", str(args.forget_after)]
     samples: list[dict] = []
-    with (tmp / "watch.log").open("wb") as log:
-        watch = subprocess.Popen(command, env=isolated_env(home), cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    with (tmp / "watch.log").open("wb") as log, WandbStandin() as standin:
+        env = {**isolated_env(home), **standin.env(home)}
+        watch = subprocess.Popen(command, env=env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         try:
             started = time.monotonic()
             for index in range(args.waves):

@@ -5,11 +5,12 @@ so that the same log coming back (moved away and back, restored from a backup) i
 is uploaded twice. Kept forever, tombstones grow with every work_dir a node ever saw. So, as Filebeat's
 `clean_removed`/`clean_inactive`, a work_dir whose every log has been gone for `after_s` is forgotten: once
 nothing of it is pending (no row or artifact to upload, no segment open or waiting for W&B to confirm it, no
-checkpoint being settled or still pinned in the store, no eval job queued, running or holding a pin), all its
-rows go, in one transaction per work_dir. A work_dir that comes back after that is new: new rows, a new W&B run.
+checkpoint being settled or still pinned in the store, no offline segment `mmdet-wandb sync` has not confirmed,
+no eval job queued, running or holding a pin), all its rows go, in one transaction per work_dir. A work_dir that
+comes back after that is new: new rows, a new W&B run.
 
-Only this node's rows are looked at and removed (DESIGN 11); the offline `.wandb` files of its runs stay where
-they are (they are what `wandb sync` uploads, and no segment of the DB owns them any more).
+Only this node's rows are looked at and removed (DESIGN 11); the offline `.wandb` files of its runs (all synced
+by then) stay where they are, and no segment of the DB owns them any more.
 """
 from __future__ import annotations
 

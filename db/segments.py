@@ -252,6 +252,12 @@ def to_sync(session: Session, wandb_ids: list[str] | None = None) -> dict[str, l
     return runs
 
 
+def unknown_runs(session: Session, wandb_ids: list[str]) -> list[str]:
+    """Those of the W&B ids that are no run of this node (a typo on `sync`'s command line)."""
+    known = set(session.scalars(select(Run.wandb_id).where(Run.node == node_of(session), Run.wandb_id.in_(wandb_ids))))
+    return [wandb_id for wandb_id in wandb_ids if wandb_id not in known]
+
+
 def sync_sending(session: Session, segment_id: int) -> None:
     """A replay of the segment begins: from now on the server may hold any prefix of it."""
     segment = session.get_one(Segment, segment_id)

@@ -18,7 +18,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session, sessionmaker
 
 MIGRATIONS = Path(__file__).with_name("migrations")
-SCHEMA_HEAD = "0014"  # the newest migration (a test keeps it equal to alembic's head): read-only commands import no alembic
+SCHEMA_HEAD = "0015"  # the newest migration (a test keeps it equal to alembic's head): read-only commands import no alembic
 MIGRATION_LOCK = 0x6D6D6477  # PostgreSQL advisory lock key held while migrating ("mmdw")
 RECLAIM_SHARE = 0.25  # SQLite: the file is shrunk once this much of it is free pages ...
 RECLAIM_MIN_PAGES = 64  # ... and at least this many (256 KiB at 4 KiB pages)
@@ -50,6 +50,7 @@ class Database:
         self.engine = _make_engine(url)
         self._sessions = sessionmaker(self.engine, expire_on_commit=False, info={"node": node})
         self._reads = sessionmaker(self.engine.execution_options(read_only=True), expire_on_commit=False, info={"node": node})
+        self._wal_left = False  # a reader kept `reclaim_space` from cutting the WAL: tried again at a later pass
 
     @property
     def is_sqlite(self) -> bool:
@@ -123,10 +124,15 @@ class Database:
             free = driver.execute("PRAGMA freelist_count").fetchone()[0]
             if free > max(RECLAIM_MIN_PAGES, RECLAIM_SHARE * driver.execute("PRAGMA page_count").fetchone()[0]):
                 driver.executescript(f"PRAGMA incremental_vacuum({free - RECLAIM_MIN_PAGES // 4})")
-            if _wal_bytes(driver) > WAL_CHECKPOINT_BYTES:
-                _truncate_wal(driver)
+            self._wal_left = _wal_bytes(driver) > WAL_CHECKPOINT_BYTES and not _truncate_wal(driver)
         finally:
             raw.close()
+
+    def reclaim_left_over(self) -> None:
+        """`reclaim_space` again where a reader made its checkpoint partial: the last burst before a quiet spell
+        (a forgotten wave of work_dirs) must not leave its WAL on disk until the next burst."""
+        if self._wal_left:
+            self.reclaim_space()
 
     def change_probe(self) -> Callable[[], int] | None:
         """SQLite: a function whose value changes once any other connection committed (`PRAGMA data_version` on a
@@ -189,12 +195,13 @@ def _wal_bytes(driver) -> int:  # type: ignore[no-untyped-def]
         return 0
 
 
-def _truncate_wal(driver) -> None:  # type: ignore[no-untyped-def]
+def _truncate_wal(driver) -> bool:  # type: ignore[no-untyped-def]
     """Copy the WAL into the DB and cut it to nothing; a reader still on it makes this a partial checkpoint
-    (no error) after a short wait, not the writer's usual 30 s."""
+    (no error, False) after a short wait, not the writer's usual 30 s."""
     driver.execute(f"PRAGMA busy_timeout={CHECKPOINT_WAIT_MS}")
     try:
-        driver.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
+        busy, _, _ = driver.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+        return busy == 0
     finally:
         driver.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
 

@@ -66,6 +66,33 @@ def test_three_segments_synced_once_then_a_second_sync_sends_nothing(wandb_stand
     assert len(wandb_standin.run(wandb_id).history_writes) == writes
 
 
+def test_a_wrong_key_or_an_unknown_run_is_one_line_and_sends_nothing(wandb_standin: WandbStandin, tmp_path):
+    home, log, wandb_id = three_segments(tmp_path, parts=2)
+    unknown = sync(wandb_standin, home, "nosuchrun", check=False)
+    assert unknown.returncode == 2 and "no run nosuchrun of this node" in unknown.stderr, unknown.stderr
+    env = {**wandb_standin.env(home / "wandb-dirs"), "WANDB_API_KEY": "wrong" + "0" * 35}
+    wrong = cli(home, "sync", "--no-progress", check=False, timeout=300, **env)
+    assert wrong.returncode == 1, wrong.stderr
+    [line] = [line for line in wrong.stderr.splitlines() if line.startswith(wandb_id)]
+    assert "not synced (2 segment(s) left, retried with backoff)" in line, wrong.stderr
+    assert wandb_standin.unauthorized and not wandb_standin.has_run(wandb_id)
+    backing_off = sync(wandb_standin, home, check=False)
+    assert backing_off.returncode == 1 and "backing off after a failure" in backing_off.stderr, "the backoff holds"
+    cli(home, "retry", wandb_id)
+    sync(wandb_standin, home)
+    assert_exactly_once(wandb_standin, wandb_id, log)
+
+
+def test_connection_resets_and_server_errors_mid_sync_send_each_row_once(wandb_standin: WandbStandin, tmp_path):
+    """The server resets connections and answers 500 while the rows go (wandb-core retries them): each row once."""
+    home, log, wandb_id = three_segments(tmp_path)
+    wandb_standin.drop("file_stream", times=3, apply=True)  # taken, but the client never hears it was
+    wandb_standin.fail("file_stream", 500, times=3)
+    done = cli(home, "sync", "--no-progress", timeout=300, **wandb_standin.env(home / "wandb-dirs", fast_retries=True))
+    assert f"{wandb_id}: synced 3 segment(s), 4368 row(s) sent" in done.stderr, done.stderr
+    assert_exactly_once(wandb_standin, wandb_id, log)
+
+
 def test_the_server_refusing_the_second_segment_once(wandb_standin: WandbStandin, tmp_path):
     home, log, wandb_id = three_segments(tmp_path)
     def second_segment(record) -> bool:
@@ -181,4 +208,53 @@ def test_checkpoints_val_and_prediction_tables_synced_once_with_resolved_referen
         for path, ref in refs.items():
             assert ref.startswith("wandb-artifact://") and ref.split("/")[2] in (val.id, val_hex), ref
             assert prediction.entries[path]["digest"] == val.entries[path]["digest"]
+    assert_charts_resolve(wandb_standin, committed)
     assert f"removed {len(checkpoint_names)} pinned checkpoint(s)" in cli(home, "clean-store").stderr, "synced: the pins can go"
+
+
+def assert_charts_resolve(standin: WandbStandin, committed: list) -> None:
+    """The evaluation charts arrived: each summary table references a committed `run_table` artifact by its client
+    id, and each chart's spec is in the run's `_wandb.visualize` config, reading a summary table the run has."""
+    [run] = standin.runs.values()
+    tables = {k: v for k, v in run.summary.items() if isinstance(v, dict) and v.get("_type") == "table-file"}
+    assert tables, "the PR curves' and confusion matrix's tables are in the summary"
+    run_tables = {a.client_id: a for a in committed if a.type == "run_table"}
+    for key, value in tables.items():
+        client_id = value["artifact_path"].removeprefix("wandb-client-artifact://").split("/", 1)[0]
+        assert f"{key}.table.json" in run_tables[client_id].entries, key
+    visualize = run.config_raw["_wandb"]["value"]["visualize"]
+    assert "eval/confusion_matrix" in visualize and any(k.startswith("eval/pr_curve/") for k in visualize)
+    for key, spec in visualize.items():
+        assert f"{key}_table" in tables, key
+
+
+def test_a_sync_killed_after_the_rows_went_but_before_the_artifacts_logs_them_on_the_rerun(wandb_standin: WandbStandin,
+                                                                                          tmp_path, trained_work_dir):
+    """SIGKILL once W&B holds every row of the segment while its checkpoint files are still uploading: the rerun
+    sends no row again, and every model version arrives once; the pins stay until then."""
+    work_dir = trained_work_dir("retinanet_epoch")
+    checkpoints = sorted(p.name for p in work_dir.glob("*.pth") if not p.is_symlink())
+    home = tmp_path / "home"
+    cli(home, "backfill", str(work_dir.parent), "--no-progress", "--log-checkpoint", timeout=600)
+    [entry] = runs_of(home)
+    rows = entry["rows_uploaded"]
+    stall = wandb_standin.slow("upload_artifact_file", 120)
+    proc = subprocess.Popen([sys.executable, "-m", "mmdet_wandb.cli", "sync", "--no-progress"], cwd=REPO,
+                            env=service_env(home, **wandb_standin.env(home / "wandb-dirs")), start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wandb_standin.wait_for(lambda: wandb_standin.has_run(entry["wandb_id"])
+                               and len(wandb_standin.run(entry["wandb_id"]).history) == rows
+                               and bool(wandb_standin.requests_to("upload_artifact_file")), 240, "rows held, a file uploading")
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=60)
+    with wandb_standin.lock:
+        wandb_standin.faults.remove(stall)
+    assert "removed 0 pinned checkpoint(s)" in cli(home, "clean-store").stderr, "not synced: the pins stay"
+    sync(wandb_standin, home)
+    run = wandb_standin.run(entry["wandb_id"])
+    assert run.history_offsets == list(range(rows)) and not run.resent_history, "no row sent twice"
+    models = [a for a in wandb_standin.artifacts.values() if a.state == "COMMITTED" and a.type == "model"]
+    assert len(models) == len(checkpoints), "each checkpoint version once"
+    assert f"removed {len(checkpoints)} pinned checkpoint(s)" in cli(home, "clean-store").stderr

@@ -44,6 +44,7 @@ SCAN_MAX_INTERVAL_S = 120.0  # it costs about as much again); a new log is found
 FORGET_EVERY_S = 600.0  # deleted work_dirs are looked for this often (or every --forget-after, when shorter)
 QUEUE_EVERY_S = 5.0  # the artifact producers run at least this often (the writer and workers settle things too)
 HEARTBEAT_MAX_S = 30.0  # the loop passes at least this often, however quiet (health checks allow 120 s)
+BACKLOG_EVERY_S = 60.0  # online, offline segments not synced yet are tried again this often (each run's backoff holds)
 
 
 @dataclass(frozen=True)
@@ -56,6 +57,7 @@ class LoopOptions:
     use_events: bool = True
     share: frozenset[Path] | None = None  # backfill --jobs: the work_dirs this process reads (uploader/shards.py)
     forget_after_s: float | None = None  # watch: forget work_dirs deleted this long ago (db/forget.py); None: never
+    sync_backlog: Callable[[threading.Event], None] | None = None  # watch online: `sync` of the node's offline segments
 
 
 class Loop:
@@ -317,6 +319,7 @@ class Loop:
                         timings.SCAN.observe(walk)
                         next_scan = time.monotonic() + min(SCAN_MAX_INTERVAL_S, max(self.options.scan_interval_s, walk / SCAN_SHARE))
                         self.forget_deleted()  # after the walk's timing: it paces the scans
+                        self.db.reclaim_left_over()
                     # every checkpoint is looked at on a scan; with events, a new one wakes its work_dir, so then only
                     # every SCAN_MAX_INTERVAL_S (in case an event was lost)
                     everything = full and (observer is None or time.monotonic() - self._looked_at_all >= SCAN_MAX_INTERVAL_S)
@@ -354,10 +357,15 @@ class Loop:
         then (open segments close when idle; a run backing off is due again), and let wandb-core go while
         nothing is open."""
         failures = _RepeatedFailure("upload pass")
+        backlog_due = 0.0  # the first pass syncs the backlog
         while not stop.is_set():
             read.wait(self.options.poll_interval_s if self.writer.busy() else QUEUE_EVERY_S)
             read.clear()
             try:
+                if self.options.sync_backlog is not None and time.monotonic() >= backlog_due:
+                    backlog_due = time.monotonic() + BACKLOG_EVERY_S
+                    self.options.sync_backlog(stop)  # a run's offline segments before its live rows (held meanwhile), in
+                    # this thread: the loop's passes and heartbeat go on through a long backlog
                 self.upload_step()
                 if self.writer.release_client_when_idle():
                     return_free_memory()  # what the finished run objects used

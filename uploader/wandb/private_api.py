@@ -17,6 +17,10 @@ The uses:
   own copy of the images (the table is the same).
 - `keep_client_id`: `mmdet-wandb sync` re-logs an offline artifact under its offline client id, so that the
   prediction tables' references into `val` resolve; else a segment with such references is not synced.
+- `internal_artifact`: `mmdet-wandb sync` re-logs the `run_table` artifacts wandb made for the summary tables of
+  the charts (a type the public `wandb.Artifact` refuses); else the tables are logged anew as summary values.
+- `replay_charts`: `mmdet-wandb sync` puts the offline run's chart specs (`_wandb.visualize`) into the online
+  run's config as `log_chart` did; else the synced run has the chart tables without their panels.
 - `log_chart`: a custom chart (PR curves, confusion matrix) whose table is a summary value, without a history
   step (the steps are the service's, DESIGN 5): the chart's spec goes into the run's `_wandb.visualize` config as
   `run.log` puts it there; else the table is a summary value only (no chart panel).
@@ -100,14 +104,35 @@ def reference_media(artifact: wandb.Artifact, source_client_id: str | None, entr
         artifact._added_local_paths[str(file)] = refs[path]
 
 
-def keep_client_id(artifact: wandb.Artifact, offline_client_id: str) -> bool:
-    """Give a re-logged offline artifact the client id it had offline, so that the `wandb-client-artifact://`
-    references of the segment's prediction tables resolve to it (`ClientIDMapping`). False off the private path:
-    such references cannot be resolved and the caller must not send them."""
+def keep_client_id(artifact: wandb.Artifact, offline_client_id: str, offline_sequence_client_id: str = "") -> bool:
+    """Give a re-logged offline artifact the client ids it had offline, so that the `wandb-client-artifact://`
+    references of the segment's prediction tables and of the summary's chart tables (`<id>` and
+    `<sequence id>:latest`) resolve to it (`ClientIDMapping`). False off the private path: such references cannot
+    be resolved and the caller must not send them."""
     if not enabled():
         return False
     artifact._client_id = offline_client_id
+    if offline_sequence_client_id:
+        artifact._sequence_client_id = offline_sequence_client_id
     return True
+
+
+def internal_artifact(name: str, type: str, metadata: dict[str, Any]) -> wandb.Artifact | None:
+    """An artifact of a type wandb keeps for itself (`run_table`), made as wandb makes it for a summary table;
+    None off the private path (the public `wandb.Artifact` refuses such a type)."""
+    if not enabled():
+        return None
+    from wandb.sdk.artifacts._internal_artifact import InternalArtifact
+
+    return InternalArtifact(name, type, metadata=metadata or None)
+
+
+def replay_charts(run: Any, visualize: dict[str, Any]) -> None:
+    """Each chart spec of an offline run's `_wandb.visualize` into `run`'s config, as `log_chart` put it there."""
+    if not enabled():
+        return
+    for key, value in visualize.items():
+        run._config_callback(key=("_wandb", "visualize", key), val=value)
 
 
 def log_chart(run: Any, key: str, chart: Any) -> None:

@@ -160,6 +160,7 @@ class OfflineArtifact:
     digest: str
     client_id: str
     entries: list[dict[str, Any]]
+    sequence_client_id: str = ""  # what `<id>:latest` references of the artifact's collection name
 
 
 @dataclass
@@ -301,6 +302,7 @@ def _artifact(record: pb.ArtifactRecord) -> OfflineArtifact:
         digest=record.digest,
         client_id=record.client_id,
         entries=_manifest_entries(record.manifest),
+        sequence_client_id=record.sequence_client_id,
     )
 
 

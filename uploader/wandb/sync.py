@@ -6,9 +6,11 @@ resume of its run id, strictly in seq order per run: `wandb.init(resume="allow")
 holds (its starting step S), only the rows at or above S are logged, at their own step, with the full summary,
 the config and the segment's artifacts (under their offline client ids, so that prediction tables still
 reference `val`), each waited for. A segment is synced only when a later start's S is past its last step; the
-same start sends the next segment, and one last start confirms the last. A segment that a server already holds
-before we sent it (a hand-run `wandb sync`) is marked synced without sending. Every state change is a statement
-of db/segments.py; a SIGKILL at any point leaves a segment closed or sending, and the next sync resumes at S.
+same start sends the next segment, and one last start confirms the last. A segment whose rows a server already
+holds (a hand-run `wandb sync`, or a sync killed after its rows went) gets no row, only its artifacts again (W&B
+keeps one version per client id and digest), so none is lost to a kill before their commit. The charts' tables
+(`run_table` artifacts) and specs (`_wandb.visualize`) go with them. Every state change is a statement of
+db/segments.py; a SIGKILL at any point leaves a segment closed or sending, and the next sync resumes at S.
 """
 from __future__ import annotations
 
@@ -32,6 +34,7 @@ from uploader.wandb import history_batch, private_api, reader
 from uploader.wandb.writer import DEFAULT_PROJECT
 
 log = logging.getLogger("mmdet_wandb.sync")
+RUN_TABLE = "run_table"  # the artifacts wandb makes of summary tables (the charts'), a type it keeps for itself
 
 
 class SyncRefused(RuntimeError):
@@ -46,6 +49,7 @@ class RunOutcome:
     rows_sent: int
     left: int  # segments still not synced
     error: str | None
+    backing_off: bool = False  # nothing tried: a failure's backoff runs
 
 
 @dataclass(frozen=True)
@@ -64,6 +68,10 @@ class Syncer:
         with self.db.read() as session:
             return segments.to_sync(session, wandb_ids)
 
+    def unknown(self, wandb_ids: list[str]) -> list[str]:
+        with self.db.read() as session:
+            return segments.unknown_runs(session, wandb_ids)
+
     def sync_run(self, wandb_id: str, todo: list[ToSync]) -> RunOutcome:
         """Replay the run's segments in seq order; stop at the first that fails (a later one must never go
         before it: its steps would make the server skip the earlier one)."""
@@ -74,7 +82,8 @@ class Syncer:
             summary = json.loads(run.summary_json)
         waiting = [seg for seg in todo if seg.retry_at is not None and seg.retry_at > now]
         if waiting:
-            return RunOutcome(wandb_id, 0, 0, 0, len(todo), f"backing off after a failure: next try in {waiting[0].retry_at - now:.0f} s")
+            return RunOutcome(wandb_id, 0, 0, 0, len(todo), f"backing off after a failure: next try in {waiting[0].retry_at - now:.0f} s",
+                              backing_off=True)
         pending = list(todo)
         sent: ToSync | None = None  # the segment the previous start sent, confirmed by this start
         current: ToSync | None = None
@@ -90,27 +99,28 @@ class Syncer:
                         self._confirm(sent, server_next)
                         synced += 1
                         sent = None
-                    while pending and _below(pending[0], server_next) and pending[0].rows:
-                        current = pending.pop(0)  # the server had it before this start: sent by hand, or by a killed sync
-                        self._confirm(current, server_next)
-                        synced += 1
-                        hand += not current.sending
-                        log.info("run %s: segment %s already on the server (steps below %d): synced without sending",
-                                 wandb_id, current.seq, server_next)
                     if not pending:
-                        handle.summary.update(summary)
+                        handle.summary.update(_summary(summary))
                         handle.finish()
                         return RunOutcome(wandb_id, synced, hand, sent_rows, 0, None)
                     current = pending.pop(0)
+                    # Rows on the server before this start: sent by hand, or by a sync killed before it confirmed
+                    # them, maybe before its artifacts were committed: they are logged again (W&B keeps one
+                    # version of an artifact per client id and digest), the rows not.
+                    held = bool(current.rows) and _below(current, server_next)
                     with self.db.transaction() as session:
                         segments.sync_sending(session, current.id)
                     sent_rows += self._replay(handle, current, server_next, summary)
                     handle.finish()
                 finally:
                     shutil.rmtree(self.options.work_dir / wandb_id, ignore_errors=True)
-                if current.rows == 0:  # artifacts only: `Artifact.wait()` read each back
+                if held or current.rows == 0:  # rows already held, or none: `Artifact.wait()` read each artifact back
                     self._confirm(current, server_next)
                     synced += 1
+                    hand += held and not current.sending
+                    if held:
+                        log.info("run %s: segment %s already on the server (steps below %d): its artifacts made sure "
+                                 "of, no row sent", wandb_id, current.seq, server_next)
                 else:
                     sent = current
         except Exception as exc:
@@ -152,8 +162,16 @@ class Syncer:
                 handle.log(values, step=row["_step"], commit=True)
         if offline.config:
             handle.config.update({k: v for k, v in offline.config.items() if k != "_wandb"}, allow_val_change=True)
-        handle.summary.update(summary)
-        logged = [(offline_art, self._artifact(offline_art)) for offline_art in offline.artifacts]
+        private_api.replay_charts(handle, offline.wandb_internal_config.get("visualize") or {})
+        handle.summary.update(_summary(summary))
+        logged = []
+        for offline_art in offline.artifacts:
+            artifact = self._artifact(offline_art)
+            if artifact is None:  # a chart's table off the private path: a summary value again, in a new artifact
+                key, table = _summary_table(offline_art)
+                handle.summary[key] = table
+                continue
+            logged.append((offline_art, artifact))
         for offline_art, artifact in logged:
             handle.log_artifact(artifact, aliases=sorted(offline_art.aliases - {"latest"}) or None)
         for offline_art, artifact in logged:
@@ -164,11 +182,17 @@ class Syncer:
         return len(rows)
 
     @staticmethod
-    def _artifact(offline: reader.OfflineArtifact) -> wandb.Artifact:
+    def _artifact(offline: reader.OfflineArtifact) -> wandb.Artifact | None:
         """The offline artifact again, from its manifest: local files (checkpoint pins, wandb's staging copies),
-        references kept as references, under its offline client id."""
-        artifact = wandb.Artifact(offline.name, type=offline.type, metadata=offline.metadata)
-        kept_id = private_api.keep_client_id(artifact, offline.client_id)
+        references kept as references, under its offline client ids. None: a chart's table (`run_table`) that
+        this wandb cannot log under its own type."""
+        if offline.type == RUN_TABLE:
+            artifact = private_api.internal_artifact(offline.name, offline.type, offline.metadata)
+            if artifact is None:
+                return None
+        else:
+            artifact = wandb.Artifact(offline.name, type=offline.type, metadata=offline.metadata)
+        kept_id = private_api.keep_client_id(artifact, offline.client_id, offline.sequence_client_id)
         for entry in offline.entries:
             if entry["ref"]:
                 if entry["ref"].startswith("wandb-client-artifact://") and not kept_id:
@@ -184,6 +208,22 @@ class Syncer:
     def _confirm(self, segment: ToSync, server_next: int) -> None:
         with self.db.transaction() as session:
             segments.confirmed(session, segment.id, server_next - 1)
+
+
+def _summary(summary: dict[str, Any]) -> dict[str, Any]:
+    """The run's summary to send: off the private path without the charts' tables, whose references into
+    their offline artifacts cannot resolve (each segment logs its own anew, `_summary_table`)."""
+    if private_api.enabled():
+        return summary
+    return {k: v for k, v in summary.items() if not (isinstance(v, dict) and v.get("_type") == "table-file")}
+
+
+def _summary_table(offline: reader.OfflineArtifact) -> tuple[str, wandb.Table]:
+    """The summary key and the table of a chart's `run_table` artifact (its one entry is `<key>.table.json`)."""
+    [entry] = offline.entries
+    with open(entry["local_path"], "rb") as f:
+        data = json.load(f)
+    return entry["path"].removesuffix(".table.json"), wandb.Table(columns=data["columns"], data=data["data"])
 
 
 def _below(segment: ToSync, server_next: int) -> bool:
