@@ -151,7 +151,7 @@ def test_watch_forgets_the_work_dirs_that_were_deleted(real_logs, tmp_path, watc
     shutil.rmtree(root / "b")
     wait_until(lambda: states("a") == states("b") == {"gone"}, 60, "the two deleted logs seen gone", proc)
     output = stop(proc)
-    assert "2 logs gone; following 1 logs in 1 work_dirs (1 read as finished," in output, output
+    assert "logs gone; following 1 logs in 1 work_dirs (1 read as finished," in output, output  # one scan or two saw them go
     assert _uploaded(home) == first, "b came back and went again: nothing of it uploaded twice, every tombstone kept"
     synced = cli(home, "sync", "--no-progress", **wandb_standin.env(home / "wandb-dirs"))  # unsynced ones are never forgotten
     assert synced.stderr.count(" row(s) sent") == 3, synced.stderr

@@ -297,7 +297,6 @@ class Loop:
     def watch(self, stop: threading.Event, on_tick: Callable[[], None] | None = None) -> None:
         """Follow the roots until `stop` is set; then close every open segment. `on_tick` after each pass."""
         self.writer.warm_up()
-        self.writer.recover()
         wake, read = threading.Event(), threading.Event()
         touched: set[Path] = set()
         observer = self._start_observer(wake, touched) if self.options.use_events else None
@@ -353,15 +352,18 @@ class Loop:
         return max(self.options.poll_interval_s, min(self._polls.next_due() - now, next_scan - now, HEARTBEAT_MAX_S))
 
     def _upload_until(self, stop: threading.Event, read: threading.Event) -> None:
-        """The writer's thread in `watch`: upload whenever the loop has read something; otherwise look now and
-        then (open segments close when idle; a run backing off is due again), and let wandb-core go while
-        nothing is open."""
+        """The writer's thread in `watch`: first what a previous process left (`recover`: here, so that the loop's
+        first scan and read go on meanwhile, and a restart's next row is not held up by it); then upload whenever
+        the loop has read something, otherwise look now and then (open segments close when idle; a run backing
+        off is due again), and let wandb-core go while nothing is open. After `stop`, one last pass."""
         failures = _RepeatedFailure("upload pass")
+        recovered = False
         backlog_due = 0.0  # the first pass syncs the backlog
-        while not stop.is_set():
-            read.wait(self.options.poll_interval_s if self.writer.busy() else QUEUE_EVERY_S)
-            read.clear()
+        while True:
             try:
+                if not recovered:
+                    self.writer.recover()
+                    recovered = True
                 if self.options.sync_backlog is not None and time.monotonic() >= backlog_due:
                     backlog_due = time.monotonic() + BACKLOG_EVERY_S
                     self.options.sync_backlog(stop)  # a run's offline segments before its live rows (held meanwhile), in
@@ -374,6 +376,10 @@ class Loop:
                 stop.wait(self.options.scan_interval_s)
             else:
                 failures.clear()
+            if stop.is_set():
+                return
+            read.wait(self.options.poll_interval_s if self.writer.busy() else QUEUE_EVERY_S)
+            read.clear()
 
     def _start_observer(self, wake: threading.Event, touched: set[Path]):  # type: ignore[no-untyped-def]
         """watchdog as a wake-up call only; without inotify (limits, NFS) the poll and the scan still work. Only
