@@ -163,7 +163,7 @@ class Syncer:
         if offline.config:
             handle.config.update({k: v for k, v in offline.config.items() if k != "_wandb"}, allow_val_change=True)
         private_api.replay_charts(handle, offline.wandb_internal_config.get("visualize") or {})
-        handle.summary.update(_summary(summary))
+        handle.summary.update({**_summary(summary), **_chart_tables(offline.summary)})
         logged = []
         for offline_art in offline.artifacts:
             artifact = self._artifact(offline_art)
@@ -216,6 +216,15 @@ def _summary(summary: dict[str, Any]) -> dict[str, Any]:
     if private_api.enabled():
         return summary
     return {k: v for k, v in summary.items() if not (isinstance(v, dict) and v.get("_type") == "table-file")}
+
+
+def _chart_tables(offline_summary: dict[str, Any]) -> dict[str, Any]:
+    """The charts' tables the segment put in its summary (the DB's summary holds metrics only), referencing their
+    `run_table` artifacts by offline client id: sent as they are on the private path (the artifacts keep those
+    ids); off it, `_summary_table` logs each anew."""
+    if not private_api.enabled():
+        return {}
+    return {k: v for k, v in offline_summary.items() if isinstance(v, dict) and v.get("_type") == "table-file"}
 
 
 def _summary_table(offline: reader.OfflineArtifact) -> tuple[str, wandb.Table]:
