@@ -8,6 +8,10 @@ Trials, each in a fresh data dir, on copies of real logs from ../shared/real_log
 - ``backfill``: `mmdet-wandb backfill` killed 1–3 times at random moments, then run to the end.
 - ``watch``: a live `watch` while the logs are appended at 200–400 lines/s, killed 1–3 times at random
   moments and restarted; the second log is a resumed lineage (its header is a checkpoint's meta).
+- ``sync``: the logs backfilled offline in three parts (three segments a run), then `mmdet-wandb sync` to the
+  loopback stand-in of W&B's API (tests/wandb_standin.py, the real wandb client) killed 1–3 times at random
+  moments while rows are on their way, then run to the end; checked on what the server holds: each line once,
+  at its own step, in order (issue 25).
 - ``point:<name>``: the process kills itself at a named crash point (common/crash_points.py), the boundary
   between a DB commit and the filesystem step that follows it, where random kills almost never land;
   `segment-discarded` is reached by a restart that finds the segment a first crash left open.
@@ -54,9 +58,11 @@ LOGS = {  # a fresh launch and a resumed lineage (part 2 continues part 1 from e
 UPLOADER_POINTS = ("segment-recorded", "rows-logged", "segment-closing", "segment-closed", "segment-discarded")
 
 
-def cli(home: Path, *args: str, crash_at: str | None = None, wait: bool = True) -> subprocess.Popen[str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
-    env.update(MMDET_WANDB_HOME=str(home), WANDB_MODE="offline", WANDB_SILENT="true")
+def cli(home: Path, *args: str, crash_at: str | None = None, wait: bool = True,
+        env: dict[str, str] | None = None) -> subprocess.Popen[str]:
+    """`mmdet-wandb` offline in `home` (`env`: W&B settings over that, e.g. the stand-in's)."""
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("WANDB_")},
+           "MMDET_WANDB_HOME": str(home), "WANDB_MODE": "offline", "WANDB_SILENT": "true", **(env or {})}
     env.pop("MMDET_WANDB_CRASH_AT", None)
     if crash_at:
         env["MMDET_WANDB_CRASH_AT"] = crash_at
@@ -79,8 +85,9 @@ def data_lines(log: Path) -> list[dict[str, Any]]:
     return [line for raw in log.read_bytes().splitlines() if raw.strip() and "mode" in (line := json.loads(raw))]
 
 
-def check(home: Path, root: Path) -> str | None:
-    """None when every log line is in W&B exactly once; else what is wrong."""
+def check(home: Path, root: Path, server: Any = None) -> str | None:
+    """None when every log line is in W&B exactly once; else what is wrong. W&B: the closed offline segments, or
+    what `server` (the stand-in, after `sync`) holds, each row once at its own step."""
     state = json.loads(subprocess.run(
         [sys.executable, "-m", "mmdet_wandb.cli", "status", "--json"], cwd=REPO, capture_output=True, text=True,
         env={**os.environ, "MMDET_WANDB_HOME": str(home)}, check=True,
@@ -93,7 +100,14 @@ def check(home: Path, root: Path) -> str | None:
         run = work_dir["runs"][0]
         if run["rows_pending"]:
             return f"{name}: {run['rows_pending']} rows pending"
-        history = [row for d in run["closed_segment_dirs"] for f in reader.find_run_files(d) for row in reader.read_run(f).history]
+        if server is not None:
+            held = server.run(run["wandb_id"])
+            if held.history_offsets != list(range(len(held.history))) or held.steps != list(range(1, len(held.history) + 1)):
+                return f"{name}: the server's rows are not each once at their own step, in order"
+            if any(write.row != held.history_by_offset[write.offset].row for write in held.resent_history):
+                return f"{name}: a row was sent again with other values"
+        history = held.history if server is not None else [
+            row for d in run["closed_segment_dirs"] for f in reader.find_run_files(d) for row in reader.read_run(f).history]
         if len(history) != len(expected):
             return f"{name}: {len(history)} rows in W&B, {len(expected)} lines in the logs"
         for row, line in zip(history, expected):
@@ -158,6 +172,35 @@ def trial_watch(tmp: Path, rng: random.Random) -> str | None:
     watch.send_signal(signal.SIGTERM)
     watch.communicate(timeout=120)
     return check(home, root) if watch.returncode == 0 else f"watch exited {watch.returncode}: {watch.stderr[-500:]}"
+
+
+def trial_sync(tmp: Path, rng: random.Random) -> str | None:
+    """Three offline segments a run, then `sync` SIGKILLed 1–3 times at random moments and run to the end."""
+    from tests.wandb_standin import WandbStandin
+
+    root, home = tmp / "work_dirs", tmp / "home"
+    sources = [(REAL_LOGS / rel, root / name / Path(rel).name) for name, rels in LOGS.items() for rel in rels]
+    for _, target in sources:
+        target.parent.mkdir(parents=True, exist_ok=True)
+    training = [(target, line) for source, target in sources for line in source.read_bytes().splitlines(keepends=True)]
+    third = len(training) // 3  # in the order training writes them: a resumed launch after the one it resumes
+    for part in range(3):
+        for target, line in training[part * third:(part + 1) * third if part < 2 else len(training)]:
+            with open(target, "ab") as out:
+                out.write(line)
+        if (proc := cli(home, "backfill", str(root), "--no-progress")).returncode != 0:
+            return f"backfill exited {proc.returncode}: {proc.stderr[-500:]}"
+    with WandbStandin() as standin:
+        standin.slow("file_stream", 0.1)  # rows on their way for seconds: the kills land among them
+        env = standin.env(home / "wandb-dirs")
+        for _ in range(rng.randint(1, 3)):
+            proc = cli(home, "sync", "--no-progress", wait=False, env=env)
+            time.sleep(rng.uniform(0.5, 8.0))
+            kill(proc)
+        proc = cli(home, "sync", "--no-progress", env=env)
+        if proc.returncode != 0:
+            return f"the last sync exited {proc.returncode}: {proc.stderr[-500:]}"
+        return check(home, root, server=standin)
 
 
 def trial_point(tmp: Path, point: str) -> str | None:
@@ -256,7 +299,7 @@ def main(argv: list[str]) -> int:
     results: dict[str, list[tuple[str, str | None]]] = {}
     tmp = Path(tempfile.mkdtemp(prefix="mmdet-wandb-faults-"))
     try:
-        for kind, run in (("backfill", trial_backfill), ("watch", trial_watch)):
+        for kind, run in (("backfill", trial_backfill), ("watch", trial_watch), ("sync", trial_sync)):
             for n in range(trials):
                 seed = args.seed * 1000 + n
                 directory = tmp / f"{kind}-{seed}"
