@@ -9,7 +9,7 @@ import functools
 import math
 from dataclasses import dataclass
 
-from sqlalchemy import Float, Select, bindparam, case, func, not_, select
+from sqlalchemy import Float, Select, bindparam, case, func, not_, or_, select
 from sqlalchemy.orm import Session
 
 from db.models import Checkpoint, EvalJob, JobState, OutboxRow, Problem, Run, Segment, SegmentState, WandbReachability, WorkDir
@@ -29,6 +29,7 @@ class Totals:
     wandb_unreachable: bool  # some node in scope has its circuit open
     problems: dict[str, int]  # open ones, by kind
     checkpoints: dict[str, int]  # by state
+    pinned_bytes: int  # of the checkpoint files in the store: each one's size once, however many links it has there
     eval_jobs: dict[str, int]  # by state
     job_seconds: JobSeconds  # of the done jobs
     leases_expired: int  # running jobs whose lease ran out (their worker stopped renewing it), not reclaimed yet
@@ -59,6 +60,7 @@ class _Statements:
     reachability: Select  # type: ignore[type-arg]
     problems: Select  # type: ignore[type-arg]
     checkpoints: Select  # type: ignore[type-arg]
+    pinned_bytes: Select  # type: ignore[type-arg]
     jobs: Select  # type: ignore[type-arg]
     work_dirs: Select  # type: ignore[type-arg]
 
@@ -87,6 +89,11 @@ def _statements(node: str | None) -> _Statements:
         reachability=reachability,
         problems=problems,
         checkpoints=select(Checkpoint.state, func.count()).where(Checkpoint.work_dir_id.in_(work_dirs)).group_by(Checkpoint.state),
+        # A checkpoint's own pin and its eval job's link are one file (hard links, or the job's link to the copy):
+        # its size counts once while either is in the store.
+        pinned_bytes=select(func.coalesce(func.sum(Checkpoint.size), 0)).where(
+            Checkpoint.work_dir_id.in_(work_dirs),
+            or_(Checkpoint.pin_path.is_not(None), Checkpoint.id.in_(select(EvalJob.checkpoint_id).where(EvalJob.pinned.is_(True))))),
         # One query for the jobs: their count by state, and, summed within each state, what durations and leases need.
         jobs=select(EvalJob.state, func.count(), func.sum(case((timed, 1), else_=0)), func.coalesce(func.sum(EvalJob.seconds), 0.0),
                     func.sum(case((EvalJob.lease_expires_at < now, 1), else_=0)),
@@ -110,6 +117,7 @@ def totals(session: Session, node: str | None, now: float) -> Totals:
         oldest_pending_appended_at=session.scalar(st.oldest), runs_backing_off=backing_off or 0,
         segments_open=session.scalar(st.segments) or 0, wandb_unreachable=bool(session.scalar(st.reachability)),
         problems=_counts(session, st.problems), checkpoints=_counts(session, st.checkpoints),
+        pinned_bytes=int(session.scalar(st.pinned_bytes) or 0),
         eval_jobs={state: row[0] for state, row in by_state.items()},
         job_seconds=JobSeconds(int(done[1] or 0), float(done[2] or 0.0), tuple(int(n or 0) for n in done[6:])),
         leases_expired=int(running[3] or 0), leases_lost=sum(int(row[5] or 0) for row in by_state.values()),

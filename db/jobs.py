@@ -46,6 +46,7 @@ class ClaimedJob:
     eval_classwise: bool = True
     confusion_score_thr: float = 0.3
     confusion_iou_thr: float = 0.5
+    eval_full_val: bool = False  # the metrics over the whole val set; the tables stay on the subset
 
 
 def claim(db: Database, worker_id: str, lease_s: float, now: float | None = None, *, stack: str) -> ClaimedJob | None:
@@ -82,7 +83,7 @@ def claim(db: Database, worker_id: str, lease_s: float, now: float | None = None
             .returning(
                 EvalJob.id, EvalJob.attempts, EvalJob.stack, EvalJob.checkpoint_path, EvalJob.work_dir, EvalJob.config_name,
                 EvalJob.config_text, EvalJob.num_eval_images, EvalJob.bbox_score_thr, EvalJob.eval_classwise,
-                EvalJob.confusion_score_thr, EvalJob.confusion_iou_thr,
+                EvalJob.confusion_score_thr, EvalJob.confusion_iou_thr, EvalJob.eval_full_val,
             )
         ).first()
     return ClaimedJob(*row) if row is not None else None
@@ -233,6 +234,7 @@ class FinishedJob:
     seconds: float | None
     note: str | None
     insight: dict[str, object]
+    eval_full_val: bool
 
 
 def done(session: Session, excluding: object) -> list[FinishedJob]:
@@ -246,7 +248,7 @@ def done(session: Session, excluding: object) -> list[FinishedJob]:
         FinishedJob(
             job.id, job.run_id, job.checkpoint_id, job.manifest_id, job.unit, job.number,  # type: ignore[arg-type]
             job.num_eval_images, job.bbox_score_thr, orjson.loads(job.metrics_json or "{}"), job.device, job.seconds, job.note,
-            orjson.loads(job.insight_json or "{}"),
+            orjson.loads(job.insight_json or "{}"), job.eval_full_val,
         )
         for job in jobs
     ]

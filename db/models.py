@@ -21,6 +21,7 @@ from sqlalchemy import (
     String,
     Text,
     UniqueConstraint,
+    false,
     true,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
@@ -314,6 +315,7 @@ class EvalJob(Base):
     eval_classwise: Mapped[bool] = mapped_column(Boolean, default=True, server_default=true())  # per-class metrics and PR curves
     confusion_score_thr: Mapped[float] = mapped_column(Float, default=0.3, server_default="0.3")  # the analysis tool's defaults
     confusion_iou_thr: Mapped[float] = mapped_column(Float, default=0.5, server_default="0.5")
+    eval_full_val: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())  # metrics over all of val
     state: Mapped[JobState] = mapped_column(_enum(JobState), default=JobState.QUEUED)
     attempts: Mapped[int] = mapped_column(Integer, default=0)  # counted at claim time
     max_attempts: Mapped[int] = mapped_column(Integer, default=5)

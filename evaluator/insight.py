@@ -1,7 +1,9 @@
 """What a checkpoint's evaluation tells beyond the dataset's own metrics, for both adapters the same way: per-class
 COCO metrics and PR curves (evaluator/classwise.py), the tool's confusion matrix (evaluator/confusion.py) and each
-subset image's errors. Computed from the raw detections (before the table's `bbox_score_thr`), stored as one JSON
-document with the job; the uploader turns it into tables and summary values.
+subset image's errors. Computed from the raw detections (before the table's `bbox_score_thr`) of the images the job
+evaluated — the subset, or the whole val set with `eval_full_val` (the per-image errors stay the subset's: they are
+columns of its table) — and stored as one JSON document with the job; the uploader turns it into tables and summary
+values.
 
 A failure here is reported in place (`{"error": ...}`), never raised: the predictions are still worth showing.
 """
@@ -13,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from common.records import Instances, ValImageRecord
+from common.records import Instances
 from db.jobs import ClaimedJob
 from evaluator import classwise, confusion
 from evaluator.encoding import rle_text
@@ -64,17 +66,17 @@ class GroundTruth:
     has_masks: bool
 
 
-def ground_truth_of_manifest(images: list[ValImageRecord], num_classes: int) -> GroundTruth:
-    """A COCO ground truth built from the stored subset, for datasets without a COCO api of their own."""
+def ground_truth_of(instances: list[Instances], sizes: list[tuple[int, int]], num_classes: int) -> GroundTruth:
+    """A COCO ground truth built from the images' stored instances and (height, width), image ids 0, 1, …: for
+    datasets without a COCO api of their own."""
     from pycocotools import mask as mask_util
     from pycocotools.coco import COCO
 
     annotations = []
-    for image in images:
-        gt = image.ground_truth
+    for image_id, gt in enumerate(instances):
         for index, (box, label) in enumerate(zip(gt.boxes, gt.labels)):
             x1, y1, x2, y2 = box
-            ann = {"id": len(annotations) + 1, "image_id": image.position, "category_id": label + 1, "iscrowd": 0,
+            ann = {"id": len(annotations) + 1, "image_id": image_id, "category_id": label + 1, "iscrowd": 0,
                    "bbox": [x1, y1, x2 - x1, y2 - y1], "area": (x2 - x1) * (y2 - y1)}
             if gt.masks is not None:
                 rle = {"size": gt.masks[index]["size"], "counts": gt.masks[index]["counts"].encode()}
@@ -82,15 +84,15 @@ def ground_truth_of_manifest(images: list[ValImageRecord], num_classes: int) -> 
             annotations.append(ann)
     coco = COCO()
     coco.dataset = {
-        "images": [{"id": im.position, "width": im.width, "height": im.height} for im in images],
+        "images": [{"id": image_id, "width": width, "height": height} for image_id, (height, width) in enumerate(sizes)],
         "categories": [{"id": k + 1, "name": str(k)} for k in range(num_classes)],
         "annotations": annotations,
     }
     coco.createIndex()
-    return GroundTruth(coco, list(range(1, num_classes + 1)), [im.position for im in images],
-                       [np.asarray(im.ground_truth.boxes, dtype=np.float32).reshape(-1, 4) for im in images],
-                       [np.asarray(im.ground_truth.labels, dtype=np.int64) for im in images],
-                       any(im.ground_truth.masks is not None for im in images))
+    return GroundTruth(coco, list(range(1, num_classes + 1)), list(range(len(instances))),
+                       [np.asarray(gt.boxes, dtype=np.float32).reshape(-1, 4) for gt in instances],
+                       [np.asarray(gt.labels, dtype=np.int64) for gt in instances],
+                       any(gt.masks is not None for gt in instances))
 
 
 def coco_results(gt: GroundTruth, detections: list[Detections], iou_type: str) -> list[dict[str, Any]]:
@@ -107,16 +109,19 @@ def coco_results(gt: GroundTruth, detections: list[Detections], iou_type: str) -
     return results
 
 
-def compute(gt: GroundTruth, detections: list[Detections], classes: list[str], options: InsightOptions) -> dict[str, Any]:
-    """The stored document: `classwise` (per IoU type), `confusion`, `images` (errors per subset image)."""
+def compute(gt: GroundTruth, detections: list[Detections], classes: list[str], options: InsightOptions,
+            rows: list[int] | None = None) -> dict[str, Any]:
+    """The stored document: `classwise` (per IoU type) and `confusion` over every evaluated image, `images` (errors)
+    of the table's rows only: `rows` are their positions among the evaluated images (default: all of them)."""
     try:
-        return _compute(gt, detections, classes, options)
+        return _compute(gt, detections, classes, options, list(range(len(detections))) if rows is None else rows)
     except Exception as exc:
         log.warning("evaluation insight failed: %s: %s", type(exc).__name__, exc)
         return {"error": f"{type(exc).__name__}: {exc}"}
 
 
-def _compute(gt: GroundTruth, detections: list[Detections], classes: list[str], options: InsightOptions) -> dict[str, Any]:
+def _compute(gt: GroundTruth, detections: list[Detections], classes: list[str], options: InsightOptions,
+             rows: list[int]) -> dict[str, Any]:
     document: dict[str, Any] = {}
     if options.classwise:
         iou_types = ["bbox"] + (["segm"] if gt.has_masks and all(d.masks is not None for d in detections) else [])
@@ -132,5 +137,5 @@ def _compute(gt: GroundTruth, detections: list[Detections], classes: list[str], 
     total = sum(matrices, np.zeros((len(classes) + 1, len(classes) + 1), dtype=np.int64))
     document["confusion"] = {"classes": [*classes, BACKGROUND], "matrix": total.tolist(), "score_thr": options.score_thr,
                              "tp_iou_thr": options.tp_iou_thr}
-    document["images"] = [asdict(confusion.errors(m)) for m in matrices]
+    document["images"] = [asdict(confusion.errors(matrices[row])) for row in rows]
     return document

@@ -1,11 +1,13 @@
 """What both adapters (mmdet2, mmdet3) take from a job the same way: the training config — the one inside the
 checkpoint (exactly what trained it), else the work_dir's dump — with its `custom_imports` imported when the
-operator allows them (common/trust.py), and the hook's subset of the val set."""
+operator allows them (common/trust.py), the hook's subset of the val set, and the images the model runs on (the
+subset, or the whole val set with `eval_full_val`)."""
 from __future__ import annotations
 
 import os
 import tempfile
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from common import checkpoint_file
@@ -70,3 +72,19 @@ def subset(job: ClaimedJob, val_size: int) -> tuple[list[int], str | None]:
     if count < job.num_eval_images:
         note = f"num_eval_images ({job.num_eval_images}) is greater than the val set ({val_size}): using {count}, as the hook does"
     return subset_indices(val_size, count), note
+
+
+@dataclass(frozen=True)
+class Scope:
+    """The val images the model runs on (the metrics' images) and, among them, the subset's (the tables' rows)."""
+
+    indices: list[int]  # dataset indices, in the order the model runs on them
+    rows: list[int]  # positions in `indices` of the subset's images, in subset order
+
+
+def scope(job: ClaimedJob, subset_indices: list[int], val_size: int) -> Scope:
+    """`eval_full_val`: every val image, once (the subset's predictions are taken from that run, not run twice);
+    else the subset alone."""
+    if job.eval_full_val:
+        return Scope(list(range(val_size)), list(subset_indices))
+    return Scope(list(subset_indices), list(range(len(subset_indices))))

@@ -1,4 +1,5 @@
-"""The mmdet 2.x adapter: one checkpoint → predictions and metrics on the fixed val subset.
+"""The mmdet 2.x adapter: one checkpoint → predictions and metrics on the fixed val subset (the metrics on the whole
+val set with `eval_full_val`, evaluator/job_inputs.py `scope`).
 
 Set up as mmdet 2.28's `tools/test.py` does (pretrained weights off, `compat_cfg`, `replace_ImageToTensor` for
 batches, `build_dp`, CLASSES from the checkpoint), then `single_gpu_test`'s loop over a dataloader of the
@@ -52,14 +53,15 @@ def evaluate(
     indices, note = job_inputs.subset(job, len(dataset))
     manifest = build_manifest(dataset, indices, cfg)
     model = build_model(cfg, job.checkpoint_path, device, dataset, trust)
-    subset = take_subset(dataset, indices)
+    scope = job_inputs.scope(job, indices, len(dataset))
+    evaluated = take_subset(dataset, scope.indices)
     started = time.perf_counter()
-    results = run_inference(model, subset, cfg, batch_size, lease_lost)
+    results = run_inference(model, evaluated, cfg, batch_size, lease_lost)
     seconds = time.perf_counter() - started
     detections = [to_detections(r, len(manifest.classes)) for r in results]
-    predictions = [d.instances().above(job.bbox_score_thr) for d in detections]
-    metrics = subset_metrics(subset, results, cfg)
-    found = insight.compute(ground_truth(subset, manifest), detections, manifest.classes, insight.options_of(job))
+    predictions = [detections[row].instances().above(job.bbox_score_thr) for row in scope.rows]
+    metrics = subset_metrics(evaluated, results, cfg)
+    found = insight.compute(ground_truth(evaluated), detections, manifest.classes, insight.options_of(job), scope.rows)
     return EvalOutcome(manifest=manifest, predictions=predictions, metrics=metrics, device=device, seconds=seconds, note=note,
                        insight=found)
 
@@ -267,23 +269,27 @@ def to_detections(result: Any, num_classes: int) -> insight.Detections:
     return insight.Detections(boxes=stacked[:, :4], scores=stacked[:, 4], labels=labels, masks=masks)
 
 
-def ground_truth(subset: Any, manifest: Manifest) -> insight.GroundTruth:
-    """The dataset's own COCO api when it has one (what its `evaluate` reads: crowd regions included), else the
-    stored subset; the confusion matrix matches `get_ann_info`'s boxes, as the analysis tool does."""
-    if not all(hasattr(subset, name) for name in ("coco", "cat_ids", "img_ids")):
-        return insight.ground_truth_of_manifest(manifest.images, len(manifest.classes))
-    anns = [subset.get_ann_info(i) for i in range(len(subset))]
+def ground_truth(evaluated: Any) -> insight.GroundTruth:
+    """The dataset's own COCO api when it has one (what its `evaluate` reads: crowd regions included), else one
+    built from `get_ann_info` and the data infos' sizes (mmdet 2's middle format has them); the confusion matrix
+    matches `get_ann_info`'s boxes, as the analysis tool does."""
+    if not all(hasattr(evaluated, name) for name in ("coco", "cat_ids", "img_ids")):
+        sizes = [(info["height"], info["width"]) for info in evaluated.data_infos]
+        return insight.ground_truth_of([_ground_truth(evaluated.get_ann_info(i), *size) for i, size in enumerate(sizes)], sizes,
+                                       len(evaluated.CLASSES))
+    anns = [evaluated.get_ann_info(i) for i in range(len(evaluated))]
     return insight.GroundTruth(
-        subset.coco, list(subset.cat_ids), list(subset.img_ids),
+        evaluated.coco, list(evaluated.cat_ids), list(evaluated.img_ids),
         [np.asarray(a["bboxes"], dtype=np.float32).reshape(-1, 4) for a in anns],
         [np.asarray(a["labels"], dtype=np.int64) for a in anns],
         any("masks" in a for a in anns),
     )
 
 
-def subset_metrics(subset: Any, results: list[Any], cfg: Any) -> dict[str, Any]:
-    """The dataset's own evaluate() on the subset, with the config's evaluation options."""
+def subset_metrics(evaluated: Any, results: list[Any], cfg: Any) -> dict[str, Any]:
+    """The dataset's own evaluate() on the evaluated images (the subset, or all of val), with the config's
+    evaluation options."""
     kwargs = dict(cfg.get("evaluation", {}))
     for key in HOOK_ONLY_EVAL_KEYS:
         kwargs.pop(key, None)
-    return plain_metrics(lambda: subset.evaluate(results, logger="silent", **kwargs))
+    return plain_metrics(lambda: evaluated.evaluate(results, logger="silent", **kwargs))

@@ -1,4 +1,5 @@
-"""The mmdet 3.x (MMEngine) adapter: one checkpoint → predictions and metrics on the fixed val subset, stored as
+"""The mmdet 3.x (MMEngine) adapter: one checkpoint → predictions and metrics on the fixed val subset (the metrics
+on the whole val set with `eval_full_val`, evaluator/job_inputs.py `scope`), stored as
 the same records as the 2.x adapter's (evaluator/mmdet2.py), so that both give tables of one schema.
 
 Set up as mmdet 3.3's `init_detector`/`tools/test.py` do: the config inside the checkpoint (`meta['cfg']`,
@@ -47,13 +48,14 @@ def evaluate(
     indices, note = job_inputs.subset(job, len(dataset))
     manifest = build_manifest(dataset, indices, cfg)
     model = build_model(cfg, job.checkpoint_path, device, trust)
+    scope = job_inputs.scope(job, indices, len(dataset))
     started = time.perf_counter()
-    samples = run_inference(model, dataset, indices, cfg, batch_size, lease_lost)
+    samples = run_inference(model, dataset, scope.indices, cfg, batch_size, lease_lost)
     seconds = time.perf_counter() - started
     detections = [to_detections(s) for s in samples]
-    predictions = [d.instances().above(job.bbox_score_thr) for d in detections]
-    metrics = subset_metrics(cfg, dataset, indices, samples, base)
-    found = insight.compute(ground_truth(dataset, indices, manifest), detections, manifest.classes, insight.options_of(job))
+    predictions = [detections[row].instances().above(job.bbox_score_thr) for row in scope.rows]
+    metrics = subset_metrics(cfg, dataset, scope.indices, samples, base)
+    found = insight.compute(ground_truth(dataset, scope.indices), detections, manifest.classes, insight.options_of(job), scope.rows)
     return EvalOutcome(manifest=manifest, predictions=predictions, metrics=metrics, device=device, seconds=seconds, note=note,
                        insight=found)
 
@@ -204,13 +206,16 @@ def to_detections(sample: Any) -> insight.Detections:
     return insight.Detections(boxes=boxes, scores=scores, labels=labels, masks=masks)
 
 
-def ground_truth(dataset: Any, indices: list[int], manifest: Manifest) -> insight.GroundTruth:
+def ground_truth(dataset: Any, indices: list[int]) -> insight.GroundTruth:
     """The COCO annotations `CocoMetric` reads (the dataset's `ann_file`, its `cat_ids`) when the dataset has them,
-    else the stored subset; the confusion matrix matches every instance of the data info, as the 3.x analysis tool
-    does (ignored ones included)."""
+    else one built from the data infos (their instances, crowd and ignored ones left out, and sizes); the confusion
+    matrix matches every instance of the data info, as the 3.x analysis tool does (ignored ones included)."""
+    infos = [dataset.get_data_info(i) for i in indices]
     ann_file = str(getattr(dataset, "ann_file", "") or "")
     if not hasattr(dataset, "cat_ids") or not os.path.isfile(ann_file):
-        return insight.ground_truth_of_manifest(manifest.images, len(manifest.classes))
+        sizes = [(info["height"], info["width"]) for info in infos]
+        return insight.ground_truth_of([_ground_truth(info.get("instances") or [], *size) for info, size in zip(infos, sizes)], sizes,
+                                       len(dataset.metainfo["classes"]))
     import contextlib
     import io
 
@@ -218,7 +223,6 @@ def ground_truth(dataset: Any, indices: list[int], manifest: Manifest) -> insigh
 
     with contextlib.redirect_stdout(io.StringIO()):
         coco = COCO(ann_file)
-    infos = [dataset.get_data_info(i) for i in indices]
     return insight.GroundTruth(
         coco, list(dataset.cat_ids), [info["img_id"] for info in infos],
         [np.asarray([g["bbox"] for g in info.get("instances") or []], dtype=np.float32).reshape(-1, 4) for info in infos],
@@ -228,7 +232,8 @@ def ground_truth(dataset: Any, indices: list[int], manifest: Manifest) -> insigh
 
 
 def subset_metrics(cfg: Any, dataset: Any, indices: list[int], samples: list[Any], base: Path | None) -> dict[str, Any]:
-    """The config's own `val_evaluator` on the subset: COCO-style metrics evaluate the subset's images only."""
+    """The config's own `val_evaluator` on the evaluated images (the subset, or all of val): COCO-style metrics
+    evaluate those images only."""
     from mmengine.evaluator import Evaluator
 
     evaluator_cfg = cfg.get("val_evaluator")

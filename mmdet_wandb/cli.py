@@ -98,6 +98,7 @@ BboxScoreThrOpt = Annotated[Optional[float], typer.Option(help="Predicted boxes 
 EvalClasswiseOpt = Annotated[Optional[bool], typer.Option("--eval-classwise/--no-eval-classwise", help="Per-class AP, AP50, AP75, recall and PR curves of each evaluated checkpoint (env: MMDET_WANDB_EVAL_CLASSWISE; default: on)", show_default=False)]
 ConfusionScoreThrOpt = Annotated[Optional[float], typer.Option(help="Detections scoring at least this count in the confusion matrix and the per-image errors, as the analysis tool's --score-thr (env: MMDET_WANDB_CONFUSION_SCORE_THR; default: 0.3)")]
 ConfusionIouThrOpt = Annotated[Optional[float], typer.Option(help="IoU at which a detection matches a ground-truth box in the confusion matrix, as the analysis tool's --tp-iou-thr (env: MMDET_WANDB_CONFUSION_IOU_THR; default: 0.5)")]
+EvalFullValOpt = Annotated[Optional[bool], typer.Option("--eval-full-val/--no-eval-full-val", help="The metrics, per-class AP, PR curves and confusion matrix over the whole val set (the model runs on every val image); the tables stay on the subset (env: MMDET_WANDB_EVAL_FULL_VAL; default: off, the subset)", show_default=False)]
 
 
 def _fail(message: str) -> typer.Exit:
@@ -152,17 +153,19 @@ def _settings(home: paths.DataDir, hook: settings.HookFlags = settings.HookFlags
         raise _fail(str(exc)) from None
 
 
-def _sync_backlog(db: Database, home: paths.DataDir, config: settings.Settings) -> None:
+def _sync_backlog(db: Database, home: paths.DataDir, config: settings.Settings, stop: threading.Event) -> None:
     """Online, a node's offline segments not yet synced (it ran offline before) go first, as `mmdet-wandb sync`
-    sends them; a run whose backlog does not go through uploads nothing live until a later `sync` or start."""
-    from uploader.wandb.mode import resolve_mode
+    sends them; a run whose backlog does not go through uploads nothing live until it does (tried again each
+    `BACKLOG_EVERY_S`, its backoff respected, as a later `sync` would)."""
     from uploader.wandb.sync import SyncOptions, Syncer
 
-    if resolve_mode() != "online":
-        return
     syncer = Syncer(db, SyncOptions(home.path / "sync", config.wandb_timeout_s))
     for wandb_id, todo in syncer.plan().items():
+        if stop.is_set():
+            return
         outcome = syncer.sync_run(wandb_id, todo)
+        if outcome.backing_off:
+            continue
         if outcome.error:
             logging.getLogger("mmdet_wandb").warning("run %s: offline backlog not synced (%s); its live upload waits", wandb_id, outcome.error)
         else:
@@ -179,7 +182,10 @@ def _uploader(db: Database, home: paths.DataDir, roots: list[Path], config: sett
     from uploader.wandb.mode import resolve_mode
     from uploader.wandb.writer import WandbWriter, WriterOptions
 
-    options = WriterOptions(runs_dir=home.runs_dir, mode=resolve_mode(), layers=config.layers, media_dir=home.media_dir,
+    mode = resolve_mode()
+    if mode != "online":
+        loop = {**loop, "sync_backlog": None}  # offline: nothing to sync to
+    options = WriterOptions(runs_dir=home.runs_dir, mode=mode, layers=config.layers, media_dir=home.media_dir,
                             wandb_timeout_s=config.wandb_timeout_s, **writer)
     ckpt = CheckpointOptions(store_dir=home.store_dir, layers=config.layers, **checkpoints)
     ingest = IngestOptions(fresh_launch=fresh_launch, finish_idle_s=finish_idle_s, layers=config.layers, log_timezone=config.log_timezone)
@@ -216,6 +222,7 @@ def watch(
     interval: IntervalOpt = None, log_checkpoint: LogCheckpointOpt = None, log_checkpoint_metadata: LogCheckpointMetadataOpt = None,
     num_eval_images: NumEvalImagesOpt = None, bbox_score_thr: BboxScoreThrOpt = None,
     eval_classwise: EvalClasswiseOpt = None, confusion_score_thr: ConfusionScoreThrOpt = None, confusion_iou_thr: ConfusionIouThrOpt = None,
+    eval_full_val: EvalFullValOpt = None,
     fresh_launch: FreshOpt = FreshLaunch.NEW_RUN,
     poll: Annotated[bool, typer.Option("--poll", help="No filesystem events (NFS, FUSE): poll and scan only")] = False,
     scan_interval: Annotated[float, typer.Option(callback=_seconds, help="Seconds between full scans of the roots")] = 10.0,
@@ -240,19 +247,20 @@ def watch(
     from uploader import shards
 
     hook = settings.HookFlags(config_file, project, entity, init_kwargs, interval, log_checkpoint, log_checkpoint_metadata,
-                              num_eval_images, bbox_score_thr, eval_classwise, confusion_score_thr, confusion_iou_thr)
+                              num_eval_images, bbox_score_thr, eval_classwise, confusion_score_thr, confusion_iou_thr,
+                              eval_full_val)
     root_paths = _roots(roots)
     home, db = _setup(data_dir, root_paths, log_level, log_format, "uploader", node)
     config = _settings(home, hook, settings.ServiceFlags(log_timezone=log_timezone, wandb_timeout=wandb_timeout,
                                                          metrics_port=metrics_port, metrics_addr=metrics_addr,
                                                          metrics_work_dir_labels=metrics_work_dir_labels, forget_after=forget_after))
     _metrics(config, db, db.node, home.heartbeat("uploader"))
-    _sync_backlog(db, home, config)
     uploader = _uploader(db, home, root_paths, config, fresh_launch, finish_idle_s=finish_after,
                          writer={"segment_idle_s": segment_idle},
                          checkpoints={"settle_s": checkpoint_settle, "incomplete_after_s": checkpoint_incomplete_after},
                          loop={"scan_interval_s": scan_interval, "poll_interval_s": poll_interval, "use_events": not poll,
-                               "forget_after_s": config.forget_after_s})
+                               "forget_after_s": config.forget_after_s,
+                               "sync_backlog": lambda stop: _sync_backlog(db, home, config, stop)})
     stop = _stop_on_signals()
     logging.getLogger("mmdet_wandb").info("watching %s (W&B mode %s, data in %s)", ", ".join(map(str, root_paths)),
                                           uploader.writer.options.mode, home.path)
@@ -271,6 +279,7 @@ def backfill(
     interval: IntervalOpt = None, log_checkpoint: LogCheckpointOpt = None, log_checkpoint_metadata: LogCheckpointMetadataOpt = None,
     num_eval_images: NumEvalImagesOpt = None, bbox_score_thr: BboxScoreThrOpt = None,
     eval_classwise: EvalClasswiseOpt = None, confusion_score_thr: ConfusionScoreThrOpt = None, confusion_iou_thr: ConfusionIouThrOpt = None,
+    eval_full_val: EvalFullValOpt = None,
     evaluate: Annotated[bool, typer.Option("--evaluate", help="Run the eval jobs in this process too (needs the eval extra), so the tables go out in this pass")] = False,
     device: DeviceOpt = None,
     batch_size: BatchSizeOpt = 4,
@@ -294,7 +303,8 @@ def backfill(
     from uploader import shards
 
     hook = settings.HookFlags(config_file, project, entity, init_kwargs, interval, log_checkpoint, log_checkpoint_metadata,
-                              num_eval_images, bbox_score_thr, eval_classwise, confusion_score_thr, confusion_iou_thr)
+                              num_eval_images, bbox_score_thr, eval_classwise, confusion_score_thr, confusion_iou_thr,
+                              eval_full_val)
     service = settings.ServiceFlags(log_timezone, trust_checkpoints, trust_configs, tuple(allow_import or ()) or None,
                                     tuple(dataset_root or ()) or None, wandb_timeout)
     root_paths = _roots(roots)
@@ -304,6 +314,8 @@ def backfill(
                          checkpoints={"incomplete_after_s": checkpoint_incomplete_after}, loop={})
     writer = uploader.writer
     stop = _stop_on_signals()
+    if writer.options.mode == "online":
+        _sync_backlog(db, home, config, stop)  # its runs' live rows wait for it
     waiting: list[str] = []
     workers = eval_runner.WorkerFlags(device, batch_size, config.dataset_roots, config.config_file, config.trust) if evaluate else None
     run_jobs = (lambda: waiting.extend(eval_runner.evaluate_all(db, home.path, workers, stop))) if workers else None
@@ -343,6 +355,12 @@ def backfill(
     if held:
         _tell(f"{len(held)} log(s) held by a bad value in their MMDetWandbHook entry (see above, or `config show`): "
                   "nothing of them is uploaded until it is fixed")
+        raise typer.Exit(1)
+    unsynced = [r for w in status.collect(db, db.node) for r in w.runs
+                if writer.options.mode == "online" and r.segments_to_sync and (r.rows_pending or r.artifacts_pending)]
+    if unsynced:
+        _tell(f"{len(unsynced)} run(s) wait for their offline segments to sync first (see above): their new rows stay "
+              "pending until `mmdet-wandb sync` confirms them")
         raise typer.Exit(1)
     failing = [r for w in status.collect(db, db.node) for r in w.runs if (r.rows_pending or r.artifacts_pending) and r.last_error]
     if failing:
@@ -448,13 +466,15 @@ def config_show(
     interval: IntervalOpt = None, log_checkpoint: LogCheckpointOpt = None, log_checkpoint_metadata: LogCheckpointMetadataOpt = None,
     num_eval_images: NumEvalImagesOpt = None, bbox_score_thr: BboxScoreThrOpt = None,
     eval_classwise: EvalClasswiseOpt = None, confusion_score_thr: ConfusionScoreThrOpt = None, confusion_iou_thr: ConfusionIouThrOpt = None,
+    eval_full_val: EvalFullValOpt = None,
     as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output")] = False,
 ) -> None:
     """The effective options of each work_dir and where each one comes from (given the same flags); what is not
     used is marked: init_kwargs keys the service sets itself, and bad values of the hook entry (the run is held
     until they are fixed). Exit 1 when a work_dir has a bad value."""
     flags = settings.HookFlags(config_file, project, entity, init_kwargs, interval, log_checkpoint, log_checkpoint_metadata,
-                               num_eval_images, bbox_score_thr, eval_classwise, confusion_score_thr, confusion_iou_thr)
+                               num_eval_images, bbox_score_thr, eval_classwise, confusion_score_thr, confusion_iou_thr,
+                               eval_full_val)
     home = paths.resolve(data_dir)
     layers = _settings(home, flags).layers
     hooks = _hook_entries(_roots(roots)) if roots else _hook_entries_in_db(home)
@@ -606,6 +626,8 @@ def sync(
     db = _existing_db(data_dir)
     config = _settings(home)
     syncer = Syncer(db, SyncOptions(home.path / "sync", config.wandb_timeout_s))
+    if runs and (unknown := syncer.unknown(runs)):
+        raise _fail(f"no run {', '.join(unknown)} of this node in the state DB of {home.path} (`mmdet-wandb status` lists them)")
     plan = syncer.plan(runs or None)
     if dry_run or not plan:
         for wandb_id, todo in plan.items():

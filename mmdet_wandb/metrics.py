@@ -28,9 +28,9 @@ from mmdet_wandb import heartbeat
 NAMES = (
     "mmdet_wandb_rows_read", "mmdet_wandb_rows_uploaded", "mmdet_wandb_rows_pending", "mmdet_wandb_work_dirs",
     "mmdet_wandb_segments_open", "mmdet_wandb_runs_backing_off", "mmdet_wandb_wandb_reachable",
-    "mmdet_wandb_problems", "mmdet_wandb_checkpoints", "mmdet_wandb_eval_jobs", "mmdet_wandb_heartbeat_age_seconds",
-    "mmdet_wandb_scrape_duration_seconds", "mmdet_wandb_loop_pass_seconds", "mmdet_wandb_scan_seconds",
-    "mmdet_wandb_lag_seconds", "mmdet_wandb_oldest_pending_seconds", "mmdet_wandb_eval_job_seconds",
+    "mmdet_wandb_problems", "mmdet_wandb_checkpoints", "mmdet_wandb_store_pinned_bytes", "mmdet_wandb_eval_jobs",
+    "mmdet_wandb_heartbeat_age_seconds", "mmdet_wandb_scrape_duration_seconds", "mmdet_wandb_loop_pass_seconds",
+    "mmdet_wandb_scan_seconds", "mmdet_wandb_lag_seconds", "mmdet_wandb_oldest_pending_seconds", "mmdet_wandb_eval_job_seconds",
     "mmdet_wandb_eval_jobs_lease_expired", "mmdet_wandb_eval_job_leases_lost", "mmdet_wandb_inotify_watches",
     "mmdet_wandb_inotify_max_user_watches",
 )
@@ -94,6 +94,9 @@ class StateCollector(Collector):
                                 value=0 if found.wandb_unreachable else 1)
         yield _by("mmdet_wandb_problems", "Open problems", "kind", found.problems)
         yield _by("mmdet_wandb_checkpoints", "Checkpoints", "state", found.checkpoints)
+        yield GaugeMetricFamily("mmdet_wandb_store_pinned_bytes",
+                                "Bytes of the checkpoint files pinned in the store (a file once, whatever links it has there)",
+                                value=found.pinned_bytes)
         yield _by("mmdet_wandb_eval_jobs", "Eval jobs (dead: parked)", "state", found.eval_jobs)
         durations = found.job_seconds
         yield HistogramMetricFamily(

@@ -41,6 +41,7 @@ class HookFlags:
     eval_classwise: bool | None = None
     confusion_score_thr: float | None = None
     confusion_iou_thr: float | None = None
+    eval_full_val: bool | None = None
 
 
 @dataclass(frozen=True)
@@ -153,8 +154,8 @@ SERVICE: dict[str, Setting] = {
     "allow_import": Setting("MMDET_WANDB_ALLOW_IMPORT", "allow_import", _modules, ()),
     "dataset_roots": Setting("MMDET_WANDB_DATASET_ROOTS", None, _paths, ()),
     "wandb_timeout": Setting("MMDET_WANDB_TIMEOUT", None, _seconds, 60.0),
-    "metrics_port": Setting("MMDET_WANDB_METRICS_PORT", None, _port, None),
-    "metrics_addr": Setting("MMDET_WANDB_METRICS_ADDR", None, _address, "127.0.0.1"),
+    "metrics_port": Setting("MMDET_WANDB_METRICS_PORT", "metrics_port", _port, None),
+    "metrics_addr": Setting("MMDET_WANDB_METRICS_ADDR", "metrics_addr", _address, "127.0.0.1"),
     "metrics_work_dir_labels": Setting("MMDET_WANDB_METRICS_WORK_DIR_LABELS", "metrics_work_dir_labels", _labels, 0),
     "forget_after": Setting("MMDET_WANDB_FORGET_AFTER", "forget_after", _seconds, 7 * 24 * 3600.0),
 }

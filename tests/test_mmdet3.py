@@ -266,7 +266,33 @@ def test_every_checkpoint_of_the_3x_trainings_loads_with_the_allowlist(trained_w
     assert in_mmdet3(LOAD_ALL, *checkpoints).strip() == str(len(checkpoints))
 
 
-CLASSWISE_3X = r"""
+TOOL_3X = r"""
+import contextlib, importlib.util, io
+import mmdet
+from pathlib import Path
+
+
+def tool_confusion(dataset, indices, samples, score_thr=0.3, tp_iou_thr=0.5):
+    '''`calculate_confusion_matrix` of mmdet 3.x's own tools/analysis_tools/confusion_matrix.py (installed with
+    mmdet) over the `indices` images, with the samples as its results pickle holds them.'''
+    path = Path(mmdet.__file__).parent / ".mim" / "tools" / "analysis_tools" / "confusion_matrix.py"
+    spec = importlib.util.spec_from_file_location("mmdet_confusion_matrix", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+
+    class Images:
+        metainfo = dataset.metainfo
+        def __len__(self):
+            return len(indices)
+        def get_data_info(self, i):
+            return dataset.get_data_info(indices[i])
+
+    results = [{"pred_instances": {k: getattr(s.pred_instances, k).cpu() for k in ("bboxes", "scores", "labels")}} for s in samples]
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        return module.calculate_confusion_matrix(Images(), results, score_thr=score_thr, tp_iou_thr=tp_iou_thr).astype(int).tolist()
+"""
+
+CLASSWISE_3X = TOOL_3X + r"""
 import json, sys
 from pathlib import Path
 from db.jobs import ClaimedJob
@@ -279,11 +305,12 @@ dataset, base = mmdet3.build_val_dataset(cfg, work_dir)
 indices, _ = mmdet3.job_inputs.subset(job, len(dataset))
 manifest = mmdet3.build_manifest(dataset, indices, cfg)
 samples = mmdet3.run_inference(mmdet3.build_model(cfg, checkpoint, "cpu"), dataset, indices, cfg, 2, None)
-found = insight.compute(mmdet3.ground_truth(dataset, indices, manifest), [mmdet3.to_detections(s) for s in samples],
+found = insight.compute(mmdet3.ground_truth(dataset, indices), [mmdet3.to_detections(s) for s in samples],
                         manifest.classes, insight.InsightOptions())
 for metric in cfg.val_evaluator if isinstance(cfg.val_evaluator, list) else [cfg.val_evaluator]:
     metric["classwise"] = True
-print("RESULT", json.dumps({"insight": found, "metrics": mmdet3.subset_metrics(cfg, dataset, indices, samples, base)}))
+print("RESULT", json.dumps({"insight": found, "metrics": mmdet3.subset_metrics(cfg, dataset, indices, samples, base),
+                            "tool_confusion": tool_confusion(dataset, indices, samples)}))
 """
 
 
@@ -301,3 +328,55 @@ def test_per_class_ap_equals_coco_metric_classwise(trained_work_dir3, kind):
     for iou_type in iou_types:
         assert round(sum(c["ap"] for c in found["classwise"][iou_type]["classes"]) / len(CLASSES), 3) == \
             metrics[f"coco/{iou_type}_mAP"]
+    assert found["confusion"]["matrix"] == result["tool_confusion"], "the 3.x analysis tool's matrix of the same predictions"
+
+
+FULL_VAL_3X = TOOL_3X + r"""
+import dataclasses, json, sys
+from mmengine.evaluator import Evaluator
+from common.records import subset_indices
+from db.jobs import ClaimedJob
+from evaluator import mmdet3
+
+work_dir, checkpoint, num = Path(sys.argv[1]), sys.argv[2], int(sys.argv[3])
+job = ClaimedJob(1, 1, "mmdet3", checkpoint, str(work_dir), None, None, num, 0.3, eval_full_val=True)
+outcome = mmdet3.evaluate(job, "cpu", 2)
+cfg = mmdet3.load_config(job)
+dataset, _ = mmdet3.build_val_dataset(cfg, work_dir)
+everything = list(range(len(dataset)))
+samples = mmdet3.run_inference(mmdet3.build_model(cfg, checkpoint, "cpu"), dataset, everything, cfg, 2, None)
+own = Evaluator(dict(cfg.val_evaluator, classwise=True))  # CocoMetric as the val loop runs it: every image of ann_file
+own.dataset_meta = dataset.metainfo
+own.process(data_samples=samples, data_batch=None)
+with contextlib.redirect_stdout(io.StringIO()):
+    metrics = own.evaluate(len(samples))
+indices = subset_indices(len(dataset), num)
+print("RESULT", json.dumps({
+    "val_size": len(dataset), "metrics": outcome.metrics, "insight": outcome.insight, "own": metrics,
+    "tool_confusion": tool_confusion(dataset, everything, samples),
+    "tool_images": [tool_confusion(dataset, [i], [samples[i]]) for i in indices],
+    "table": [im.dataset_index for im in outcome.manifest.images], "subset": indices,
+    "predictions": [dataclasses.asdict(p) for p in outcome.predictions],
+    "expected": [dataclasses.asdict(mmdet3.to_detections(samples[i]).instances().above(0.3)) for i in indices],
+    "gt": sum(1 for i in everything for g in dataset.get_data_info(i)["instances"] if not g.get("ignore_flag", 0)),
+}))
+"""
+
+
+def test_eval_full_val_gives_coco_metrics_own_numbers_of_the_whole_val_set_and_keeps_the_table_on_the_subset(trained_work_dir3):
+    work_dir = trained_work_dir3("retinanet3_epoch")
+    last = max(work_dir.glob("epoch_*.pth"), key=lambda p: int(p.stem.split("_")[1]))
+    result = json.loads(in_mmdet3(FULL_VAL_3X, str(work_dir), str(last), str(NUM)).split("RESULT ", 1)[1])
+    found, own = result["insight"], result["own"]
+    assert result["val_size"] > NUM and "error" not in found, found
+    classes = found["classwise"]["bbox"]["classes"]
+    for c in classes:
+        assert round(c["ap"], 3) == own[f"coco/{c['name']}_precision"], c
+    assert sum(c["gt_count"] for c in classes) == result["gt"], "the whole val set's ground truth"
+    shared = set(result["metrics"]) & set(own)
+    assert "coco/bbox_mAP" in shared and {k: result["metrics"][k] for k in shared} == {k: own[k] for k in shared}, "CocoMetric's own"
+    assert found["confusion"]["matrix"] == result["tool_confusion"]
+    assert result["table"] == result["subset"] and result["predictions"] == result["expected"], "the table: the subset's rows"
+    assert [[i["missed"], i["false_positives"], i["wrong_class"]] for i in found["images"]] == [
+        [sum(row[-1] for row in m[:-1]), sum(m[-1][:-1]), sum(sum(row[:-1]) for row in m[:-1]) - sum(m[k][k] for k in range(len(m) - 1))]
+        for m in result["tool_images"]]

@@ -57,7 +57,7 @@ def enqueue(db: Database, ckpt: checkpoints.CheckpointOptions) -> int:
                     unit=checkpoints.unit(row), number=row.number, config_name=run.config_name, config_text=run.config_text,
                     num_eval_images=run_options.num_eval_images, bbox_score_thr=run_options.bbox_score_thr,
                     eval_classwise=run_options.eval_classwise, confusion_score_thr=run_options.confusion_score_thr,
-                    confusion_iou_thr=run_options.confusion_iou_thr,
+                    confusion_iou_thr=run_options.confusion_iou_thr, eval_full_val=run_options.eval_full_val,
                 )
                 queued += 1
             if not run_options.log_checkpoint:
@@ -103,6 +103,7 @@ def queue_tables(db: Database) -> int:
                 "num_eval_images": job.num_eval_images,
                 "bbox_score_thr": job.bbox_score_thr,
                 "subset_metrics": job.metrics,
+                "metrics_on": "val" if job.eval_full_val else "subset",  # --eval-full-val: the metrics are the whole val set's
                 "device": job.device,
                 "inference_seconds": job.seconds,
             }
@@ -124,12 +125,16 @@ SUMMARY_METRICS = {"ap": "AP", "ap50": "AP50"}
 def classwise_summary(summary: dict[str, Any], unit: str, number: int, document: dict[str, Any]) -> dict[str, Any]:
     """The run summary with a checkpoint's per-class metrics: `eval/<class>/bbox_AP` (and AP50, segm_…) of the
     latest evaluated checkpoint (`eval/<unit>` says which), `best/eval/…` and `best_<unit>/eval/…` over all of them
-    (as `best/val/…` for the val lines). NaN (a class without ground truth) is left out."""
+    (as `best/val/…` for the val lines). NaN (a class without ground truth) is left out; a checkpoint without values
+    (no per-class metrics, or an insight that failed) leaves the summary as it is, else `eval/<unit>` would name it
+    beside another checkpoint's values."""
     values = {
         f"eval/{c['name']}/{iou_type}_{label}": c[field]
         for iou_type, result in (document.get("classwise") or {}).items() for c in result["classes"]
         for field, label in SUMMARY_METRICS.items() if c[field] is not None and math.isfinite(c[field])
     }
+    if not values:
+        return summary
     summary = dict(summary)
     if number >= summary.get(f"eval/{unit}", -1):
         summary.update(values)

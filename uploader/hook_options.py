@@ -53,13 +53,17 @@ OPTIONS: dict[str, Option] = {
     "eval_classwise": Option(bool, True),
     "confusion_score_thr": Option(float, 0.3, low=0.0, high=1.0),
     "confusion_iou_thr": Option(float, 0.5, low=0.0, high=1.0),
+    # The metrics (the dataset's own, per-class, PR curves, confusion matrix) over the whole val set; the tables stay
+    # on the subset. Off by default: the model then runs on every val image of every checkpoint.
+    "eval_full_val": Option(bool, False),
 }
 #: wandb.init arguments the service sets itself (one run id per launch, its own folder and mode): a layer's value
 #: for one of them is dropped, and `config show` says so.
 RESERVED_INIT_KWARGS = frozenset({"id", "resume", "dir", "reinit", "settings", "mode", "config", "resume_from", "fork_from"})
 #: Options of the service itself that the config file may set too (the CLI flag and its variable come first);
 #: kept as the file has them, for the command that reads them to check.
-SERVICE_OPTIONS = ("log_timezone", "trust_checkpoints", "trust_configs", "allow_import", "forget_after", "metrics_work_dir_labels")
+SERVICE_OPTIONS = ("log_timezone", "trust_checkpoints", "trust_configs", "allow_import", "forget_after", "metrics_port", "metrics_addr",
+                   "metrics_work_dir_labels")
 ENV_PREFIX = "MMDET_WANDB_"
 CONFIG_ENV = "MMDET_WANDB_CONFIG"
 TRUE, FALSE = {"1", "true", "yes", "on"}, {"0", "false", "no", "off", ""}
@@ -127,6 +131,10 @@ class HookOptions:
     @property
     def confusion_iou_thr(self) -> float:
         return self.values["confusion_iou_thr"]
+
+    @property
+    def eval_full_val(self) -> bool:
+        return self.values["eval_full_val"]
 
 
 def resolve(layers: Layers, hook: Mapping[str, Any] | None, hook_source: str = "hook") -> HookOptions:
