@@ -1,7 +1,8 @@
 """The images and the compose stack, run for real with podman (docs/deployment.md "What was run"): the images
 built by tools/images.sh on the local Debian base, docker-compose.yml with docker-compose.cpu.yml run by
-podman-compose on a real tiny training, the hardening checked from inside the running containers, and the
-PostgreSQL profile with two nodes' uploaders on the Debian-made PostgreSQL image.
+podman-compose on a real tiny training, the hardening checked from inside the running containers, the `mmdet3`
+profile on a 3.x training beside a 2.x one, and the PostgreSQL profile with two nodes' uploaders on the
+Debian-made PostgreSQL image.
 Skipped, with one line, where podman cannot run a container."""
 from __future__ import annotations
 
@@ -14,15 +15,18 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
 from tests.conftest import REPO, offline_run
+from tests.mmdet3_run.fixtures import cached_work_dir3, require_mmdet3
 from tests.mmdet_run.fixtures import cached_dataset, cached_work_dir, copy_work_dir, require_mmdet
 
-pytestmark = pytest.mark.timeout(3600)  # a cold build installs torch into the evaluator image
+# CI runs these in a stage of their own (`-m containers`); a cold build installs torch into the evaluator image
+pytestmark = [pytest.mark.containers, pytest.mark.timeout(3600)]
 
 VERSION = "0.1.0"
 BASE = "mmdet-wandb-debian:bookworm"
@@ -102,11 +106,14 @@ class Stack:
     work_dir: Path
     env: dict[str, str]
     more_files: tuple[str, ...] = ()  # after compose_files()
+    profiles: tuple[str, ...] = ()
+    services: tuple[str, ...] = ("uploader", "evaluator")  # the ones whose exit (a restart) fails a wait
 
     def compose(self, *args: str, check: bool = True, timeout: float = 600) -> subprocess.CompletedProcess[str]:
         files = [arg for name in (*compose_files(), *self.more_files) for arg in ("-f", name)]
+        profiles = [arg for name in self.profiles for arg in ("--profile", name)]
         proc = subprocess.run(
-            [sys.executable, "-m", "podman_compose", "-p", self.project, *files, *args],
+            [sys.executable, "-m", "podman_compose", "-p", self.project, *files, *profiles, *args],
             env=self.env, cwd=REPO, capture_output=True, text=True, timeout=timeout)
         if check and proc.returncode != 0:
             raise AssertionError(f"compose {' '.join(args)} exited {proc.returncode}\n{proc.stdout}\n{proc.stderr}")
@@ -149,24 +156,22 @@ def wait_for(predicate, timeout: float, what: str, stack: Stack) -> None:
     while time.monotonic() < deadline:
         if predicate():
             return
-        restarted = [s for s in ("uploader", "evaluator") if stack.restarts(s)]
+        restarted = [s for s in stack.services if stack.restarts(s)]
         if restarted:
             raise AssertionError(f"{restarted} exited while waiting for {what}\n{stack.logs(restarted[0])[-4000:]}")
         time.sleep(2)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what}\n--- uploader\n{stack.logs('uploader')[-4000:]}"
-                         f"\n--- evaluator\n{stack.logs('evaluator')[-4000:]}")
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}\n"
+                         + "\n".join(f"--- {s}\n{stack.logs(s)[-4000:]}" for s in stack.services))
 
 
 def regular_checkpoints(work_dir: Path) -> list[str]:
     return sorted(p.name for p in work_dir.glob("epoch_*.pth"))
 
 
-def evaluated(stack: Stack) -> bool:
-    status = stack.status()
-    if not status or not status["work_dirs"]:
-        return False
-    (work_dir,) = status["work_dirs"]
-    return work_dir_evaluated(work_dir, stack.work_dir)
+def evaluated(stack: Stack, *paths: Path) -> bool:
+    """`status --json` lists the trainings at `paths` and no other, each evaluated (work_dir_evaluated)."""
+    by_path = {w["path"]: w for w in (stack.status() or {"work_dirs": []})["work_dirs"]}
+    return sorted(by_path) == sorted(map(str, paths)) and all(work_dir_evaluated(by_path[str(p)], p) for p in paths)
 
 
 def work_dir_evaluated(work_dir: dict, path: Path) -> bool:
@@ -185,40 +190,65 @@ def compose_env(work_dirs: Path, datasets: Path, **extra: str) -> dict[str, str]
     return env
 
 
-@pytest.fixture(scope="module")
-def stack(images) -> Iterator[Stack]:
-    """The stack up on a copy of a real tiny training, until the model versions, the val table and a prediction
-    table per checkpoint are uploaded; torn down (with its volume) after the module."""
-    require_mmdet()
-    root = Path(tempfile.mkdtemp(prefix="mmdet-wandb-compose-", dir="/var/tmp"))
-    root.chmod(0o755)  # the services run as uid 1000: they read the work_dirs as other users
+def training_root(prefix: str) -> tuple[Path, Path]:
+    """A folder of the test's under /var/tmp and its work_dirs, readable by the services (uid 1000: they read the
+    work_dirs as other users)."""
+    root = Path(tempfile.mkdtemp(prefix=prefix, dir="/var/tmp"))
+    root.chmod(0o755)
     work_dirs = root / "work_dirs"
     work_dirs.mkdir(mode=0o755)
-    work_dir = copy_work_dir(cached_work_dir("retinanet_epoch"), work_dirs)
-    stack = Stack(f"mmdet-wandb-test-{os.getpid()}", work_dirs, work_dir, compose_env(work_dirs, cached_dataset().root))
+    return root, work_dirs
+
+
+@contextmanager
+def running(stack: Stack, root: Path, timeout: float) -> Iterator[Stack]:
+    """The stack up until every training under its work_dirs is uploaded and evaluated; then torn down (with its
+    volumes) and `root` removed."""
+    trainings = sorted(p for p in stack.work_dirs.iterdir() if p.is_dir())
     try:
         stack.compose("up", "-d", "--no-build")
-        wait_for(lambda: evaluated(stack), 420, "the model versions, the val table and the predictions", stack)
+        wait_for(lambda: evaluated(stack, *trainings), timeout,
+                 "every checkpoint's model version, the val table and the predictions", stack)
         yield stack
     finally:
         stack.compose("down", "-v", "-t", "30", check=False)
         shutil.rmtree(root, ignore_errors=True)
 
 
-def test_the_stack_uploads_the_training_and_evaluates_every_checkpoint(stack):
-    arts = stack.artifacts()
+@pytest.fixture(scope="module")
+def stack(images) -> Iterator[Stack]:
+    """The stack up on a copy of a real tiny training, until the model versions, the val table and a prediction
+    table per checkpoint are uploaded; torn down (with its volume) after the module."""
+    require_mmdet()
+    root, work_dirs = training_root("mmdet-wandb-compose-")
+    work_dir = copy_work_dir(cached_work_dir("retinanet_epoch"), work_dirs)
+    with running(Stack(f"mmdet-wandb-test-{os.getpid()}", work_dirs, work_dir,
+                       compose_env(work_dirs, cached_dataset().root)), root, 420) as up:
+        yield up
+
+
+def assert_uploaded(state: Path, work_dir: dict, path: Path, stack_name: str) -> None:
+    """What a venv run gives, in the offline run under `state` of `status --json`'s entry `work_dir` (the training at
+    `path`): every checkpoint a model version, the val table, a prediction table of NUM rows per epoch checkpoint,
+    and every eval job done by a worker of the stack `stack_name`."""
+    (run,) = work_dir["runs"]
+    arts = [a for segment in offline_run(state, run["wandb_id"]).segments for a in segment.artifacts]
     models = [a for a in arts if a.type == "model"]
     (val,) = [a for a in arts if a.type == "dataset"]
     preds = [a for a in arts if a.type == "evaluation"]
-    assert sorted(e["path"] for a in models for e in a.entries) == sorted(p.name for p in stack.work_dir.glob("*.pth") if not p.is_symlink())
+    assert sorted(e["path"] for a in models for e in a.entries) == sorted(p.name for p in path.glob("*.pth") if not p.is_symlink())
     assert val.name == "val" and [e for e in val.entries if e["path"] == "val_data.table.json"]
-    assert sorted(a.metadata["checkpoint"] for a in preds) == regular_checkpoints(stack.work_dir)
+    assert sorted(a.metadata["checkpoint"] for a in preds) == regular_checkpoints(path)
     for pred in preds:
         (table,) = [e for e in pred.entries if e["path"] == "eval_data.table.json"]
-        local = stack.state / Path(table["local_path"]).relative_to("/var/lib/mmdet-wandb")  # a path in the container
+        local = state / Path(table["local_path"]).relative_to("/var/lib/mmdet-wandb")  # a path in the container
         assert len(json.loads(local.read_text())["data"]) == NUM
+    assert {(j["stack"], j["state"]) for j in work_dir["eval_jobs"]} == {(stack_name, "done")}, work_dir["eval_jobs"]
+
+
+def test_the_stack_uploads_the_training_and_evaluates_every_checkpoint(stack):
     (work_dir,) = stack.status()["work_dirs"]
-    assert {j["state"] for j in work_dir["eval_jobs"]} == {"done"}
+    assert_uploaded(stack.state, work_dir, stack.work_dir, "mmdet2")
 
 
 PROBE = r"""
@@ -257,15 +287,20 @@ def probe(stack: Stack, service: str, host: str, port: int) -> dict:
     return json.loads(proc.stdout)
 
 
+def assert_evaluator_locked_down(found: dict) -> None:
+    """An evaluator's probe: no network, no W&B secret, no capability, not root, and it writes nothing but /tmp."""
+    assert found["connect"] != "connected" and found["interfaces"] == ["lo"], found
+    assert found["wandb"] == [] and found["uid"] != 0 and int(found["caps"], 16) == 0, found
+    assert found["root"] == "EROFS" and found["work_dir"] == "EROFS" and found["store"] == "EROFS", found
+    assert found["tmp"] == "written", "HOME and the caches are the tmpfs /tmp"
+
+
 def test_the_containers_are_locked_down_seen_from_inside(stack):
     with socket.create_server(("0.0.0.0", 0)) as listening:
         port = listening.getsockname()[1]
         evaluator = probe(stack, "evaluator", host_address(), port)
         uploader = probe(stack, "uploader", host_address(), port)
-    assert evaluator["connect"] != "connected" and evaluator["interfaces"] == ["lo"], evaluator
-    assert evaluator["wandb"] == [] and evaluator["uid"] != 0 and int(evaluator["caps"], 16) == 0, evaluator
-    assert evaluator["root"] == "EROFS" and evaluator["work_dir"] == "EROFS" and evaluator["store"] == "EROFS", evaluator
-    assert evaluator["tmp"] == "written", "HOME and the caches are the tmpfs /tmp"
+    assert_evaluator_locked_down(evaluator)
     assert uploader["work_dir"] == "EROFS" and uploader["root"] == "EROFS", uploader
     assert uploader["uid"] != 0 and int(uploader["caps"], 16) == 0, uploader
     assert uploader["connect"] == "connected", "the uploader keeps its network (W&B)"
@@ -278,16 +313,21 @@ def test_a_restarted_uploader_uploads_nothing_twice(stack):
     assert podman("inspect", stack.container("uploader"), "--format", "{{.State.StartedAt}}").stdout != started
     wait_for(lambda: stack.status() is not None and stack.exec("uploader", "mmdet-wandb", "health", "uploader").returncode == 0,
              180, "the restarted uploader's heartbeat", stack)
-    wait_for(lambda: evaluated(stack), 60, "the state after the restart", stack)
+    wait_for(lambda: evaluated(stack, stack.work_dir), 60, "the state after the restart", stack)
     after = [(a.type, a.name, a.metadata.get("checkpoint")) for a in stack.artifacts()]
     assert sorted(after, key=str) == sorted(before, key=str), "nothing uploaded twice"
 
 
-def test_sigterm_stops_the_stack_cleanly(stack):
+def assert_stops_cleanly(stack: Stack) -> None:
+    """`stop` (SIGTERM, then the grace period) ends every service with exit status 0."""
     stack.compose("stop", "-t", "120")
-    for service in ("uploader", "evaluator"):
+    for service in stack.services:
         state = json.loads(podman("inspect", stack.container(service), "--format", "{{json .State}}").stdout)
         assert state["Status"] == "exited" and state["ExitCode"] == 0, (service, state, stack.logs(service)[-3000:])
+
+
+def test_sigterm_stops_the_stack_cleanly(stack):
+    assert_stops_cleanly(stack)
 
 
 def test_a_compose_run_on_a_missing_work_dirs_path_fails_in_one_line(images, tmp_path):
@@ -377,3 +417,46 @@ def test_two_nodes_and_an_evaluator_share_one_postgresql(images):
     finally:
         stack.compose("down", "-v", "-t", "30", check=False)
         shutil.rmtree(root, ignore_errors=True)
+
+
+# --- the mmdet3 profile: a 3.x training beside a 2.x one --------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def images3(images) -> None:
+    """The mmdet 3.x evaluator for a node without a GPU (mmcv 2.1.0 from pip's cache: ./dev.sh's .venv-mmdet3
+    compiled it once)."""
+    require_mmdet3()
+    built = images_sh("build", "evaluator-mmdet3-cpu", BUILD_PIP_CONF="host", BASE="local")
+    assert built.returncode == 0, (built.stdout + built.stderr)[-6000:]
+
+
+@pytest.fixture(scope="module")
+def stack3(images3) -> Iterator[Stack]:
+    """The stack with `--profile mmdet3` on copies of a real tiny 2.x training and a real tiny 3.x one in the same
+    work_dirs, until every checkpoint of both is a model version and evaluated; torn down after the module."""
+    require_mmdet()
+    root, work_dirs = training_root("mmdet-wandb-compose3-")
+    copy_work_dir(cached_work_dir("retinanet_epoch"), work_dirs)
+    work_dir3 = copy_work_dir(cached_work_dir3("retinanet3_epoch"), work_dirs)
+    with running(Stack(f"mmdet-wandb-mmdet3-{os.getpid()}", work_dirs, work_dir3,
+                       compose_env(work_dirs, cached_dataset().root), profiles=("mmdet3",),
+                       services=("uploader", "evaluator", "evaluator-mmdet3")), root, 900) as up:
+        yield up
+
+
+def test_the_mmdet3_profile_evaluates_a_3x_training_beside_a_2x_one(stack3):
+    by_path = {Path(w["path"]): w for w in stack3.status()["work_dirs"]}
+    assert stack3.work_dir in by_path and len(by_path) == 2, sorted(by_path)
+    for path, work_dir in by_path.items():
+        assert_uploaded(stack3.state, work_dir, path, "mmdet3" if path == stack3.work_dir else "mmdet2")
+
+
+def test_the_mmdet3_evaluator_is_locked_down_seen_from_inside(stack3):
+    with socket.create_server(("0.0.0.0", 0)) as listening:
+        found = probe(stack3, "evaluator-mmdet3", host_address(), listening.getsockname()[1])
+    assert_evaluator_locked_down(found)
+
+
+def test_sigterm_stops_the_mmdet3_stack_cleanly(stack3):
+    assert_stops_cleanly(stack3)

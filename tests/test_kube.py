@@ -26,10 +26,11 @@ import yaml
 from tests.conftest import REPO, cli, offline_run, status
 from tests.mmdet_run.fixtures import cached_dataset, cached_work_dir, copy_work_dir, require_mmdet
 from tests.test_containers import images  # noqa: F401  (a pytest fixture: the images, or the skip line)
-from tests.test_containers import (NUM, PROBE, VERSION, host_address, images_sh, podman, regular_checkpoints,
+from tests.test_containers import (NUM, PROBE, VERSION, assert_uploaded, host_address, images_sh, podman,
                                    work_dir_evaluated)
 
-pytestmark = pytest.mark.timeout(3600)  # a cold `images` builds the evaluator image
+# CI runs these in a stage of their own (`-m containers`); a cold `images` builds the evaluator image
+pytestmark = [pytest.mark.containers, pytest.mark.timeout(3600)]
 
 NODE = "kube-node-1"  # the node name the downward API would give the uploader
 IMAGES = {  # the manifests' images -> the ones tools/images.sh built here (no registry, no GPU)
@@ -211,20 +212,7 @@ def cluster(images) -> Iterator[Cluster]:
 def test_the_pods_upload_the_training_and_evaluate_every_checkpoint_on_postgresql(cluster):
     (work_dir,) = cluster.status()["work_dirs"]
     assert work_dir["node"] == NODE and work_dir["path"] == str(cluster.work_dir)
-    assert {j["state"] for j in work_dir["eval_jobs"]} == {"done"}
-    (run,) = work_dir["runs"]
-    arts = [a for segment in offline_run(cluster.state, run["wandb_id"]).segments for a in segment.artifacts]
-    models = [a for a in arts if a.type == "model"]
-    (val,) = [a for a in arts if a.type == "dataset"]
-    preds = [a for a in arts if a.type == "evaluation"]
-    assert sorted(e["path"] for a in models for e in a.entries) == sorted(
-        p.name for p in cluster.work_dir.glob("*.pth") if not p.is_symlink())
-    assert val.name == "val" and [e for e in val.entries if e["path"] == "val_data.table.json"]
-    assert sorted(a.metadata["checkpoint"] for a in preds) == regular_checkpoints(cluster.work_dir)
-    for pred in preds:
-        (table,) = [e for e in pred.entries if e["path"] == "eval_data.table.json"]
-        local = cluster.state / Path(table["local_path"]).relative_to("/var/lib/mmdet-wandb")
-        assert len(json.loads(local.read_text())["data"]) == NUM
+    assert_uploaded(cluster.state, work_dir, cluster.work_dir, "mmdet2")
     url = cluster.exec(EVALUATOR, "sh", "-c", "echo $MMDET_WANDB_DB_URL", check=True).stdout
     assert url.startswith("postgresql+psycopg://") and f"@{DB}:5432/" in url, "the state is the PostgreSQL pod's"
 

@@ -2,10 +2,11 @@
 # Builds the images with podman (or docker: ENGINE=docker) where no image registry is reachable, or behind a
 # proxy CA or a package mirror (docs/deployment.md "Building the images").
 #   tools/images.sh base                  a local Debian bookworm base from Debian's packages (debootstrap)
-#   tools/images.sh build TARGET...       uploader | evaluator | evaluator-mmdet3 | evaluator-cpu | postgres
+#   tools/images.sh build TARGET...       uploader | evaluator | evaluator-mmdet3 | evaluator-cpu |
+#                                         evaluator-mmdet3-cpu | postgres
 # Options (environment):
 #   BASE=IMAGE       the base of every image built (default: the public image each Dockerfile names, for
-#                    evaluator-cpu python:3.11-slim-bookworm, for postgres debian:bookworm-slim;
+#                    the CPU evaluators python:3.11-slim-bookworm, for postgres debian:bookworm-slim;
 #                    `BASE=local` is the Debian base `tools/images.sh base` made).
 #   BUILD_PIP_CONF=FILE  the pip configuration the builds use (mounted as /etc/pip.conf), and every absolute path
 #                    it names (CA bundle, find-links, constraints; a file:// index with the folder above it, where
@@ -18,6 +19,7 @@ set -euo pipefail
 here=$(cd "$(dirname "$0")/.." && pwd)
 engine=${ENGINE:-podman}
 local_base=mmdet-wandb-debian:bookworm
+targets="uploader | evaluator | evaluator-mmdet3 | evaluator-cpu | evaluator-mmdet3-cpu | postgres"
 version=$(sed -n 's/^version = "\(.*\)"/\1/p' "$here/pyproject.toml")
 
 scratch=$(mktemp -d)
@@ -63,8 +65,11 @@ build() {
     evaluator-cpu) dockerfile=docker/Dockerfile.evaluator image=mmdet-wandb-evaluator-cpu
       base=${BASE:-python:3.11-slim-bookworm}
       args+=(--build-arg FORCE_CUDA=0) ;;
+    evaluator-mmdet3-cpu) dockerfile=docker/Dockerfile.evaluator image=mmdet-wandb-evaluator-mmdet3-cpu
+      base=${BASE:-python:3.11-slim-bookworm}
+      args+=(--build-arg STACK=mmdet3 --build-arg FORCE_CUDA=0) ;;
     postgres) dockerfile=docker/Dockerfile.postgres image=mmdet-wandb-postgres ;;  # Debian's postgresql (apt, no pip)
-    *) die "unknown target '$target' (uploader | evaluator | evaluator-mmdet3 | evaluator-cpu | postgres)" ;;
+    *) die "unknown target '$target' ($targets)" ;;
   esac
   if [ "$base" = local ]; then
     "$engine" image exists "$local_base" 2>/dev/null || die "no $local_base image: run 'tools/images.sh base' first"
@@ -90,7 +95,7 @@ build() {
 
 case "${1:-}" in
   base) make_base ;;
-  build) shift; [ $# -gt 0 ] || die "build what? (uploader | evaluator | evaluator-mmdet3 | evaluator-cpu | postgres)"
+  build) shift; [ $# -gt 0 ] || die "build what? ($targets)"
     for target in "$@"; do build "$target"; done ;;
   *) die "usage: tools/images.sh base | tools/images.sh build TARGET..." ;;
 esac
