@@ -69,6 +69,7 @@ class Loop:
         self.options = options
         self._logs: dict[Path, FoundLog] = {}
         self._work_dirs: set[Path] = set()  # of the logs found by the last scan
+        self._walk_cpu_s = 0.0  # what the last scan's walk of the roots cost
         self._newer: dict[Path, bool] = {}
         self._seen_stat: dict[Path, tuple[int, int, int]] = {}
         self._finished: dict[Path, tuple[int, int, int]] = {}  # stat of a log when it was read as finished
@@ -82,7 +83,10 @@ class Loop:
 
     def scan(self) -> list[FoundLog]:
         """Discover every log under the roots, record what is wrong, and tombstone logs that disappeared."""
+        cpu = time.thread_time()
         results = [discovery.scan(root) for root in self.options.roots]  # the walk holds no DB lock
+        self._walk_cpu_s = time.thread_time() - cpu  # paces the scans: the walk's own CPU, not a wait for the GIL
+        # or the DB (another thread's recover or imports at start must not push the next scan minutes away)
         found = [log for result in results for log in result.logs if self.options.share is None or log.work_dir in self.options.share]
         if self.options.share is None:  # a share's parent records them
             with self.db.transaction() as session:
@@ -314,9 +318,9 @@ class Loop:
                     if full:  # paced by what the walk cost (not by the reading it finds): 1,000 idle work_dirs about once a minute
                         started = time.monotonic()
                         self.scan()
-                        walk = time.monotonic() - started
-                        timings.SCAN.observe(walk)
-                        next_scan = time.monotonic() + min(SCAN_MAX_INTERVAL_S, max(self.options.scan_interval_s, walk / SCAN_SHARE))
+                        timings.SCAN.observe(time.monotonic() - started)
+                        next_scan = time.monotonic() + min(SCAN_MAX_INTERVAL_S, max(self.options.scan_interval_s,
+                                                                                    self._walk_cpu_s / SCAN_SHARE))
                         self.forget_deleted()  # after the walk's timing: it paces the scans
                         self.db.reclaim_left_over()
                     # every checkpoint is looked at on a scan; with events, a new one wakes its work_dir, so then only

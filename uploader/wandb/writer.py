@@ -70,6 +70,7 @@ class _OpenSegment:
     artifacts: dict[int, Any] = field(default_factory=dict)  # outbox id → the wandb.Artifact logged (online: waited for)
     last_activity: float = field(default_factory=time.monotonic)
     uploaded_up_to: int | None = None  # the highest step W&B has (closed segments, or the server online)
+    by_epoch: bool | None = None  # what its val curves' x-axis was defined by (`_define_metrics`)
 
 
 class WandbWriter:
@@ -277,12 +278,16 @@ class WandbWriter:
         runs with something pending or sent only."""
         seg = self._open.get(run_id) or self._open_segment(run_id)
         with self.db.read() as session:
+            by_epoch = session.get_one(Run, run_id).by_epoch
             rows = outbox.pending_rows(session, run_id, self.options.batch_rows)
             entries = outbox.pending_artifacts(session, run_id)
             val_records = {
                 entry.id: outbox.logged_val(session, run_id, entry.manifest_id, uploaded_only=self.online)  # type: ignore[arg-type]
                 for entry in entries if entry.kind is ArtifactKind.PREDICTIONS
             }
+        if by_epoch != seg.by_epoch:  # learnt from a line read after the segment opened (an iter-based run's
+            _define_metrics(seg.handle, by_epoch)  # first val line): the val curves' x-axis again, before its rows
+            seg.by_epoch = by_epoch
         if rows:
             floor = seg.steps[-1] if seg.steps else seg.uploaded_up_to
             if floor is not None and rows[0].step <= floor:
@@ -387,6 +392,7 @@ class WandbWriter:
         seg = _OpenSegment(segment_id=segment_id, run_id=run_id, handle=handle, sync_file=None, ids=ids, uploaded_up_to=done)
         self._open[run_id] = seg
         _define_metrics(handle, by_epoch)
+        seg.by_epoch = by_epoch
         if config:
             handle.config.update(config, allow_val_change=True)
         if config_file is not None:
