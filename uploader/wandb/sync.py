@@ -215,7 +215,7 @@ def _summary(summary: dict[str, Any]) -> dict[str, Any]:
     their offline artifacts cannot resolve (each segment logs its own anew, `_summary_table`)."""
     if private_api.enabled():
         return summary
-    return {k: v for k, v in summary.items() if not (isinstance(v, dict) and v.get("_type") == "table-file")}
+    return {k: v for k, v in summary.items() if not _is_table(v)}
 
 
 def _chart_tables(offline_summary: dict[str, Any]) -> dict[str, Any]:
@@ -224,7 +224,12 @@ def _chart_tables(offline_summary: dict[str, Any]) -> dict[str, Any]:
     ids); off it, `_summary_table` logs each anew."""
     if not private_api.enabled():
         return {}
-    return {k: v for k, v in offline_summary.items() if isinstance(v, dict) and v.get("_type") == "table-file"}
+    return {k: v for k, v in offline_summary.items() if _is_table(v)}
+
+
+def _is_table(value: Any) -> bool:
+    """A summary value that is a table file (a chart's), referencing its `run_table` artifact."""
+    return isinstance(value, dict) and value.get("_type") == "table-file"
 
 
 def _summary_table(offline: reader.OfflineArtifact) -> tuple[str, wandb.Table]:

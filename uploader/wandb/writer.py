@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import wandb
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from common import crash_points, events, json_values
@@ -278,7 +279,7 @@ class WandbWriter:
         runs with something pending or sent only."""
         seg = self._open.get(run_id) or self._open_segment(run_id)
         with self.db.read() as session:
-            by_epoch = session.get_one(Run, run_id).by_epoch
+            by_epoch = session.scalar(select(Run.by_epoch).where(Run.id == run_id))  # not the whole row: its config text
             rows = outbox.pending_rows(session, run_id, self.options.batch_rows)
             entries = outbox.pending_artifacts(session, run_id)
             val_records = {
