@@ -161,6 +161,44 @@ def test_restart_after_sigkill_settles_open_segments_at_once_and_ends_exactly_on
     all_steps_once(home)
 
 
+def test_watch_restarted_after_sigkill_settles_each_run_before_its_upload_and_every_run_in_its_first_pass(real_logs, tmp_path, watcher):
+    """`watch` settles what a killed process left run by run, each right before the run's first upload (a
+    restart's next row waits for its own run only): the first run's new segment opens before the last run's
+    leftover is read back, and by the end of that pass every leftover is settled, the directory no segment
+    owns is deleted, and every line is in W&B exactly once."""
+    root, home = tmp_path / "work_dirs", tmp_path / "home"
+    logs = {}
+    for name, rel in (("eltd", ELTD), ("yolo", YOLO), ("cornernet", CORNERNET)):
+        (root / name).mkdir(parents=True)
+        logs[name] = Path(shutil.copy(real_logs / rel, root / name))
+    proc = start_backfill(home, root, "--jobs", "1", MMDET_WANDB_CRASH_AT="segment-closing")
+    output = proc.communicate(timeout=300)[0]
+    assert proc.returncode == -signal.SIGKILL, output
+    left = open_segments(home)
+    assert len(left) == 3, (left, output)
+    shutil.rmtree(left[0][1])
+    (sync,) = wandb_reader.find_run_files(left[1][1])
+    with open(sync, "r+b") as handle:
+        handle.truncate(os.path.getsize(sync) // 2)
+    unowned = home / "wandb" / left[2][0] / "0099"  # a kill between `wandb.init` and recording its segment
+    unowned.mkdir()
+
+    watch = watcher(home, root, "--segment-idle", "1", "--log-level", "INFO")
+    wait_until(lambda: not open_segments(home) and all(r["rows_pending"] == 0 for r in runs_by_work_dir(home).values())
+               and len(runs_by_work_dir(home)) == 3, 300, "every row uploaded and every segment closed", watch)
+    output = stop(watch)
+    lines = output.splitlines()
+    settled = [i for i, line in enumerate(lines) if "rebuilding it from the DB" in line]
+    opened = [i for i, line in enumerate(lines) if "opened segment" in line]
+    assert len(settled) == 3 and opened, output
+    assert opened[0] < settled[-1], f"every leftover was settled before the first upload:\n{output}"
+    assert not unowned.exists()
+    for name, log in logs.items():
+        run = runs_by_work_dir(home)[name]
+        assert_history_matches(offline_run(home, run["wandb_id"]).history, expected_rows(log))
+    all_steps_once(home)
+
+
 def test_two_uploaders_on_one_postgresql_own_their_rows_through_a_sigkill(real_logs, trained_work_dir, tmp_path, postgres_url):
     """Nodes a and b, each with its own roots and data dir, one PostgreSQL and one worker: a is killed with
     segments open; b restarts meanwhile and leaves a's segments and pins alone; a's restart recovers them; both

@@ -318,3 +318,33 @@ def test_dockerfiles_install_with_the_steps_ci_runs():
         copied = set(re.findall(r"^COPY (\w+) /src/\1$", text, re.M))
         assert copied & wanted == needed, f"{name}: copies every package it runs, and no other"
         assert re.search(r"^USER mmdet$", text, re.M) and "HEALTHCHECK" in text
+
+
+_GC_PROBE = """
+import atexit, gc, sys
+import mmdet_wandb.cli as cli
+paused = not gc.isenabled()
+atexit.register(lambda: print("gc-probe", paused, gc.isenabled(), gc.get_freeze_count() > 0, file=sys.stderr))
+sys.argv = ["mmdet-wandb", *sys.argv[1:]]
+cli.main()
+"""
+
+
+@pytest.mark.parametrize("command", ["status", "backfill", "evaluate", "watch"])
+def test_the_start_up_pauses_the_garbage_collector_and_the_command_resumes_it(tmp_path: Path, command: str) -> None:
+    """Python's cyclic GC is off while the CLI imports its modules (~10 % of a restart's CPU, benchmarks/faults.py)
+    and on again, with the start-up's objects frozen, once the command runs: a months-long `watch` or `evaluate`
+    never runs without it."""
+    root, home = tmp_path / "work_dirs", tmp_path / "home"
+    root.mkdir()
+    args = {"status": [], "backfill": [str(root), "--no-progress"], "evaluate": ["--exit-when-idle", "--device", "cpu"],
+            "watch": [str(root)]}[command]
+    if command == "status":
+        cli(home, "backfill", str(root), "--no-progress")
+    proc = subprocess.Popen([sys.executable, "-c", _GC_PROBE, command, *args], env=service_env(home), cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    if command == "watch":
+        wait_until((home / "heartbeat" / "uploader").exists, 120, "watch's first pass", proc)
+        proc.send_signal(signal.SIGTERM)
+    output, _ = proc.communicate(timeout=300)
+    assert "gc-probe True True True" in output, output

@@ -2,6 +2,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -64,6 +67,41 @@ def test_the_path_each_wandb_version_takes(offline_wandb: Path, monkeypatch: pyt
     monkeypatch.setenv(private_api.PUBLIC_ONLY_ENV, "1")
     assert not private_api.enabled() and not history_batch.supported(run)
     _finish(run)
+
+
+_START = """
+import json, sys
+import wandb
+from uploader.wandb import private_api, reader
+from wandb.sdk.lib.service import service_port_file
+
+private_api.quick_service_poll()
+private_api.skip_launch_inputs()
+run = wandb.init(dir=sys.argv[1], project="start", settings=wandb.Settings(mode="offline", console="off", silent=True))
+run.log({"a": 1.5}, step=0)
+path = run.settings.sync_file
+run.finish()
+reader.wait_for_exit(path, timeout=60)
+rows = [{k: json.loads(i.value_json) for i in r.history.item if (k := "/".join(i.nested_key) or i.key) == "a"}
+        for r in reader.iter_records(path) if r.HasField("history")]
+print(json.dumps({"launch": "wandb.sdk.launch" in sys.modules, "quick": service_port_file._SLEEP is private_api._short_sleep, "rows": rows}))
+"""
+
+
+@pytest.mark.parametrize("public_only", ["0", "1"])
+def test_a_start_skips_the_launch_agent_and_polls_wandb_core_quickly(tmp_path: Path, public_only: str) -> None:
+    """On the private path `wandb.init` leaves out the look for staged launch inputs (it imports wandb's launch
+    agent, ~0.3 s of a restart) and `wandb.setup` polls for wandb-core every 10 ms; on the public path both are
+    wandb's own. Either way the run starts and holds its row. A fresh process: the modules a start imports."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
+    env.update({private_api.PUBLIC_ONLY_ENV: public_only, "WANDB_DATA_DIR": str(tmp_path / "data"),
+                "WANDB_CACHE_DIR": str(tmp_path / "cache"), "WANDB_CONFIG_DIR": str(tmp_path / "config")})
+    proc = subprocess.run([sys.executable, "-c", _START, str(tmp_path)], capture_output=True, text=True, timeout=300, env=env,
+                          cwd=Path(__file__).resolve().parents[1])
+    assert proc.returncode == 0, proc.stderr
+    seen = json.loads(proc.stdout.splitlines()[-1])
+    private = public_only == "0" and wandb.__version__ in private_api.VERIFIED
+    assert seen == {"launch": not private, "quick": private, "rows": [{"a": 1.5}]}
 
 
 @pytest.mark.parametrize("public_only", ["0", "1"])

@@ -366,7 +366,7 @@ class Loop:
         while True:
             try:
                 if not recovered:
-                    self.writer.recover()
+                    self.writer.recover(lazily=not self.writer.online)
                     recovered = True
                 if self.options.sync_backlog is not None and time.monotonic() >= backlog_due:
                     backlog_due = time.monotonic() + BACKLOG_EVERY_S

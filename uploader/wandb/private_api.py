@@ -25,6 +25,13 @@ The uses:
   step (the steps are the service's, DESIGN 5): the chart's spec goes into the run's `_wandb.visualize` config as
   `run.log` puts it there; else the table is a summary value only (no chart panel).
 - `settings`: wandb's `x_` settings are experimental; one this wandb does not define is left out.
+- `skip_launch_inputs`: `wandb.init` looks for launch job inputs staged in this process
+  (`Run._detect_and_apply_job_inputs`), which imports wandb's whole launch agent: ~0.3 s of CPU, the largest
+  single part of a restart's first row (benchmarks/faults.py). The service stages none, so the look is left
+  out; else it runs, and `writer._start_client` imports the agent in the background beforehand.
+- `quick_service_poll`: `wandb.setup` waits for wandb-core's port file in 0.2 s sleeps
+  (`service_port_file._SLEEP`), while wandb-core writes it ~25 ms after it starts: polled every 10 ms, a start
+  of the service reaches its first `wandb.init` ~0.18 s sooner; else wandb's own poll.
 
 Reading `.wandb` files back (`reader.py`) uses no private API: only the protobuf classes in the wheel
 (`wandb.proto.wandb_internal_pb2`) and the transaction log's format version, which the reader checks in every
@@ -35,6 +42,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -60,6 +68,34 @@ def settings(**fields: Any) -> wandb.Settings:
     if dropped:
         log.debug("wandb %s has no setting %s: left out", wandb.__version__, ", ".join(dropped))
     return wandb.Settings(**{name: value for name, value in fields.items() if name not in dropped})
+
+
+def skip_launch_inputs() -> bool:
+    """Make `wandb.init` in this process leave out the look for staged launch job inputs (the service never
+    stages any). False off the private path: the look stays, as wandb has it."""
+    if not enabled():
+        return False
+    from wandb.sdk.wandb_run import Run
+
+    Run._detect_and_apply_job_inputs = _no_launch_inputs  # type: ignore[method-assign]
+    return True
+
+
+def _no_launch_inputs(run: Any) -> None:
+    """What `Run._detect_and_apply_job_inputs` does when nothing was staged."""
+
+
+def quick_service_poll() -> None:
+    """Make `wandb.setup` in this process look for wandb-core's port file every 10 ms instead of every 0.2 s."""
+    if not enabled():
+        return
+    from wandb.sdk.lib.service import service_port_file
+
+    service_port_file._SLEEP = _short_sleep
+
+
+def _short_sleep(seconds: float) -> None:
+    time.sleep(min(seconds, 0.01))
 
 
 def add_local_file(artifact: wandb.Artifact, path: Path, name: str, md5_b64: str) -> None:

@@ -50,7 +50,7 @@ class WriterOptions:
     runs_dir: Path  # segment directories: <runs_dir>/<wandb id>/<seq>/wandb/...
     mode: str = "offline"
     layers: hook_options.Layers = hook_options.Layers()  # init_kwargs (project, entity, tags, ...), resolved per run
-    flush_interval_s: float = 0.5  # how long a logged row may sit in wandb-core before reaching the file
+    flush_interval_s: float = 0.1  # how long a logged row may sit in wandb-core before reaching the file
     segment_idle_s: float = 30.0  # an idle segment is closed so that its rows count as uploaded
     segment_max_rows: int = 200_000
     batch_rows: int = 5_000  # rows per run per drain call, so that one big backfill does not starve live runs
@@ -86,6 +86,9 @@ class WandbWriter:
         self._artifacts = ArtifactBuilder(db, options.media_dir or options.runs_dir.parent / "media")
         self.circuit = Circuit(db) if options.mode == "online" else None
         self._client_live = False  # wandb-core is running for this process
+        _lighter_start()  # before any `wandb.init` of this process
+        self._leftovers: dict[int, list[segments.LeftOpen]] = {}  # run → open segments a previous process left
+        self._dirs_checked = True  # no segment directory is left to look at (`recover`)
         self._last_open = time.monotonic()  # when a run of ours was last open
 
     @property
@@ -97,16 +100,15 @@ class WandbWriter:
         return self.circuit is not None and self.circuit.is_open
 
     def warm_up(self) -> None:
-        """Start wandb-core in the background, and import what the first `wandb.init` of a process imports (each
-        costs ~0.3 s), so that they overlap with reading the logs instead of delaying the first row."""
+        """Start wandb-core (`start_client`), unless `watch` did already."""
         self._client_live = True
-        threading.Thread(target=_start_client, name="wandb-setup", daemon=True).start()
+        start_client()
 
     def busy(self) -> bool:
-        """A segment is open or being read back."""
+        """A segment is open or being read back, or one a previous process left is not settled yet."""
         for run_id in list(self._closing):
             self._still_closing(run_id)
-        return bool(self._open or self._closing)
+        return bool(self._open or self._closing or self._leftovers)
 
     def release_client_when_idle(self) -> bool:
         """With no run open for CLIENT_IDLE_S, stop wandb-core; the next start starts it again (~0.5 s).
@@ -120,28 +122,49 @@ class WandbWriter:
             return True
         return False
 
-    def recover(self) -> None:
+    def recover(self, *, lazily: bool = False) -> None:
         """Settle what a previous process left, reading each file once and waiting for nothing: an open segment
         whose file is complete and holds what was logged is closed; any other (incomplete, truncated,
         unreadable, missing) is rebuilt from the DB. Then every segment directory that no open, sent or closed
         segment owns (a crash between `wandb.init` and recording the segment, or between discarding one and
         deleting it) is deleted, so that `wandb sync` of the whole folder never uploads a step twice.
-        Online, W&B is probed once: when it does not answer, no run is started until it does."""
+        Online, W&B is probed once: when it does not answer, no run is started until it does.
+        `lazily` (`watch` offline): only find them here; `drain` settles a run's right before its first upload
+        and the rest at the end of that pass, so that a restart's next row waits for its own run's leftovers
+        only, not for reading back every open segment of the node."""
         if self.circuit is not None:
             self.circuit.check()
         with self.db.read() as session:
             ours = self._ours(session)
-            leftovers = [s for s in segments.left_open(session) if s.run_id not in self._open and ours(s.run_id)]
-        for stale in leftovers:
-            try:
-                if stale.mode == "offline":
-                    self._verify_and_close(stale.id, self._sync_file_in(stale.directory), wait=False)
-                    log.info("segment %s of run %s was complete; kept", stale.id, stale.run_id)
-                    continue
-            except (verify.SegmentVerificationError, OSError, reader.WandbFileError) as exc:
-                log.info("segment %s of run %s not complete (%s); rebuilding it from the DB", stale.id, stale.run_id, exc)
-            self._discard(stale.id)
-        self._delete_unowned_segment_dirs()
+            self._leftovers = {}
+            for stale in segments.left_open(session):
+                if stale.run_id not in self._open and ours(stale.run_id):
+                    self._leftovers.setdefault(stale.run_id, []).append(stale)
+        self._dirs_checked = False
+        if not lazily:
+            self._settle_leftovers()
+
+    def _settle_leftovers(self, run_id: int | None = None) -> None:
+        """Settle the leftovers of `run_id` (None: of every run); once none is left, delete the segment
+        directories no segment owns."""
+        for rid in [run_id] if run_id is not None else sorted(self._leftovers):
+            left = self._leftovers.get(rid, [])
+            while left:
+                stale = left[0]
+                try:
+                    if stale.mode == "offline":
+                        self._verify_and_close(stale.id, self._sync_file_in(stale.directory), wait=False)
+                        log.info("segment %s of run %s was complete; kept", stale.id, stale.run_id)
+                        left.pop(0)
+                        continue
+                except (verify.SegmentVerificationError, OSError, reader.WandbFileError) as exc:
+                    log.info("segment %s of run %s not complete (%s); rebuilding it from the DB", stale.id, stale.run_id, exc)
+                self._discard(stale.id)
+                left.pop(0)
+            self._leftovers.pop(rid, None)
+        if not self._leftovers and not self._dirs_checked:
+            self._delete_unowned_segment_dirs()
+            self._dirs_checked = True
 
     def _delete_unowned_segment_dirs(self) -> None:
         with self.db.read() as session:
@@ -172,13 +195,15 @@ class WandbWriter:
             return 0
         with self.db.read() as session:
             ours = self._ours(session)
-            runs = sorted(r for r in set(outbox.pending_runs(session)) | segments.awaiting_confirmation(session) if ours(r))
+            runs = sorted(r for r in set(outbox.pending_runs(session)) | segments.awaiting_confirmation(session) | self._leftovers.keys()
+                          if ours(r))
             waiting = segments.backing_off(session, runs)
             if self.online:
                 waiting |= segments.unsynced_runs(session, runs)
         waiting |= {run_id for run_id, until in self._not_before.items() if until > time.monotonic()}
         logged = 0
         for run_id in runs:
+            self._settle_leftovers(run_id)  # outside the run's try: the DB failing fails the pass, as in recover
             if run_id in waiting or self._still_closing(run_id):
                 continue
             try:
@@ -188,6 +213,7 @@ class WandbWriter:
                 self._fail_run(run_id, exc)
                 if self._lost_wandb():
                     break
+        self._settle_leftovers()
         return logged
 
     def close_idle(self) -> None:
@@ -544,10 +570,25 @@ class WandbWriter:
         return files[0]
 
 
-def _start_client() -> None:
+def start_client() -> None:
+    """Start wandb-core in the background, and import what the first `wandb.init` of a process imports (each
+    ~0.2-0.3 s), so that they overlap with the service's own start and reading instead of delaying its first
+    row. Calling it again is harmless (`wandb.setup` returns the running client)."""
+    threading.Thread(target=_start_client, args=(not _lighter_start(),), name="wandb-setup", daemon=True).start()
+
+
+def _lighter_start() -> bool:
+    """What a start of wandb-core and a first `wandb.init` of this process may leave out
+    (`private_api.quick_service_poll`, `skip_launch_inputs`); True when they do."""
+    private_api.quick_service_poll()
+    return private_api.skip_launch_inputs()
+
+
+def _start_client(import_launch: bool) -> None:
     wandb.setup()
-    with contextlib.suppress(ImportError):  # wandb.init imports it (for launch jobs) in its first run
-        importlib.import_module("wandb.sdk.launch.inputs.internal")
+    if import_launch:  # the first `wandb.init` imports it, unless `private_api.skip_launch_inputs` applies
+        with contextlib.suppress(ImportError):
+            importlib.import_module("wandb.sdk.launch.inputs.internal")
 
 
 def _abandon(handle: Any, directory: Path | None, exit_code: int = 1) -> None:
