@@ -131,10 +131,9 @@ def all_steps_once(home: Path) -> None:
         assert len(steps) == len(set(steps)), f"{run_dir.name}: a step in two segment files"
 
 
-def test_restart_after_sigkill_settles_open_segments_at_once_and_ends_exactly_once(real_logs, tmp_path):
-    """Three logs, killed while their segments are open; one segment directory deleted, one `.wandb` file cut
-    short: the restart reads each once, waits for nothing, and every line ends up exactly once."""
-    root, home = tmp_path / "work_dirs", tmp_path / "home"
+def killed_with_three_open_segments(real_logs: Path, root: Path, home: Path) -> tuple[dict[str, Path], list[tuple[str, str]]]:
+    """Three logs backfilled by one process killed while their three segments are open; then the first
+    segment's directory deleted and the second's `.wandb` file cut short. Returns the logs and the segments."""
     logs = {}
     for name, rel in (("eltd", ELTD), ("yolo", YOLO), ("cornernet", CORNERNET)):
         (root / name).mkdir(parents=True)
@@ -148,6 +147,14 @@ def test_restart_after_sigkill_settles_open_segments_at_once_and_ends_exactly_on
     (sync,) = wandb_reader.find_run_files(left[1][1])
     with open(sync, "r+b") as handle:
         handle.truncate(os.path.getsize(sync) // 2)
+    return logs, left
+
+
+def test_restart_after_sigkill_settles_open_segments_at_once_and_ends_exactly_once(real_logs, tmp_path):
+    """Three logs, killed while their segments are open; one segment directory deleted, one `.wandb` file cut
+    short: the restart reads each once, waits for nothing, and every line ends up exactly once."""
+    root, home = tmp_path / "work_dirs", tmp_path / "home"
+    logs, _ = killed_with_three_open_segments(real_logs, root, home)
 
     started = time.monotonic()
     again = cli(home, "backfill", str(root), "--no-progress", "--log-level", "INFO")
@@ -167,19 +174,7 @@ def test_watch_restarted_after_sigkill_settles_each_run_before_its_upload_and_ev
     leftover is read back, and by the end of that pass every leftover is settled, the directory no segment
     owns is deleted, and every line is in W&B exactly once."""
     root, home = tmp_path / "work_dirs", tmp_path / "home"
-    logs = {}
-    for name, rel in (("eltd", ELTD), ("yolo", YOLO), ("cornernet", CORNERNET)):
-        (root / name).mkdir(parents=True)
-        logs[name] = Path(shutil.copy(real_logs / rel, root / name))
-    proc = start_backfill(home, root, "--jobs", "1", MMDET_WANDB_CRASH_AT="segment-closing")
-    output = proc.communicate(timeout=300)[0]
-    assert proc.returncode == -signal.SIGKILL, output
-    left = open_segments(home)
-    assert len(left) == 3, (left, output)
-    shutil.rmtree(left[0][1])
-    (sync,) = wandb_reader.find_run_files(left[1][1])
-    with open(sync, "r+b") as handle:
-        handle.truncate(os.path.getsize(sync) // 2)
+    logs, left = killed_with_three_open_segments(real_logs, root, home)
     unowned = home / "wandb" / left[2][0] / "0099"  # a kill between `wandb.init` and recording its segment
     unowned.mkdir()
 
