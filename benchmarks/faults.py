@@ -235,6 +235,7 @@ def open_segment_count(home: Path) -> int:
 
 
 def wandb_id_of(home: Path, work_dir: Path) -> str:
+    """The W&B id of the work_dir's run, from the state DB."""
     import sqlite3
 
     with sqlite3.connect(home / "state.db") as db:
