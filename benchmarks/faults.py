@@ -80,10 +80,11 @@ def cli(home: Path, *args: str, crash_at: str | None = None, wait: bool = True,
     return proc
 
 
-def kill(proc: subprocess.Popen[str]) -> None:
+def kill(proc: subprocess.Popen[str]) -> str:
+    """SIGKILL the process group; what the process wrote to stderr."""
     if proc.poll() is None:
         os.killpg(proc.pid, signal.SIGKILL)
-    proc.communicate(timeout=60)
+    return proc.communicate(timeout=60)[1]
 
 
 def data_lines(log: Path) -> list[dict[str, Any]]:
@@ -312,9 +313,7 @@ def measure_recovery(tmp: Path, runs: int, *, killed: bool) -> dict[str, float |
                                             if w["path"].endswith("run0") for r in w["runs"]):
                 uploaded = time.monotonic() - started
         time.sleep(0.05)
-    if watch.poll() is None:
-        os.killpg(watch.pid, signal.SIGKILL)
-    _, err = watch.communicate(timeout=60)
+    err = kill(watch)
     return {"watching_s": _first_line_after(err, "watching ", started_at), "row_logged_s": logged, "row_uploaded_s": uploaded}
 
 

@@ -15,6 +15,7 @@ from PIL import Image
 
 from common import checkpoint_file
 from common.records import Instances
+from tests.conftest import REPO
 from uploader.wandb import history_batch, private_api
 from uploader.wandb.artifacts import ValMedia, ValRow, add_hashed_file, prediction_artifact, val_artifact, val_entries
 from uploader.wandb.reader import iter_records, wait_for_exit
@@ -72,7 +73,7 @@ def test_the_path_each_wandb_version_takes(offline_wandb: Path, monkeypatch: pyt
 _START = """
 import json, sys
 import wandb
-from uploader.wandb import private_api, reader
+from uploader.wandb import private_api
 from wandb.sdk.lib.service import service_port_file
 
 private_api.quick_service_poll()
@@ -81,10 +82,7 @@ run = wandb.init(dir=sys.argv[1], project="start", settings=wandb.Settings(mode=
 run.log({"a": 1.5}, step=0)
 path = run.settings.sync_file
 run.finish()
-reader.wait_for_exit(path, timeout=60)
-rows = [{k: json.loads(i.value_json) for i in r.history.item if (k := "/".join(i.nested_key) or i.key) == "a"}
-        for r in reader.iter_records(path) if r.HasField("history")]
-print(json.dumps({"launch": "wandb.sdk.launch" in sys.modules, "quick": service_port_file._SLEEP is private_api._short_sleep, "rows": rows}))
+print(json.dumps({"launch": "wandb.sdk.launch" in sys.modules, "quick": service_port_file._SLEEP is private_api._short_sleep, "sync_file": path}))
 """
 
 
@@ -96,12 +94,14 @@ def test_a_start_skips_the_launch_agent_and_polls_wandb_core_quickly(tmp_path: P
     env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
     env.update({private_api.PUBLIC_ONLY_ENV: public_only, "WANDB_DATA_DIR": str(tmp_path / "data"),
                 "WANDB_CACHE_DIR": str(tmp_path / "cache"), "WANDB_CONFIG_DIR": str(tmp_path / "config")})
-    proc = subprocess.run([sys.executable, "-c", _START, str(tmp_path)], capture_output=True, text=True, timeout=300, env=env,
-                          cwd=Path(__file__).resolve().parents[1])
+    proc = subprocess.run([sys.executable, "-c", _START, str(tmp_path)], capture_output=True, text=True, timeout=300, env=env, cwd=REPO)
     assert proc.returncode == 0, proc.stderr
     seen = json.loads(proc.stdout.splitlines()[-1])
+    path = Path(seen.pop("sync_file"))
+    wait_for_exit(path, timeout=60)
+    rows = [{k: json.loads(v) for k, v in items.items() if k == "a"} for _, items in _history(list(iter_records(path)))]
     private = public_only == "0" and wandb.__version__ in private_api.VERIFIED
-    assert seen == {"launch": not private, "quick": private, "rows": [{"a": 1.5}]}
+    assert (seen, rows) == ({"launch": not private, "quick": private}, [{"a": 1.5}])
 
 
 @pytest.mark.parametrize("public_only", ["0", "1"])

@@ -100,7 +100,8 @@ class WandbWriter:
         return self.circuit is not None and self.circuit.is_open
 
     def warm_up(self) -> None:
-        """Start wandb-core (`start_client`), unless `watch` did already."""
+        """Start wandb-core (`start_client`; in `watch` the CLI started it before the loop was built, and this
+        second start returns at once)."""
         self._client_live = True
         start_client()
 
@@ -150,21 +151,23 @@ class WandbWriter:
         for rid in [run_id] if run_id is not None else sorted(self._leftovers):
             left = self._leftovers.get(rid, [])
             while left:
-                stale = left[0]
-                try:
-                    if stale.mode == "offline":
-                        self._verify_and_close(stale.id, self._sync_file_in(stale.directory), wait=False)
-                        log.info("segment %s of run %s was complete; kept", stale.id, stale.run_id)
-                        left.pop(0)
-                        continue
-                except (verify.SegmentVerificationError, OSError, reader.WandbFileError) as exc:
-                    log.info("segment %s of run %s not complete (%s); rebuilding it from the DB", stale.id, stale.run_id, exc)
-                self._discard(stale.id)
-                left.pop(0)
+                self._settle(left[0])
+                left.pop(0)  # only once its DB change committed: a failing DB leaves it for the next pass
             self._leftovers.pop(rid, None)
         if not self._leftovers and not self._dirs_checked:
             self._delete_unowned_segment_dirs()
             self._dirs_checked = True
+
+    def _settle(self, stale: segments.LeftOpen) -> None:
+        """Close the segment when its file is complete and holds what was logged, else discard it."""
+        try:
+            if stale.mode == "offline":
+                self._verify_and_close(stale.id, self._sync_file_in(stale.directory), wait=False)
+                log.info("segment %s of run %s was complete; kept", stale.id, stale.run_id)
+                return
+        except (verify.SegmentVerificationError, OSError, reader.WandbFileError) as exc:
+            log.info("segment %s of run %s not complete (%s); rebuilding it from the DB", stale.id, stale.run_id, exc)
+        self._discard(stale.id)
 
     def _delete_unowned_segment_dirs(self) -> None:
         with self.db.read() as session:
